@@ -1,0 +1,5 @@
+import sys
+
+from kvtierd.cli import main
+
+sys.exit(main())

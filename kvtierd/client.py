@@ -1,0 +1,494 @@
+"""The worker's side: a sync Client and an asyncio AsyncClient with one surface.
+
+Each operation is written once, as a generator that yields protocol requests
+and receives their results (sans-I/O); `Client` drives it over a blocking
+socket and `AsyncClient` over asyncio streams with pipelining. So the two
+flavours cannot drift apart.
+
+Bulk bytes take the shared-memory path: `reserve` returns slot offsets in the
+daemon's host region, which this process has mapped, and the client copies
+into them before `commit`; `acquire` leases slots and hands out read-only
+views of them until `release`. `put_inline`/`get_inline` send bytes in the
+frame for clients that cannot map the region (another host, a debug shell).
+
+    with Client() as c:
+        ns = c.namespace("llama-8b/bf16/tp0", block_size=1 << 20)
+        ns.put_many(keys, blocks)
+        n = ns.lookup(keys)
+        blocks = ns.get_many(keys)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+from typing import Any, Generator, Sequence
+
+from kvtierd.config import default_socket_path
+from kvtierd.protocol import (HEADER, PROTOCOL_VERSION, Code, Op, ProtocolError, request,
+                              unpack_body)
+from kvtierd.tiers.host import HostRegionMapping
+
+Steps = Generator[tuple[Op, dict], dict, Any]
+
+
+class KvtierdError(ProtocolError):
+    """An error reply from the daemon (code and message as the daemon sent them)."""
+
+
+def _as_bytes_view(block: Any) -> memoryview:
+    mv = memoryview(block)
+    if not mv.c_contiguous:
+        raise ValueError("blocks must be C-contiguous")
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+
+
+# ----------------------------------------------------------- operations (sans-I/O)
+
+def _open_steps(name: str, block_size: int, tokens_per_block: int) -> Steps:
+    args = {"name": name, "block_size": block_size}
+    if tokens_per_block:
+        args["tokens_per_block"] = tokens_per_block
+    return (yield Op.OPEN, args)
+
+
+def _check_blocks(ns: "_NamespaceBase", keys: Sequence[bytes], blocks: Sequence[Any]) -> list[memoryview]:
+    if len(keys) != len(blocks):
+        raise ValueError(f"{len(keys)} keys but {len(blocks)} blocks")
+    views = [_as_bytes_view(b) for b in blocks]
+    for v in views:
+        if v.nbytes != ns.block_size:
+            raise ValueError(f"block of {v.nbytes} bytes; namespace {ns.name!r} has block size {ns.block_size}")
+    return views
+
+
+def _put_steps(ns: "_NamespaceBase", keys: list[bytes], blocks: Sequence[Any]) -> Steps:
+    views = _check_blocks(ns, keys, blocks)
+    res = yield Op.RESERVE, {"ns": ns.id, "keys": keys}
+    try:
+        region = ns.client.region
+        for i, off in zip(res["index"], res["offsets"]):
+            region.slot(off, ns.block_size)[:] = views[i]
+    except BaseException:
+        yield Op.ABORT, {"rid": res["rid"]}
+        raise
+    done = yield Op.COMMIT, {"rid": res["rid"]}
+    return done["n"]
+
+
+def _get_steps(ns: "_NamespaceBase", keys: list[bytes]) -> Steps:
+    lease = yield Op.ACQUIRE, {"ns": ns.id, "keys": keys, "prefix": False}
+    try:
+        region = ns.client.region
+        out = [bytes(region.slot(off, ns.block_size)) if off >= 0 else None for off in lease["offsets"]]
+    finally:
+        yield Op.RELEASE, {"lid": lease["lid"]}
+    return out + [None] * (len(keys) - len(out))
+
+
+class Lease:
+    """Read-only views of leased blocks; valid until release (the `with` block's end)."""
+
+    def __init__(self, ns: "_NamespaceBase", keys: list[bytes], reply: dict):
+        self.ns = ns
+        self.lid: int = reply["lid"]
+        self.offsets: list[int] = reply["offsets"]
+        self.tiers: list[str | None] = reply["tiers"]
+        self.keys = keys[:len(self.offsets)]
+        region = ns.client.region
+        self.views: list[memoryview | None] = [
+            region.slot(off, ns.block_size).toreadonly() if off >= 0 else None for off in self.offsets]
+        self.released = False
+
+    @property
+    def count(self) -> int:
+        """Leading keys leased (for a prefix acquire, all of them)."""
+        n = 0
+        for v in self.views:
+            if v is None:
+                break
+            n += 1
+        return n
+
+    def _drop_views(self) -> None:
+        for v in self.views:
+            if v is not None:
+                try:
+                    v.release()
+                except BufferError:
+                    pass  # still exported (e.g. to numpy); the caller owns that lifetime
+        self.released = True
+
+
+class Reservation:
+    """Writable views of reserved slots; `commit()` publishes them, `abort()` drops them."""
+
+    def __init__(self, ns: "_NamespaceBase", keys: list[bytes], reply: dict):
+        self.ns = ns
+        self.rid: int = reply["rid"]
+        self.index: list[int] = reply["index"]
+        self.keys = [keys[i] for i in self.index]
+        self.offsets: list[int] = reply["offsets"]
+        region = ns.client.region
+        self.views = [region.slot(off, ns.block_size) for off in self.offsets]
+        self.done = False
+
+
+class _NamespaceBase:
+    def __init__(self, client: Any, name: str, reply: dict):
+        self.client = client
+        self.name = name
+        self.id: int = reply["ns"]
+        self.block_size: int = reply["block_size"]
+        self.slot_bytes: int = reply["slot_bytes"]
+
+
+# ------------------------------------------------------------------ sync flavour
+
+class Namespace(_NamespaceBase):
+    """Blocks of one namespace, through a sync Client."""
+
+    def put_many(self, keys: list[bytes], blocks: Sequence[Any]) -> int:
+        """Stores blocks (through shared memory); keys already present are skipped. Returns how many were new."""
+        return self.client._drive(_put_steps(self, list(keys), blocks))
+
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        """Copies of the blocks, None for each miss."""
+        return self.client._drive(_get_steps(self, list(keys)))
+
+    def lookup(self, keys: list[bytes]) -> int:
+        """How many leading keys are present in some tier."""
+        return self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)})["n"]
+
+    def lookup_tiers(self, keys: list[bytes]) -> list[str]:
+        return self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)})["tiers"]
+
+    def put_inline(self, keys: list[bytes], blocks: Sequence[Any]) -> int:
+        """Like put_many, with the bytes in the request frame (no shared memory)."""
+        views = _check_blocks(self, keys, blocks)
+        return self.client._call(Op.PUT, {"ns": self.id, "keys": list(keys), "data": [bytes(v) for v in views]})["n"]
+
+    def get_inline(self, keys: list[bytes]) -> list[bytes | None]:
+        return self.client._call(Op.GET, {"ns": self.id, "keys": list(keys)})["blocks"]
+
+    def delete(self, keys: list[bytes]) -> int:
+        return self.client._call(Op.DELETE, {"ns": self.id, "keys": list(keys)})["n"]
+
+    def prefetch(self, keys: list[bytes]) -> int:
+        """Hint: bring disk blocks up to host in the background."""
+        return self.client._call(Op.PREFETCH, {"ns": self.id, "keys": list(keys)})["n"]
+
+    def acquire(self, keys: list[bytes], prefix: bool = True) -> "SyncLease":
+        """Leases the leading present keys (all present keys with prefix=False); use as a context manager."""
+        reply = self.client._call(Op.ACQUIRE, {"ns": self.id, "keys": list(keys), "prefix": prefix})
+        return SyncLease(self, list(keys), reply)
+
+    def reserve(self, keys: list[bytes]) -> "SyncReservation":
+        """Slots for the keys not yet stored; commits at the end of a `with` block, aborts on error."""
+        reply = self.client._call(Op.RESERVE, {"ns": self.id, "keys": list(keys)})
+        return SyncReservation(self, list(keys), reply)
+
+
+class SyncLease(Lease):
+    def release(self) -> None:
+        if not self.released:
+            self._drop_views()
+            self.ns.client._call(Op.RELEASE, {"lid": self.lid})
+
+    def __enter__(self) -> "SyncLease":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+class SyncReservation(Reservation):
+    def commit(self) -> int:
+        self.done = True
+        return self.ns.client._call(Op.COMMIT, {"rid": self.rid})["n"]
+
+    def abort(self) -> None:
+        if not self.done:
+            self.done = True
+            self.ns.client._call(Op.ABORT, {"rid": self.rid})
+
+    def __enter__(self) -> "SyncReservation":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if self.done:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class Client:
+    """A blocking connection to the daemon. Not thread-safe: one per thread."""
+
+    def __init__(self, socket_path: str | os.PathLike | None = None, *, timeout: float | None = 60.0,
+                 name: str = ""):
+        self.socket_path = str(socket_path or default_socket_path())
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(self.socket_path)
+        except OSError as e:
+            self.sock.close()
+            raise ConnectionError(f"cannot reach kvtierd at {self.socket_path}: {e.strerror or e}; "
+                                  f"is the daemon running?") from None
+        self._ids = itertools.count(1)
+        self._rbuf = bytearray()
+        self.region: HostRegionMapping | None = None
+        self.server_info = self._call(Op.HELLO, {"version": PROTOCOL_VERSION, "client": name or "python",
+                                                 "pid": os.getpid()})
+        host = self.server_info["host"]
+        self.region = HostRegionMapping(host["path"], host["size"])
+
+    def _recv_exact(self, n: int) -> bytes:
+        while len(self._rbuf) < n:
+            chunk = self.sock.recv(max(n - len(self._rbuf), 1 << 20))
+            if not chunk:
+                raise ConnectionError("kvtierd closed the connection")
+            self._rbuf += chunk
+        out = bytes(self._rbuf[:n])
+        del self._rbuf[:n]
+        return out
+
+    def _call(self, op: Op, args: dict) -> dict:
+        req_id = next(self._ids)
+        self.sock.sendall(request(req_id, op, args))
+        while True:
+            (length,) = HEADER.unpack(self._recv_exact(4))
+            rid, code, result = unpack_body(self._recv_exact(length))
+            if code != Code.OK:
+                raise KvtierdError(Code(code), result)
+            if rid == req_id:
+                return result
+
+    def _drive(self, steps: Steps) -> Any:
+        try:
+            op, args = next(steps)
+            while True:
+                try:
+                    result = self._call(op, args)
+                except BaseException as e:
+                    op, args = steps.throw(e)
+                    continue
+                op, args = steps.send(result)
+        except StopIteration as stop:
+            return stop.value
+
+    def namespace(self, name: str, block_size: int, tokens_per_block: int = 0) -> Namespace:
+        """Opens (or creates) a namespace; all its blocks have `block_size` bytes."""
+        return Namespace(self, name, self._drive(_open_steps(name, block_size, tokens_per_block)))
+
+    def ping(self) -> dict:
+        return self._call(Op.PING, {})
+
+    def stats(self) -> dict:
+        return self._call(Op.STATS, {})
+
+    def hot(self, namespace: str | None = None) -> dict:
+        return self._call(Op.HOT, {"ns": namespace} if namespace else {})["hot"]
+
+    def close(self) -> None:
+        if self.region is not None:
+            self.region.close()
+            self.region = None
+        self.sock.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------ async flavour
+
+class AsyncNamespace(_NamespaceBase):
+    """Blocks of one namespace, through an AsyncClient."""
+
+    async def put_many(self, keys: list[bytes], blocks: Sequence[Any]) -> int:
+        return await self.client._drive(_put_steps(self, list(keys), blocks))
+
+    async def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        return await self.client._drive(_get_steps(self, list(keys)))
+
+    async def lookup(self, keys: list[bytes]) -> int:
+        return (await self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)}))["n"]
+
+    async def lookup_tiers(self, keys: list[bytes]) -> list[str]:
+        return (await self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)}))["tiers"]
+
+    async def put_inline(self, keys: list[bytes], blocks: Sequence[Any]) -> int:
+        views = _check_blocks(self, keys, blocks)
+        return (await self.client._call(Op.PUT, {"ns": self.id, "keys": list(keys),
+                                                 "data": [bytes(v) for v in views]}))["n"]
+
+    async def get_inline(self, keys: list[bytes]) -> list[bytes | None]:
+        return (await self.client._call(Op.GET, {"ns": self.id, "keys": list(keys)}))["blocks"]
+
+    async def delete(self, keys: list[bytes]) -> int:
+        return (await self.client._call(Op.DELETE, {"ns": self.id, "keys": list(keys)}))["n"]
+
+    async def prefetch(self, keys: list[bytes]) -> int:
+        return (await self.client._call(Op.PREFETCH, {"ns": self.id, "keys": list(keys)}))["n"]
+
+    def acquire(self, keys: list[bytes], prefix: bool = True) -> "AsyncLeaseContext":
+        return AsyncLeaseContext(self, list(keys), prefix)
+
+    def reserve(self, keys: list[bytes]) -> "AsyncReservationContext":
+        return AsyncReservationContext(self, list(keys))
+
+
+class AsyncLease(Lease):
+    async def release(self) -> None:
+        if not self.released:
+            self._drop_views()
+            await self.ns.client._call(Op.RELEASE, {"lid": self.lid})
+
+
+class AsyncLeaseContext:
+    def __init__(self, ns: AsyncNamespace, keys: list[bytes], prefix: bool):
+        self.ns, self.keys, self.prefix = ns, keys, prefix
+        self.lease: AsyncLease | None = None
+
+    async def __aenter__(self) -> AsyncLease:
+        reply = await self.ns.client._call(Op.ACQUIRE, {"ns": self.ns.id, "keys": self.keys, "prefix": self.prefix})
+        self.lease = AsyncLease(self.ns, self.keys, reply)
+        return self.lease
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.lease.release()
+
+
+class AsyncReservation(Reservation):
+    async def commit(self) -> int:
+        self.done = True
+        return (await self.ns.client._call(Op.COMMIT, {"rid": self.rid}))["n"]
+
+    async def abort(self) -> None:
+        if not self.done:
+            self.done = True
+            await self.ns.client._call(Op.ABORT, {"rid": self.rid})
+
+
+class AsyncReservationContext:
+    def __init__(self, ns: AsyncNamespace, keys: list[bytes]):
+        self.ns, self.keys = ns, keys
+        self.res: AsyncReservation | None = None
+
+    async def __aenter__(self) -> AsyncReservation:
+        reply = await self.ns.client._call(Op.RESERVE, {"ns": self.ns.id, "keys": self.keys})
+        self.res = AsyncReservation(self.ns, self.keys, reply)
+        return self.res
+
+    async def __aexit__(self, exc_type: Any, *exc: Any) -> None:
+        if self.res.done:
+            return
+        if exc_type is None:
+            await self.res.commit()
+        else:
+            await self.res.abort()
+
+
+class AsyncClient:
+    """An asyncio connection to the daemon; many requests may be in flight at once."""
+
+    def __init__(self, socket_path: str | os.PathLike | None = None, *, name: str = ""):
+        self.socket_path = str(socket_path or default_socket_path())
+        self.name = name
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future] = {}
+        self.region: HostRegionMapping | None = None
+        self._reader_task: asyncio.Task | None = None
+
+    async def connect(self) -> "AsyncClient":
+        try:
+            self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path, limit=1 << 26)
+        except OSError as e:
+            raise ConnectionError(f"cannot reach kvtierd at {self.socket_path}: {e.strerror or e}; "
+                                  f"is the daemon running?") from None
+        self._reader_task = asyncio.create_task(self._read_replies())
+        self.server_info = await self._call(Op.HELLO, {"version": PROTOCOL_VERSION, "client": self.name or "python",
+                                                       "pid": os.getpid()})
+        host = self.server_info["host"]
+        self.region = HostRegionMapping(host["path"], host["size"])
+        return self
+
+    async def _read_replies(self) -> None:
+        try:
+            while True:
+                (length,) = HEADER.unpack(await self._reader.readexactly(4))
+                rid, code, result = unpack_body(await self._reader.readexactly(length))
+                fut = self._waiting.pop(rid, None)
+                if fut is None:
+                    if code != Code.OK:   # connection-level error (id 0): fail everyone
+                        self._fail_all(KvtierdError(Code(code), result))
+                    continue
+                if not fut.done():
+                    if code == Code.OK:
+                        fut.set_result(result)
+                    else:
+                        fut.set_exception(KvtierdError(Code(code), result))
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            self._fail_all(ConnectionError(f"kvtierd closed the connection ({e})"))
+
+    def _fail_all(self, exc: Exception) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    async def _call(self, op: Op, args: dict) -> dict:
+        req_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[req_id] = fut
+        self._writer.write(request(req_id, op, args))
+        await self._writer.drain()
+        return await fut
+
+    async def _drive(self, steps: Steps) -> Any:
+        try:
+            op, args = next(steps)
+            while True:
+                try:
+                    result = await self._call(op, args)
+                except BaseException as e:
+                    op, args = steps.throw(e)
+                    continue
+                op, args = steps.send(result)
+        except StopIteration as stop:
+            return stop.value
+
+    async def namespace(self, name: str, block_size: int, tokens_per_block: int = 0) -> AsyncNamespace:
+        return AsyncNamespace(self, name, await self._drive(_open_steps(name, block_size, tokens_per_block)))
+
+    async def ping(self) -> dict:
+        return await self._call(Op.PING, {})
+
+    async def stats(self) -> dict:
+        return await self._call(Op.STATS, {})
+
+    async def close(self) -> None:
+        if self._reader_task is not None:
+            self._writer.close()
+            self._reader_task.cancel()
+            try:
+                await self._writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+        if self.region is not None:
+            self.region.close()
+            self.region = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        return await self.connect()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()

@@ -1,0 +1,375 @@
+"""The one configuration schema of kvtierd: defaults, parsing and validation.
+
+Every key lives here once, with its default, its parser and a one-line doc.
+Values come from three places, later ones winning: the defaults below, a TOML
+file (configs/kvtierd.toml is the shipped, commented default) and command-line
+overrides (``--host-bytes 4GiB`` or the generic ``--set host.bytes=4GiB``).
+A bad value raises ConfigError naming the key and the reason, so the daemon
+refuses to start rather than run on a half-understood config.
+
+Paths left empty are resolved at load time: the daemon prefers /run/kvtierd and
+/var/lib/kvtierd (what the systemd unit provides) and falls back to the per-user
+XDG runtime/state directories, so the defaults work on a laptop without root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key."""
+
+
+# ---------------------------------------------------------------- value parsers
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
+    "ti": 1024**4, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string such as '512MiB', '4GiB', '1.5G', '4096'."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size, got a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("size must not be negative")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a size such as '512MiB', got {type(value).__name__}")
+    m = _SIZE_RE.match(value)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"cannot read {value!r} as a size (use bytes or a suffix: KiB MiB GiB TiB, KB MB GB)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def format_size(n: int) -> str:
+    """A short human form of a byte count, e.g. '1.5 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _size(min_: int = 0, max_: int | None = None) -> Callable[[Any], int]:
+    def parse(v: Any) -> int:
+        n = parse_size(v)
+        if n < min_:
+            raise ValueError(f"must be at least {format_size(min_)}")
+        if max_ is not None and n > max_:
+            raise ValueError(f"must be at most {format_size(max_)}")
+        return n
+    return parse
+
+
+def _num(kind: type, min_: float | None = None, max_: float | None = None) -> Callable[[Any], Any]:
+    def parse(v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise ValueError(f"expected a number, got {type(v).__name__}")
+        try:
+            x = kind(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected {'an integer' if kind is int else 'a number'}, got {v!r}") from None
+        if kind is int and isinstance(v, float) and v != x:
+            raise ValueError(f"expected an integer, got {v!r}")
+        if min_ is not None and x < min_:
+            raise ValueError(f"must be >= {min_}")
+        if max_ is not None and x > max_:
+            raise ValueError(f"must be <= {max_}")
+        return x
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        if not isinstance(v, str) or v.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {v!r}")
+        return v.lower()
+    return parse
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(v, str) and v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {v!r}")
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _mode(v: Any) -> int:
+    """A file mode given as an int (0o660 in TOML) or an octal string '0660'."""
+    if isinstance(v, str):
+        try:
+            v = int(v, 8)
+        except ValueError:
+            raise ValueError(f"expected an octal mode such as '0660', got {v!r}") from None
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o777:
+        raise ValueError(f"expected a mode between 0 and 0777, got {v!r}")
+    return v
+
+
+def _int_list(v: Any) -> tuple[int, ...]:
+    if isinstance(v, str):
+        v = [x for x in v.split(",") if x.strip()]
+    if not isinstance(v, (list, tuple)):
+        raise ValueError("expected a list of integers")
+    out = []
+    for x in v:
+        try:
+            out.append(int(x))
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a list of integers, found {x!r}") from None
+        if out[-1] < 0:
+            raise ValueError("ids must not be negative")
+    return tuple(out)
+
+
+def _ns_acl(v: Any) -> dict[str, tuple[int, ...]]:
+    if not isinstance(v, dict):
+        raise ValueError("expected a table of namespace prefix = [uid, ...]")
+    return {str(k): _int_list(x) for k, x in v.items()}
+
+
+def opt(default: Any, parse: Callable[[Any], Any], doc: str, live: bool = False) -> Any:
+    """A config key: its default, parser, doc line, and whether SIGHUP may change it."""
+    meta = {"parse": parse, "doc": doc, "live": live}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------- schema
+
+@dataclass
+class ServerConfig:
+    socket: str = opt("", _str, "Unix socket path; empty: /run/kvtierd/kvtierd.sock or the per-user runtime dir")
+    socket_mode: int = opt(0o660, _mode, "permission bits of the socket and shared-memory regions")
+    socket_group: str = opt("", _str, "group owning the socket; empty: the daemon's group")
+    max_frame_bytes: int = opt(64 << 20, _size(4096, 1 << 30), "largest request frame accepted", live=True)
+    max_connections: int = opt(1024, _num(int, 1), "connections beyond this are refused", live=True)
+    lease_timeout_s: float = opt(60.0, _num(float, 0.01), "a lease not released by then is revoked", live=True)
+    reservation_timeout_s: float = opt(60.0, _num(float, 0.01), "an uncommitted reservation older than this is aborted", live=True)
+    drain_timeout_s: float = opt(10.0, _num(float, 0), "on SIGTERM, how long in-flight work may take before exit")
+
+
+@dataclass
+class StateConfig:
+    dir: str = opt("", _str, "state directory (disk segments, checkpoints); empty: /var/lib/kvtierd or the per-user state dir")
+
+
+@dataclass
+class HostConfig:
+    bytes: int = opt(1 << 30, _size(1 << 20), "size of the shared-memory host tier (one region in /dev/shm)")
+    slab_bytes: int = opt(16 << 20, _size(1 << 16, 1 << 30), "slab size: the region is split into slabs, each holding slots of one size class")
+    high_watermark: float = opt(0.95, _num(float, 0.0, 1.0), "above this fill, the coldest blocks move down a tier", live=True)
+    low_watermark: float = opt(0.85, _num(float, 0.0, 1.0), "demotion stops at this fill", live=True)
+    shm_dir: str = opt("/dev/shm", _str, "where the shared-memory region file is created")
+    pin: bool = opt(True, _bool, "page-lock the region with cudaHostRegister when CUDA is present")
+
+
+@dataclass
+class DiskConfig:
+    bytes: int = opt(8 << 30, _size(0), "byte limit of the disk tier; 0 disables it", live=True)
+    segment_bytes: int = opt(1 << 30, _size(1 << 20, 64 << 30), "size of one segment file")
+    io_threads: int = opt(4, _num(int, 1, 64), "threads doing disk I/O")
+    io_depth: int = opt(8, _num(int, 1, 1024), "disk I/Os in flight at most", live=True)
+    io_bytes: int = opt(4 << 20, _size(4096, 256 << 20), "bytes per write or read I/O (many blocks per I/O)")
+    durability: str = opt("batch", _choice("batch", "interval", "never"), "fdatasync per batch, per interval, or never", live=True)
+    fsync_interval_s: float = opt(1.0, _num(float, 0.001), "with durability=interval, the longest a committed write stays unsynced", live=True)
+    direct_io: str = opt("auto", _choice("auto", "on", "off"), "O_DIRECT: auto falls back to buffered I/O (and says so) where unsupported")
+    flush_on_shutdown: bool = opt(True, _bool, "on clean shutdown write host-tier blocks to disk so a restart keeps them", live=True)
+    checkpoint_interval_s: float = opt(60.0, _num(float, 0.1), "how often the index checkpoint is written", live=True)
+    compaction_threshold: float = opt(0.5, _num(float, 0.0, 1.0), "segments whose live fraction falls below this are compacted", live=True)
+    compaction_io_share: float = opt(0.25, _num(float, 0.01, 1.0), "largest share of disk time compaction may take", live=True)
+    high_watermark: float = opt(0.95, _num(float, 0.0, 1.0), "above this fill, the coldest disk blocks are evicted", live=True)
+    low_watermark: float = opt(0.90, _num(float, 0.0, 1.0), "eviction stops at this fill", live=True)
+
+
+@dataclass
+class HbmConfig:
+    bytes: int = opt(0, _size(0), "bytes of HBM pool per GPU; 0 disables the HBM tier")
+    devices: tuple = opt((), _int_list, "CUDA device ordinals; empty: device 0")
+    high_watermark: float = opt(0.95, _num(float, 0.0, 1.0), "above this fill, the coldest blocks move to host", live=True)
+    low_watermark: float = opt(0.85, _num(float, 0.0, 1.0), "demotion stops at this fill", live=True)
+
+
+@dataclass
+class MetricsConfig:
+    address: str = opt("127.0.0.1:9477", _str, "host:port of the Prometheus endpoint; empty disables it")
+    hot_keys: int = opt(10, _num(int, 0, 1000), "top-N most read keys kept per namespace for `kvtierd stats --hot`", live=True)
+    hot_window_s: float = opt(60.0, _num(float, 1.0), "sliding window of the hot-key counts", live=True)
+    max_namespaces: int = opt(32, _num(int, 1, 10000), "namespaces named in metric labels; the rest are 'other'")
+
+
+@dataclass
+class LogConfig:
+    level: str = opt("info", _choice("debug", "info", "warning", "error"), "log level", live=True)
+    format: str = opt("text", _choice("text", "json"), "plain text or one JSON object per line", live=True)
+
+
+@dataclass
+class AccessConfig:
+    allowed_uids: tuple = opt((), _int_list, "uids admitted on the socket; empty: the daemon's own uid (root is always admitted)", live=True)
+    allowed_gids: tuple = opt((), _int_list, "gids admitted on the socket; empty: the daemon's own gid", live=True)
+    namespaces: dict = opt({}, _ns_acl, "namespace-name prefix -> uids allowed to open it", live=True)
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    host: HostConfig = field(default_factory=HostConfig)
+    disk: DiskConfig = field(default_factory=DiskConfig)
+    hbm: HbmConfig = field(default_factory=HbmConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+
+    def socket_path(self) -> Path:
+        return Path(self.server.socket)
+
+    def state_dir(self) -> Path:
+        return Path(self.state.dir)
+
+    def summary(self) -> str:
+        return (f"socket={self.server.socket} state={self.state.dir} host={format_size(self.host.bytes)} "
+                f"disk={format_size(self.disk.bytes)} hbm={format_size(self.hbm.bytes)} "
+                f"metrics={self.metrics.address or 'off'}")
+
+    def live_keys(self) -> set[str]:
+        return {f"{s.name}.{f.name}" for s in dataclasses.fields(self)
+                for f in dataclasses.fields(getattr(self, s.name)) if f.metadata.get("live")}
+
+
+SECTIONS: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else globals()[f.type]
+                             for f in dataclasses.fields(Config)}
+
+
+# ---------------------------------------------------------------------- loading
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set `section.key` from raw input, validating it. Raises ConfigError."""
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS:
+        raise ConfigError(f"{dotted}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
+    sect = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(sect)}
+    if key not in fields:
+        raise ConfigError(f"{dotted}: unknown key (known in [{section}]: {', '.join(fields)})")
+    try:
+        setattr(sect, key, fields[key].metadata["parse"](value))
+    except ValueError as e:
+        raise ConfigError(f"{dotted}: {e}") from None
+
+
+def _apply_table(cfg: Config, data: dict[str, Any], source: str) -> None:
+    for section, table in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        for key, value in table.items():
+            set_value(cfg, f"{section}.{key}", value)
+
+
+def _writable_dir(path: Path) -> bool:
+    """True if `path` exists and we may create files in it, or could create it."""
+    p = path
+    while not p.exists():
+        p = p.parent
+    return os.access(p, os.W_OK | os.X_OK)
+
+
+def default_runtime_dir() -> Path:
+    if _writable_dir(Path("/run/kvtierd")) and os.geteuid() == 0:
+        return Path("/run/kvtierd")
+    xdg = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and _writable_dir(Path(xdg)):
+        return Path(xdg) / "kvtierd" if "RUNTIME_DIRECTORY" not in os.environ else Path(xdg)
+    return Path(f"/tmp/kvtierd-{os.getuid()}")
+
+
+def default_state_dir() -> Path:
+    if os.environ.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    if os.geteuid() == 0 and _writable_dir(Path("/var/lib/kvtierd")):
+        return Path("/var/lib/kvtierd")
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "kvtierd"
+
+
+def default_socket_path() -> Path:
+    """Where clients and CLI look for the daemon when told nothing else."""
+    env = os.environ.get("KVTIERD_SOCKET")
+    return Path(env) if env else default_runtime_dir() / "kvtierd.sock"
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span keys. Raises ConfigError."""
+    for name in ("host", "disk", "hbm"):
+        s = getattr(cfg, name)
+        if s.low_watermark > s.high_watermark:
+            raise ConfigError(f"{name}.low_watermark ({s.low_watermark}) must not exceed "
+                              f"{name}.high_watermark ({s.high_watermark})")
+    if cfg.host.slab_bytes > cfg.host.bytes:
+        raise ConfigError(f"host.slab_bytes ({format_size(cfg.host.slab_bytes)}) must not exceed "
+                          f"host.bytes ({format_size(cfg.host.bytes)})")
+    if cfg.disk.bytes and cfg.disk.segment_bytes > cfg.disk.bytes:
+        raise ConfigError("disk.segment_bytes must not exceed disk.bytes")
+    if cfg.metrics.address:
+        host, sep, port = cfg.metrics.address.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"metrics.address: expected host:port, got {cfg.metrics.address!r}")
+
+
+def load(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the TOML file (if any), then overrides; paths resolved; validated."""
+    cfg = Config()
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+        _apply_table(cfg, data, str(path))
+    for key, value in (overrides or {}).items():
+        set_value(cfg, key, value)
+    if not cfg.server.socket:
+        cfg.server.socket = str(default_socket_path())
+    if not cfg.state.dir:
+        cfg.state.dir = str(default_state_dir())
+    validate(cfg)
+    return cfg
+
+
+def describe() -> list[tuple[str, str, str, bool]]:
+    """(key, default, doc, live) for every key: the config reference."""
+    out = []
+    for s in dataclasses.fields(Config):
+        for f in dataclasses.fields(SECTIONS[s.name]):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append((f"{s.name}.{f.name}", repr(default), f.metadata["doc"], f.metadata["live"]))
+    return out

@@ -1,0 +1,239 @@
+"""The daemon's lifecycle: start-up, signals, reload and drain.
+
+Start-up order matters to users: refuse early if another daemon owns the
+socket (a lock file beside it decides; a socket left by a crashed daemon is
+replaced), build the tiers (the disk tier recovers in the background so
+`ping`/`stats` answer during recovery), listen, then tell systemd READY=1 once
+recovery is done. SIGTERM/SIGINT drain: stop accepting, let in-flight requests
+finish, flush the host tier to disk if configured, remove the socket and the
+shared-memory region. SIGHUP re-reads the config and applies what may change
+live, naming what needs a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from kvtierd import config as config_mod
+from kvtierd import __version__
+from kvtierd.server import Connection, Server
+from kvtierd.store import Store
+
+log = logging.getLogger("kvtierd")
+
+
+class StartupError(RuntimeError):
+    """Start-up cannot go on; the message says why and what to do."""
+
+
+def _socket_in_use(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(str(path))
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True   # e.g. timed out: something is there; do not steal it
+    finally:
+        s.close()
+
+
+class Daemon:
+    def __init__(self, cfg: config_mod.Config, config_path: str | None = None,
+                 overrides: dict | None = None):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.stopping = asyncio.Event()
+        self.lock_fd: int | None = None
+        self.sock_path = Path(cfg.server.socket)
+        self.owns_socket = False
+
+    # ------------------------------------------------------------ start
+
+    def _take_lock(self) -> None:
+        self.sock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        lock = self.sock_path.with_name(self.sock_path.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(f"another kvtierd is already serving on {self.sock_path} "
+                               f"(it holds {lock}); stop it first or pick another --socket") from None
+        self.lock_fd = fd
+
+    def _bind(self) -> socket.socket:
+        """Our listening socket: handed over by systemd, or bound here."""
+        from kvtierd import systemd
+        fds = systemd.listen_fds()
+        if fds:
+            log.info("using the listening socket handed over by systemd")
+            return fds[0]
+        if self.sock_path.exists() or self.sock_path.is_symlink():
+            if _socket_in_use(self.sock_path):
+                raise StartupError(f"another process is serving on {self.sock_path}; "
+                                   f"stop it first or pick another --socket")
+            log.warning("replacing stale socket %s left by a daemon that did not exit cleanly", self.sock_path)
+            self.sock_path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(self.sock_path))
+        from kvtierd.access import apply_socket_mode
+        apply_socket_mode(self.sock_path, self.cfg.server.socket_mode, self.cfg.server.socket_group)
+        sock.listen(1024)
+        self.owns_socket = True
+        return sock
+
+    def _build_disk(self):
+        if not self.cfg.disk.bytes:
+            return None
+        from kvtierd.tiers.disk import DiskTier
+        return DiskTier(self.cfg.disk, Path(self.cfg.state.dir))
+
+    async def run(self) -> int:
+        from kvtierd import access, hotkeys, metrics, systemd
+        cfg = self.cfg
+        self._take_lock()
+        Path(cfg.state.dir).mkdir(parents=True, exist_ok=True, mode=0o750)
+        disk = self._build_disk()
+        self.store = store = Store(cfg, disk)
+        self.policy = access.AccessPolicy(cfg.access)
+        self.hot = hotkeys.HotKeys(cfg.metrics.hot_keys, cfg.metrics.hot_window_s)
+        self.metrics = metrics.Metrics(stats_fn=self._stats_for_metrics,
+                                       max_namespaces=cfg.metrics.max_namespaces)
+        server = self.server = Server(
+            cfg, store, admit=self._admit, observe=self.metrics.observe_request,
+            may_open=self.policy.may_open, extra_stats=self._extra_stats,
+            hot=self.hot.top, record_reads=self.hot.record)
+        try:
+            sock = self._bind()
+        except BaseException:
+            store.host_region.close()
+            raise
+        loop = asyncio.get_running_loop()
+        self.unix_server = await loop.create_unix_server(lambda: Connection(server), sock=sock)
+        if disk is not None:
+            await disk.start()
+        await store.start()
+        self.metrics_port = None
+        if cfg.metrics.address:
+            self.metrics_port = self.metrics.start_http(cfg.metrics.address)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        log.info("kvtierd %s serving on %s (pid %d): %s", __version__, self.sock_path, os.getpid(), cfg.summary())
+        watchdog = systemd.start_watchdog()
+        ready = asyncio.create_task(self._ready_after_recovery())
+        await self.stopping.wait()
+        ready.cancel()
+        if watchdog is not None:
+            watchdog.cancel()
+        await self.shutdown()
+        return 0
+
+    async def _ready_after_recovery(self) -> None:
+        from kvtierd import systemd
+        disk = self.store.disk
+        if disk is not None:
+            t0 = time.monotonic()
+            waiter = asyncio.create_task(disk.wait_recovered())
+            while not waiter.done():
+                p = disk.recovery_progress()
+                systemd.status(f"recovering disk tier: {p.get('records', 0)} records, "
+                               f"{100 * p.get('fraction', 0):.0f}%")
+                await asyncio.wait([waiter], timeout=1.0)
+            await waiter
+            log.info("disk tier recovered in %.2f s: %s", time.monotonic() - t0, disk.recovery_progress())
+        systemd.ready(f"serving on {self.sock_path}")
+
+    # ------------------------------------------------------------ runtime
+
+    def _admit(self, conn: Connection, sock: socket.socket | None) -> str | None:
+        from kvtierd.access import peer_credentials
+        if sock is None:
+            return None
+        conn.pid, conn.uid, conn.gid = peer_credentials(sock)
+        ok, reason = self.policy.admit(conn.uid, conn.gid)
+        if not ok:
+            self.server.count_error("denied")
+            log.warning("refused connection from pid=%d uid=%d gid=%d: %s", conn.pid, conn.uid, conn.gid, reason)
+            return reason
+        return None
+
+    def _extra_stats(self) -> dict:
+        out = {}
+        disk = self.store.disk
+        if disk is not None:
+            out["recovery"] = disk.recovery_progress()
+        return out
+
+    def _stats_for_metrics(self) -> dict:
+        s = self.store.stats()
+        s["clients"] = len(self.server.conns)
+        return s
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; apply live keys, log the rest."""
+        from kvtierd import logs, systemd
+        systemd.reloading()
+        try:
+            new = config_mod.load(self.config_path, self.overrides)
+        except config_mod.ConfigError as e:
+            log.error("reload refused, keeping the running config: %s", e)
+            systemd.ready("reload refused: " + str(e))
+            return
+        live = self.cfg.live_keys()
+        changed, needs_restart = [], []
+        for section in dataclasses.fields(new):
+            old_s, new_s = getattr(self.cfg, section.name), getattr(new, section.name)
+            for f in dataclasses.fields(new_s):
+                key = f"{section.name}.{f.name}"
+                if getattr(old_s, f.name) != getattr(new_s, f.name):
+                    if key in live:
+                        setattr(old_s, f.name, getattr(new_s, f.name))
+                        changed.append(key)
+                    else:
+                        needs_restart.append(key)
+        logs.reconfigure(self.cfg.log.level, self.cfg.log.format)
+        self.store.reconfigure(self.cfg)
+        self.policy.reload(self.cfg.access)
+        self.hot.configure(self.cfg.metrics.hot_keys, self.cfg.metrics.hot_window_s)
+        log.info("reloaded config: applied %s", ", ".join(changed) or "nothing new")
+        if needs_restart:
+            log.warning("changed keys that need a restart to take effect: %s", ", ".join(needs_restart))
+        systemd.ready("reloaded")
+
+    # ------------------------------------------------------------ stop
+
+    async def shutdown(self) -> None:
+        from kvtierd import systemd
+        systemd.stopping()
+        log.info("draining: no new connections")
+        self.unix_server.close()
+        await self.server.drain(self.cfg.server.drain_timeout_s)
+        await self.store.close(flush=self.cfg.disk.flush_on_shutdown)
+        self.metrics.stop_http()
+        if self.owns_socket:
+            self.sock_path.unlink(missing_ok=True)
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+        log.info("stopped")
+
+
+def serve(cfg: config_mod.Config, config_path: str | None, overrides: dict) -> int:
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:   # uvloop is a dependency; this only helps odd platforms
+        runner = asyncio.run
+    return runner(Daemon(cfg, config_path, overrides).run())

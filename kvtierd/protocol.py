@@ -1,0 +1,202 @@
+"""The wire protocol shared by the daemon and every client.
+
+A frame is a 4-byte little-endian length followed by that many bytes of
+msgpack. A request is the array ``[request_id, op, args]``; a reply is
+``[request_id, code, result]`` where ``code`` is 0 and ``result`` a map on
+success, or an error code and a message string otherwise. Request ids let one
+connection pipeline many requests; replies may come back out of order.
+
+Op and error numbers are part of the protocol and never change meaning; new
+ones get new numbers and PROTOCOL_VERSION moves only for incompatible changes.
+Argument validation lives here too (``parse_args``), so the server checks
+every request against the same table the client is written against.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("<I")
+MAX_KEY_BYTES = 64
+MAX_KEYS_PER_REQUEST = 65536
+MAX_NAME_BYTES = 256
+
+
+class Op(enum.IntEnum):
+    HELLO = 1
+    PING = 2
+    OPEN = 3
+    RESERVE = 4
+    COMMIT = 5
+    ABORT = 6
+    LOOKUP = 7
+    ACQUIRE = 8
+    RELEASE = 9
+    PUT = 10
+    GET = 11
+    DELETE = 12
+    STATS = 13
+    PREFETCH = 14
+    HOT = 15
+
+
+class Code(enum.IntEnum):
+    OK = 0
+    BAD_FRAME = 1          # not msgpack, or not [id, op, args]
+    UNKNOWN_OP = 2
+    BAD_ARGS = 3           # missing or wrongly typed argument
+    VERSION_MISMATCH = 4
+    FRAME_TOO_LARGE = 5
+    NO_HELLO = 6           # an op before the handshake
+    NO_NAMESPACE = 7
+    NAMESPACE_CONFLICT = 8  # reopened with another block size
+    BAD_KEY = 9
+    BAD_BLOCK = 10         # inline data of the wrong size
+    BAD_HANDLE = 11        # unknown reservation or lease id, or not this connection's
+    FULL = 12              # no slot could be freed: everything is leased or reserved
+    DENIED = 13            # access control refused it
+    SHUTTING_DOWN = 14
+    INTERNAL = 15
+
+
+class ProtocolError(Exception):
+    """An error with a protocol code; the server sends it as the reply."""
+
+    def __init__(self, code: Code, message: str):
+        super().__init__(message)
+        self.code = Code(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+# --------------------------------------------------------------------- framing
+
+def pack(obj: Any) -> bytes:
+    body = msgpack.packb(obj, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+def unpack_body(body: bytes | memoryview) -> Any:
+    return msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=False)
+
+
+def request(req_id: int, op: Op, args: dict) -> bytes:
+    return pack([req_id, int(op), args])
+
+
+def reply_ok(req_id: int, result: dict) -> bytes:
+    return pack([req_id, 0, result])
+
+
+def reply_error(req_id: int, code: Code, message: str) -> bytes:
+    return pack([req_id, int(code), message])
+
+
+# ----------------------------------------------------------------- validation
+# Per op: argument name -> (checker, required). Checkers raise ProtocolError.
+
+def _int(name: str, v: Any, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ProtocolError(Code.BAD_ARGS, f"{name} must be an integer, got {type(v).__name__}")
+    if not lo <= v <= hi:
+        raise ProtocolError(Code.BAD_ARGS, f"{name} must be within [{lo}, {hi}], got {v}")
+    return v
+
+
+def _str(name: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ProtocolError(Code.BAD_ARGS, f"{name} must be a string, got {type(v).__name__}")
+    if not v or len(v.encode()) > MAX_NAME_BYTES:
+        raise ProtocolError(Code.BAD_ARGS, f"{name} must be 1..{MAX_NAME_BYTES} bytes")
+    return v
+
+
+def _keys(name: str, v: Any) -> list[bytes]:
+    if not isinstance(v, list):
+        raise ProtocolError(Code.BAD_ARGS, f"{name} must be a list of byte strings, got {type(v).__name__}")
+    if len(v) > MAX_KEYS_PER_REQUEST:
+        raise ProtocolError(Code.BAD_ARGS, f"{name}: at most {MAX_KEYS_PER_REQUEST} keys per request")
+    for k in v:
+        if not isinstance(k, bytes):
+            raise ProtocolError(Code.BAD_KEY, f"keys must be byte strings, found {type(k).__name__}")
+        if not 0 < len(k) <= MAX_KEY_BYTES:
+            raise ProtocolError(Code.BAD_KEY, f"a key must be 1..{MAX_KEY_BYTES} bytes, found {len(k)}")
+    return v
+
+
+def _blobs(name: str, v: Any) -> list[bytes]:
+    if not isinstance(v, list) or not all(isinstance(b, bytes) for b in v):
+        raise ProtocolError(Code.BAD_ARGS, f"{name} must be a list of byte strings")
+    return v
+
+
+def _bool(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ProtocolError(Code.BAD_ARGS, f"{name} must be true or false")
+    return v
+
+
+def _tier(name: str, v: Any) -> str:
+    if v not in ("host", "hbm"):
+        raise ProtocolError(Code.BAD_ARGS, f"{name} must be 'host' or 'hbm', got {v!r}")
+    return v
+
+
+_ID = lambda n, v: _int(n, v, 0)  # noqa: E731
+
+SCHEMAS: dict[Op, dict[str, tuple[Any, bool]]] = {
+    Op.HELLO: {"version": (_ID, True), "client": (_str, False), "pid": (_ID, False)},
+    Op.PING: {},
+    Op.OPEN: {"name": (_str, True), "block_size": (lambda n, v: _int(n, v, 1, 1 << 30), True),
+              "tokens_per_block": (_ID, False)},
+    Op.RESERVE: {"ns": (_ID, True), "keys": (_keys, True), "tier": (_tier, False)},
+    Op.COMMIT: {"rid": (_ID, True)},
+    Op.ABORT: {"rid": (_ID, True)},
+    Op.LOOKUP: {"ns": (_ID, True), "keys": (_keys, True)},
+    Op.ACQUIRE: {"ns": (_ID, True), "keys": (_keys, True), "prefix": (_bool, False), "tier": (_tier, False)},
+    Op.RELEASE: {"lid": (_ID, True)},
+    Op.PUT: {"ns": (_ID, True), "keys": (_keys, True), "data": (_blobs, True)},
+    Op.GET: {"ns": (_ID, True), "keys": (_keys, True)},
+    Op.DELETE: {"ns": (_ID, True), "keys": (_keys, True)},
+    Op.STATS: {},
+    Op.PREFETCH: {"ns": (_ID, True), "keys": (_keys, True)},
+    Op.HOT: {"ns": (_str, False)},
+}
+
+
+def parse_request(msg: Any) -> tuple[int, Op, dict]:
+    """Checks the envelope; returns (request id, op, raw args). Raises ProtocolError."""
+    if not isinstance(msg, list) or len(msg) != 3:
+        raise ProtocolError(Code.BAD_FRAME, "a request must be [id, op, args]")
+    req_id, op, args = msg
+    if isinstance(req_id, bool) or not isinstance(req_id, int) or not 0 <= req_id < 2**63:
+        raise ProtocolError(Code.BAD_FRAME, "request id must be a non-negative integer")
+    try:
+        op = Op(op)
+    except (ValueError, TypeError):
+        raise ProtocolError(Code.UNKNOWN_OP, f"unknown op {op!r}") from None
+    if not isinstance(args, dict):
+        raise ProtocolError(Code.BAD_ARGS, "args must be a map")
+    return req_id, op, args
+
+
+def parse_args(op: Op, args: dict) -> dict:
+    """Validates args of `op` against SCHEMAS; unknown names are refused."""
+    schema = SCHEMAS[op]
+    for name in args:
+        if name not in schema:
+            raise ProtocolError(Code.BAD_ARGS, f"{op.name.lower()}: unknown argument {name!r}")
+    out = {}
+    for name, (check, required) in schema.items():
+        if name in args:
+            out[name] = check(name, args[name])
+        elif required:
+            raise ProtocolError(Code.BAD_ARGS, f"{op.name.lower()}: missing argument {name!r}")
+    return out

@@ -1,0 +1,606 @@
+"""The block index, leases, reservations and movement between tiers.
+
+Everything here runs on the event loop; the only awaits are tier I/O (disk
+reads and writes, which the disk tier runs in threads), so index updates are
+atomic with respect to each other without locks.
+
+An Entry is one block in a memory tier (host today, HBM where configured). Its
+state says who may touch it:
+
+    RESERVED  a writer holds the slot; invisible to readers until commit
+    LOADING   being read up from disk into the slot; readers wait on `loaded`
+    READY     readable; in its tier's LRU when nobody leases it
+    MOVING    being written down a tier; still readable, not in the LRU
+    DELETED   gone from the index; the slot is freed when the last lease ends
+
+The LRU of a tier holds exactly the READY entries with no lease, one
+OrderedDict per slot size class (O(1) touch and evict, like vLLM's free block
+queue), so eviction never scans past leased blocks and a leased block can
+never be moved, evicted or reused. Blocks on disk are indexed by the disk tier
+itself (a Bitcask keydir); a block may be in host and on disk at once, and
+since blocks are immutable the two copies agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from kvtierd.config import Config
+from kvtierd.protocol import Code, ProtocolError
+from kvtierd.tiers.host import HostRegion
+from kvtierd.tiers.slabs import SlabAllocator, slot_bytes_for
+
+log = logging.getLogger("kvtierd.store")
+
+RESERVED, LOADING, READY, MOVING, DELETED = range(5)
+MOVE_BATCH_BYTES = 64 << 20   # one demotion round: enough to amortise an fdatasync
+
+
+class Namespace:
+    __slots__ = ("id", "name", "block_size", "slot_bytes", "tokens_per_block", "entries",
+                 "hits", "misses", "tokens_served")
+
+    def __init__(self, ns_id: int, name: str, block_size: int, tokens_per_block: int):
+        self.id = ns_id
+        self.name = name
+        self.block_size = block_size
+        self.slot_bytes = slot_bytes_for(block_size)
+        self.tokens_per_block = tokens_per_block
+        self.entries: dict[bytes, Entry] = {}
+        self.hits = self.misses = self.tokens_served = 0
+
+
+class Entry:
+    __slots__ = ("ns", "key", "tier", "offset", "state", "leases", "loaded", "tick")
+
+    def __init__(self, ns: Namespace, key: bytes, tier: MemTier, offset: int, state: int):
+        self.ns = ns
+        self.key = key
+        self.tier = tier
+        self.offset = offset
+        self.state = state
+        self.leases = 0
+        self.loaded: asyncio.Future | None = None
+        self.tick = 0               # tier clock at last use: orders LRU heads across classes
+
+
+class MemTier:
+    """A memory tier: slots of a region plus the per-class LRU of idle blocks."""
+
+    def __init__(self, name: str, slots: SlabAllocator, high: float, low: float):
+        self.name = name
+        self.slots = slots
+        self.high = high
+        self.low = low
+        self.lru: dict[int, OrderedDict[Entry, None]] = {}
+        self.owner: dict[int, Entry] = {}      # slot offset -> entry, for emptying whole slabs
+        self.blocks = 0
+        self.hits = self.served = 0
+        self.clock = 0
+
+    def make_idle(self, e: Entry) -> None:
+        """Puts an unleased READY entry at the most recently used end."""
+        self.clock += 1
+        e.tick = self.clock
+        self.lru_of(e.ns.slot_bytes)[e] = None
+
+    def lru_of(self, slot_bytes: int) -> OrderedDict:
+        lru = self.lru.get(slot_bytes)
+        if lru is None:
+            lru = self.lru[slot_bytes] = OrderedDict()
+        return lru
+
+    def over_high(self) -> bool:
+        return self.slots.used_bytes > self.high * self.slots.capacity_bytes
+
+    def coldest(self, nbytes: int) -> list[Entry]:
+        """Pops idle entries, coldest first across size classes, totalling about nbytes."""
+        out: list[Entry] = []
+        heads = [lru for lru in self.lru.values() if lru]
+        # Each class's LRU is ordered by tick, so the globally coldest is the
+        # oldest of the (few) class heads.
+        while nbytes > 0 and heads:
+            lru = min(heads, key=lambda d: next(iter(d)).tick)
+            e, _ = lru.popitem(last=False)
+            out.append(e)
+            nbytes -= e.ns.slot_bytes
+            if not lru:
+                heads.remove(lru)
+        return out
+
+
+@dataclass
+class Reservation:
+    rid: int
+    owner: int
+    ns: Namespace
+    entries: list[Entry]
+    index: list[int]
+    deadline: float
+
+
+@dataclass
+class Lease:
+    lid: int
+    owner: int
+    entries: list[Entry | None]
+    deadline: float
+
+
+@dataclass
+class MoveCounter:
+    blocks: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class Counters:
+    misses: int = 0
+    disk_hits: int = 0
+    lease_timeouts: int = 0
+    reservation_timeouts: int = 0
+    evictions: dict[str, int] = field(default_factory=dict)
+    moves: dict[tuple[str, str, str], MoveCounter] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def move(self, src: str, dst: str, kind: str, blocks: int, nbytes: int) -> None:
+        m = self.moves.setdefault((src, dst, kind), MoveCounter())
+        m.blocks += blocks
+        m.bytes += nbytes
+
+
+class Store:
+    def __init__(self, cfg: Config, disk: Any | None = None):
+        self.cfg = cfg
+        self.host_region = HostRegion(cfg.host.shm_dir, cfg.host.bytes, cfg.host.slab_bytes,
+                                      cfg.server.socket_mode)
+        self.host = MemTier("host", self.host_region.slots, cfg.host.high_watermark, cfg.host.low_watermark)
+        self.disk = disk
+        self.namespaces: dict[int, Namespace] = {}
+        self.by_name: dict[str, Namespace] = {}
+        self.reservations: dict[int, Reservation] = {}
+        self.leases: dict[int, Lease] = {}
+        self.counters = Counters()
+        self._ids = itertools.count(1)
+        self._pressure = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
+        self._closing = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._demoter(), name="demoter"),
+                       asyncio.create_task(self._reaper(), name="reaper")]
+
+    async def close(self, flush: bool) -> None:
+        """Stops background work; optionally writes the host tier down to disk first."""
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if flush and self.disk is not None:
+            await self._flush_host()
+        if self.disk is not None:
+            await self.disk.close()
+        self.host_region.close()
+
+    def reconfigure(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.host.high, self.host.low = cfg.host.high_watermark, cfg.host.low_watermark
+        self._pressure.set()
+
+    # ------------------------------------------------------------ namespaces
+
+    def open_namespace(self, name: str, block_size: int, tokens_per_block: int = 0) -> Namespace:
+        ns = self.by_name.get(name)
+        if ns is not None:
+            if ns.block_size != block_size:
+                raise ProtocolError(Code.NAMESPACE_CONFLICT,
+                                    f"namespace {name!r} exists with block size {ns.block_size}, not {block_size}")
+            if tokens_per_block:
+                ns.tokens_per_block = tokens_per_block
+            return ns
+        if slot_bytes_for(block_size) > self.host.slots.slab_bytes:
+            raise ProtocolError(Code.BAD_ARGS, f"block size {block_size} exceeds host.slab_bytes "
+                                               f"({self.host.slots.slab_bytes}); raise it in the config")
+        ns = Namespace(next(self._ids), name, block_size, tokens_per_block)
+        self.namespaces[ns.id] = ns
+        self.by_name[name] = ns
+        log.info("namespace %r opened (block size %d)", name, block_size)
+        return ns
+
+    def namespace(self, ns_id: int) -> Namespace:
+        ns = self.namespaces.get(ns_id)
+        if ns is None:
+            raise ProtocolError(Code.NO_NAMESPACE, f"no namespace with id {ns_id}; open it first")
+        return ns
+
+    # ------------------------------------------------------------ reads
+
+    def _on_disk(self, ns: Namespace, key: bytes) -> bool:
+        return self.disk is not None and self.disk.contains(ns.name, key)
+
+    def lookup(self, ns: Namespace, keys: list[bytes]) -> list[str]:
+        """The tier of each leading present key (a prefix chain stops at the first miss)."""
+        tiers: list[str] = []
+        entries = ns.entries
+        for k in keys:
+            e = entries.get(k)
+            if e is not None and (e.state == READY or e.state == MOVING):
+                tiers.append(e.tier.name)
+                e.tier.hits += 1
+            elif (e is not None and e.state == LOADING) or self._on_disk(ns, k):
+                tiers.append("disk")
+            else:
+                break
+        missed = len(keys) - len(tiers)
+        ns.hits += len(tiers)
+        ns.misses += missed
+        self.counters.misses += missed
+        if self.disk is not None:
+            self.counters.disk_hits += tiers.count("disk")
+        return tiers
+
+    async def acquire(self, ns: Namespace, keys: list[bytes], owner: int, prefix: bool = True) -> Lease:
+        """Leases present keys (the leading run if `prefix`), reading disk blocks up first."""
+        got: list[Entry | None] = []
+        loads: list[Entry] = []
+        waits: list[Entry] = []
+        entries = ns.entries
+        for k in keys:
+            e = entries.get(k)
+            if e is not None and e.state in (READY, MOVING, LOADING):
+                self._pin(e)
+                if e.state == LOADING:
+                    waits.append(e)
+            elif self._on_disk(ns, k) and (e is None):
+                e = Entry(ns, k, self.host, -1, LOADING)
+                e.loaded = asyncio.get_running_loop().create_future()
+                e.leases = 1
+                entries[k] = e
+                loads.append(e)
+            else:
+                if prefix:
+                    break
+                got.append(None)
+                continue
+            got.append(e)
+        if loads:
+            await self._load(ns, loads)
+        for e in waits:
+            await asyncio.shield(e.loaded)
+        # A block that could not be brought back intact is a miss, never wrong bytes.
+        for i, e in enumerate(got):
+            if e is not None and e.state not in (READY, MOVING):
+                self._unpin(e)
+                if prefix:
+                    for later in got[i + 1:]:
+                        if later is not None:
+                            self._unpin(later)
+                    got = got[:i]
+                    break
+                got[i] = None
+        served = [e for e in got if e is not None]
+        for e in served:
+            e.tier.served += 1
+        ns.tokens_served += len(served) * ns.tokens_per_block
+        lid = next(self._ids)
+        lease = Lease(lid, owner, got, time.monotonic() + self.cfg.server.lease_timeout_s)
+        self.leases[lid] = lease
+        return lease
+
+    async def _load(self, ns: Namespace, loads: list[Entry]) -> None:
+        """Disk -> host for entries in LOADING state (pinned by their first reader)."""
+        offsets = await self._alloc(self.host, ns.slot_bytes, len(loads))
+        batch = []
+        for e, off in zip(loads, offsets):
+            e.offset = off
+            self.host.owner[off] = e
+            batch.append((ns.name, e.key, self.host_region.slot(off, ns.block_size)))
+        ok = await self.disk.read_batch(batch) if batch else []
+        moved = 0
+        for i, e in enumerate(loads):
+            if i < len(ok) and ok[i] and e.state == LOADING:
+                e.state = READY
+                self.host.blocks += 1
+                moved += 1
+            else:
+                if e.state == LOADING:
+                    e.state = DELETED
+                    if ns.entries.get(e.key) is e:
+                        del ns.entries[e.key]
+                if e.offset >= 0:
+                    self._free_slot(e)
+            e.loaded.set_result(None)
+        self.counters.move("disk", "host", "promote", moved, moved * ns.block_size)
+
+    def prefetch(self, ns: Namespace, keys: list[bytes]) -> int:
+        """Starts bringing disk-only keys up to host in the background; returns how many."""
+        todo = [k for k in keys if k not in ns.entries and self._on_disk(ns, k)]
+        if todo:
+            task = asyncio.get_running_loop().create_task(self._prefetch(ns, todo))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return len(todo)
+
+    async def _prefetch(self, ns: Namespace, keys: list[bytes]) -> None:
+        lease = await self.acquire(ns, keys, owner=0, prefix=False)
+        self._end_lease(lease)
+
+    def release(self, lid: int, owner: int) -> None:
+        lease = self.leases.get(lid)
+        if lease is None or lease.owner != owner:
+            raise ProtocolError(Code.BAD_HANDLE, f"no lease {lid} on this connection")
+        self._end_lease(lease)
+
+    def _end_lease(self, lease: Lease) -> None:
+        del self.leases[lease.lid]
+        for e in lease.entries:
+            if e is not None:
+                self._unpin(e)
+
+    def _pin(self, e: Entry) -> None:
+        if e.leases == 0 and e.state == READY:
+            e.tier.lru_of(e.ns.slot_bytes).pop(e, None)
+        e.leases += 1
+
+    def _unpin(self, e: Entry) -> None:
+        e.leases -= 1
+        if e.leases:
+            return
+        if e.state == READY:
+            e.tier.make_idle(e)
+            if e.tier.over_high():
+                self._pressure.set()
+        elif e.state == DELETED and e.offset >= 0:
+            self._free_slot(e)
+
+    # ------------------------------------------------------------ writes
+
+    async def reserve(self, ns: Namespace, keys: list[bytes], owner: int) -> Reservation:
+        """Slots for the keys not yet stored (or being stored); the rest are skipped."""
+        fresh: list[Entry] = []
+        index: list[int] = []
+        entries = ns.entries
+        for i, k in enumerate(keys):
+            if k in entries or self._on_disk(ns, k):
+                continue
+            e = Entry(ns, k, self.host, -1, RESERVED)
+            entries[k] = e          # concurrent writers of the same key skip it from now on
+            fresh.append(e)
+            index.append(i)
+        offsets = await self._alloc(self.host, ns.slot_bytes, len(fresh)) if fresh else []
+        for e, off in zip(fresh, offsets):
+            e.offset = off
+            self.host.owner[off] = e
+        for e in fresh[len(offsets):]:   # no room for these: they are not stored
+            del entries[e.key]
+            e.state = DELETED
+        kept = fresh[:len(offsets)]
+        rid = next(self._ids)
+        res = Reservation(rid, owner, ns, kept, index[:len(kept)],
+                          time.monotonic() + self.cfg.server.reservation_timeout_s)
+        self.reservations[rid] = res
+        return res
+
+    def _reservation(self, rid: int, owner: int) -> Reservation:
+        res = self.reservations.get(rid)
+        if res is None or res.owner != owner:
+            raise ProtocolError(Code.BAD_HANDLE, f"no reservation {rid} on this connection")
+        return res
+
+    def commit(self, rid: int, owner: int) -> int:
+        res = self._reservation(rid, owner)
+        del self.reservations[rid]
+        n = 0
+        for e in res.entries:
+            if e.state != RESERVED:     # deleted while reserved
+                if e.offset >= 0 and e.state == DELETED:
+                    self._free_slot(e)
+                continue
+            e.state = READY
+            e.tier.blocks += 1
+            e.tier.make_idle(e)
+            n += 1
+        if self.host.over_high():
+            self._pressure.set()
+        return n
+
+    def abort(self, rid: int, owner: int) -> None:
+        self._drop_reservation(self._reservation(rid, owner))
+
+    def _drop_reservation(self, res: Reservation) -> None:
+        del self.reservations[res.rid]
+        for e in res.entries:
+            if e.state == RESERVED and res.ns.entries.get(e.key) is e:
+                del res.ns.entries[e.key]
+            e.state = DELETED
+            if e.offset >= 0:
+                self._free_slot(e)
+
+    def delete(self, ns: Namespace, keys: Iterable[bytes]) -> int:
+        n = 0
+        for k in keys:
+            e = ns.entries.get(k)
+            found = False
+            if e is not None and e.state != RESERVED:
+                found = True
+                self._remove(e)
+            if self.disk is not None and self.disk.delete(ns.name, k):
+                found = True
+            n += found
+        return n
+
+    def _remove(self, e: Entry) -> None:
+        """Drops a READY/MOVING/LOADING entry from the index; frees its slot if unleased."""
+        if e.ns.entries.get(e.key) is e:
+            del e.ns.entries[e.key]
+        if e.state == READY:
+            e.tier.lru_of(e.ns.slot_bytes).pop(e, None)
+        if e.state in (READY, MOVING):
+            e.tier.blocks -= 1
+        was = e.state
+        e.state = DELETED
+        if e.leases == 0 and e.offset >= 0 and was != MOVING:
+            self._free_slot(e)
+
+    def _free_slot(self, e: Entry) -> None:
+        e.tier.owner.pop(e.offset, None)
+        e.tier.slots.free(e.offset)
+        e.offset = -1
+
+    def drop_owner(self, owner: int) -> None:
+        """A connection closed: end its leases, abort its reservations."""
+        for lease in [x for x in self.leases.values() if x.owner == owner]:
+            self._end_lease(lease)
+        for res in [x for x in self.reservations.values() if x.owner == owner]:
+            self._drop_reservation(res)
+
+    # ------------------------------------------------------------ movement
+
+    async def _alloc(self, tier: MemTier, slot_bytes: int, n: int) -> list[int]:
+        """Up to n slots, moving cold blocks down a tier when the region is full."""
+        out: list[int] = []
+        while len(out) < n:
+            off = tier.slots.alloc(slot_bytes)
+            if off is not None:
+                out.append(off)
+                continue
+            victims = self._victims(tier, slot_bytes, n - len(out))
+            if not victims:
+                break          # everything else is leased, reserved or moving
+            await self._move_down(tier, victims)
+        return out
+
+    def _victims(self, tier: MemTier, slot_bytes: int, want: int) -> list[Entry]:
+        lru = tier.lru_of(slot_bytes)
+        victims = []
+        while lru and len(victims) < want:
+            victims.append(lru.popitem(last=False)[0])
+        if victims:
+            return victims
+        # This class has nothing idle: empty a whole slab of another class.
+        for slab in tier.slots.victim_slabs(slot_bytes):
+            base = slab.index * tier.slots.slab_bytes
+            owners = [tier.owner.get(base + i * slab.slot_bytes) for i in range(slab.nslots)]
+            owners = [e for e in owners if e is not None]
+            if all(e.state == READY and e.leases == 0 for e in owners):
+                for e in owners:
+                    tier.lru_of(e.ns.slot_bytes).pop(e, None)
+                return owners
+        return []
+
+    async def _move_down(self, tier: MemTier, victims: list[Entry]) -> None:
+        """Writes victims to disk (those not there yet), then frees their slots."""
+        for e in victims:
+            e.state = MOVING
+        stored = [False] * len(victims)
+        if self.disk is not None:
+            todo = [i for i, e in enumerate(victims) if not self.disk.contains(e.ns.name, e.key)]
+            for i in range(len(victims)):
+                stored[i] = True
+            if todo:
+                items = [(victims[i].ns.name, victims[i].key,
+                          self.host_region.slot(victims[i].offset, victims[i].ns.block_size)) for i in todo]
+                try:
+                    ok = await self.disk.write_batch(items)
+                except Exception:
+                    log.exception("demotion to disk failed; evicting %d blocks instead", len(items))
+                    ok = [False] * len(items)
+                for i, good in zip(todo, ok):
+                    stored[i] = good
+                nbytes = sum(victims[i].ns.block_size for i, good in zip(todo, ok) if good)
+                self.counters.move(tier.name, "disk", "demote", sum(map(bool, ok)), nbytes)
+        evicted = 0
+        for e, on_disk in zip(victims, stored):
+            if e.state == DELETED:            # deleted while moving
+                if on_disk and self.disk is not None:
+                    self.disk.delete(e.ns.name, e.key)
+                if e.leases == 0:
+                    self._free_slot(e)
+                continue
+            if e.leases:                       # read during the move: stays, now also on disk
+                e.state = READY
+                continue
+            evicted += not on_disk
+            del e.ns.entries[e.key]
+            e.state = DELETED
+            tier.blocks -= 1
+            self._free_slot(e)
+        if evicted:
+            self.counters.evictions[tier.name] = self.counters.evictions.get(tier.name, 0) + evicted
+
+    async def _demoter(self) -> None:
+        """Keeps each memory tier under its high watermark, down to its low one."""
+        while True:
+            await self._pressure.wait()
+            self._pressure.clear()
+            tier = self.host
+            while tier.over_high():
+                excess = tier.slots.used_bytes - int(tier.low * tier.slots.capacity_bytes)
+                victims = tier.coldest(min(excess, MOVE_BATCH_BYTES))
+                if not victims:
+                    break
+                await self._move_down(tier, victims)
+
+    async def _flush_host(self) -> None:
+        """Clean shutdown: everything readable in host goes to disk, so a restart keeps it."""
+        pending = [e for ns in self.namespaces.values() for e in ns.entries.values()
+                   if e.state == READY and not self.disk.contains(ns.name, e.key)]
+        written = 0
+        for i in range(0, len(pending), 256):
+            batch = pending[i:i + 256]
+            ok = await self.disk.write_batch(
+                [(e.ns.name, e.key, self.host_region.slot(e.offset, e.ns.block_size)) for e in batch])
+            written += sum(map(bool, ok))
+        log.info("flushed %d of %d host blocks to disk", written, len(pending))
+
+    async def _reaper(self) -> None:
+        """Revokes leases and reservations past their deadline."""
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for lease in [x for x in self.leases.values() if x.deadline < now]:
+                self.counters.lease_timeouts += 1
+                log.warning("lease %d timed out; revoked", lease.lid)
+                self._end_lease(lease)
+            for res in [x for x in self.reservations.values() if x.deadline < now]:
+                self.counters.reservation_timeouts += 1
+                log.warning("reservation %d timed out; aborted", res.rid)
+                self._drop_reservation(res)
+
+    # ------------------------------------------------------------ stats
+
+    def stats(self) -> dict:
+        h = self.host
+        tiers = {"host": {"capacity_bytes": h.slots.capacity_bytes, "used_bytes": h.slots.used_bytes,
+                          "blocks": h.blocks, "hits": h.hits, "served_blocks": h.served}}
+        if self.disk is not None:
+            d = self.disk.stats()
+            tiers["disk"] = {"capacity_bytes": d.get("capacity_bytes", 0), "used_bytes": d.get("used_bytes", 0),
+                             "blocks": d.get("blocks", 0), "hits": self.counters.disk_hits,
+                             "served_blocks": self.counters.moves.get(("disk", "host", "promote"),
+                                                                      MoveCounter()).blocks}
+        return {
+            "tiers": tiers,
+            "misses": self.counters.misses,
+            "moves": [{"src": s, "dst": d, "kind": k, "blocks": m.blocks, "bytes": m.bytes}
+                      for (s, d, k), m in self.counters.moves.items()],
+            "evictions": dict(self.counters.evictions),
+            "namespaces": [{"name": ns.name, "block_size": ns.block_size,
+                            "blocks": sum(1 for e in ns.entries.values() if e.state in (READY, MOVING)),
+                            "hits": ns.hits, "misses": ns.misses, "tokens_per_block": ns.tokens_per_block,
+                            "tokens_served": ns.tokens_served} for ns in self.namespaces.values()],
+            "leases": len(self.leases),
+            "reservations": len(self.reservations),
+            "lease_timeouts": self.counters.lease_timeouts,
+            "disk": self.disk.stats() if self.disk is not None else {},
+            "errors": dict(self.counters.errors),
+        }
