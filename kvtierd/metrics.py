@@ -1,0 +1,489 @@
+"""Prometheus metrics: request counters kept here, store figures read at scrape time.
+
+Two kinds of figures, two mechanisms:
+
+* Per-request figures (count by op and result code, latency by op) are updated
+  by the server as each request finishes, into a Counter and a Histogram that
+  this module owns. The labelled children are cached in a dict so the per-request
+  cost is one dict lookup plus prometheus_client's own locked increments.
+* Everything the store already counts (tier fill, hits, moves, evictions, disk
+  health, leases) is NOT mirrored into prometheus objects on every change: a
+  custom collector calls the store's `stats_fn()` once per scrape and turns the
+  dict into metric families. The store keeps plain ints; the hot path pays
+  nothing for metrics it never reads.
+
+Everything lives in a private CollectorRegistry, so two daemons in one process
+(tests) never collide, and nothing leaks in from the global registry.
+
+Thread safety of the store: the store is single-threaded (event loop). The
+HTTP endpoint is served by asyncio on that same loop; on each scrape it calls
+`stats_fn()` on the loop thread (a consistent snapshot, no locks needed), then
+formats the text in a one-thread executor so a slow encode never stalls
+requests. A direct `generate_latest(metrics.registry)` from any other thread
+calls `stats_fn()` itself: only do that where the store is not running.
+
+Cardinality is bounded on purpose: namespace labels are given to the first
+`metrics.max_namespaces` namespaces seen (sticky, so a series never flips
+between its own name and 'other'); the rest are summed under 'other'. Ops,
+codes and error reasons come from the protocol's fixed sets, and are capped
+anyway in case a bug passes something unbounded.
+
+Labels used: tier, op, namespace, reason, code, src, dst, kind, and result
+(hit/miss) on the lookup counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import gzip
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+log = logging.getLogger(__name__)
+
+# 10 us .. 10 s in 1-2.5-5 steps: an in-memory lookup is tens of microseconds,
+# a disk-backed acquire of a large batch can take seconds.
+LATENCY_BUCKETS: tuple[float, ...] = tuple(
+    round(m * 10.0**e, 12) for e in range(-5, 1) for m in (1.0, 2.5, 5.0)
+) + (10.0,)
+
+OTHER = "other"
+_MAX_LABEL_VALUES = 64          # ops, codes, reasons: far above what the protocol defines
+_HTTP_HEADER_LIMIT = 8192
+_HTTP_READ_TIMEOUT_S = 5.0
+
+StatsFn = Callable[[], Mapping[str, Any]]
+
+
+class BoundedLabels:
+    """Hands out at most `limit` distinct label values; later newcomers get 'other'.
+
+    Sticky: a value once admitted keeps its own label for the process lifetime,
+    so its counters never jump between series.
+    """
+
+    def __init__(self, limit: int, other: str = OTHER) -> None:
+        if limit < 1:
+            raise ValueError("label limit must be at least 1")
+        self.limit = limit
+        self.other = other
+        self._admitted: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._admitted:
+            return value
+        with self._lock:
+            if value in self._admitted:
+                return value
+            if len(self._admitted) < self.limit and value != self.other:
+                self._admitted.add(value)
+                return value
+        return self.other
+
+
+def _num(d: Any, key: str) -> float | None:
+    """d[key] as a number, or None when missing or not a number (a scrape never crashes)."""
+    if not isinstance(d, Mapping):
+        return None
+    v = d.get(key)
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, (int, float)):
+        return float(v)
+    return None
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) and v else None
+
+
+class StatsCollector:
+    """Turns the store's stats dict into metric families at scrape time."""
+
+    def __init__(self, stats_fn: StatsFn | None, namespace_label: BoundedLabels) -> None:
+        self._stats_fn = stats_fn
+        self._ns = namespace_label
+        self._reason = BoundedLabels(_MAX_LABEL_VALUES)
+        self._failures = 0
+        self._pinned = threading.local()   # a snapshot taken on the loop, used by the encoder thread
+
+    def set_stats_fn(self, stats_fn: StatsFn | None) -> None:
+        self._stats_fn = stats_fn
+
+    def describe(self) -> list[Metric]:
+        # Without this the registry would call collect() (and so the store) at
+        # registration time, before the store exists.
+        return []
+
+    def snapshot(self) -> Mapping[str, Any] | None:
+        """Call stats_fn; a failing store never fails the scrape, it is counted."""
+        if self._stats_fn is None:
+            return None
+        try:
+            stats = self._stats_fn()
+        except Exception:
+            self._failures += 1
+            log.exception("stats_fn failed during a metrics scrape")
+            return None
+        if not isinstance(stats, Mapping):
+            self._failures += 1
+            log.error("stats_fn returned %s, not a dict", type(stats).__name__)
+            return None
+        return stats
+
+    def pinned(self, stats: Mapping[str, Any] | None) -> "_Pin":
+        return _Pin(self._pinned, stats)
+
+    def collect(self) -> Iterator[Metric]:
+        if getattr(self._pinned, "active", False):
+            stats = self._pinned.stats
+        else:
+            stats = self.snapshot()
+        yield CounterMetricFamily("kvtierd_stats_failures", "Scrapes where the store's stats could not be read.",
+                                  value=self._failures)
+        if stats is not None:
+            try:
+                yield from self._families(stats)
+            except Exception:
+                # A malformed dict must cost us the store figures of one scrape, not the endpoint.
+                self._failures += 1
+                log.exception("malformed stats dict during a metrics scrape")
+
+    # --------------------------------------------------------------- families
+
+    def _families(self, s: Mapping[str, Any]) -> Iterable[Metric]:
+        yield from self._tier_families(s.get("tiers"), _num(s, "misses"))
+        yield from self._move_families(s.get("moves"), s.get("evictions"))
+        yield from self._namespace_families(s.get("namespaces"))
+        yield from self._session_families(s)
+        yield from self._disk_families(s.get("disk"), (s.get("tiers") or {}).get("disk")
+                                       if isinstance(s.get("tiers"), Mapping) else None)
+        errors = s.get("errors")
+        if isinstance(errors, Mapping):
+            fam = CounterMetricFamily("kvtierd_errors", "Requests refused for bad input, by reason code.",
+                                      labels=["reason"])
+            summed: dict[str, float] = {}
+            for reason, n in errors.items():
+                if isinstance(reason, str) and isinstance(n, (int, float)) and not isinstance(n, bool):
+                    lbl = self._reason(reason)
+                    summed[lbl] = summed.get(lbl, 0.0) + n
+            for lbl, n in sorted(summed.items()):
+                fam.add_metric([lbl], n)
+            yield fam
+
+    def _tier_families(self, tiers: Any, misses: float | None) -> Iterable[Metric]:
+        # A miss has no tier: a store that counts misses once (top-level "misses") gets tier="none",
+        # so sum by (result) over all tiers is the store's hit/miss split.
+        if not isinstance(tiers, Mapping):
+            tiers = {}
+        cap = GaugeMetricFamily("kvtierd_tier_capacity_bytes", "Bytes the tier may hold.", labels=["tier"])
+        used = GaugeMetricFamily("kvtierd_tier_used_bytes", "Bytes of slots in use in the tier.", labels=["tier"])
+        blocks = GaugeMetricFamily("kvtierd_tier_blocks", "Blocks held in the tier.", labels=["tier"])
+        lookups = CounterMetricFamily("kvtierd_lookup_keys", "Keys looked up, by the tier that answered (hit) "
+                                      "or the tier that did not have them (miss).", labels=["tier", "result"])
+        served = CounterMetricFamily("kvtierd_blocks_served", "Blocks handed to readers, by tier.", labels=["tier"])
+        for tier, t in sorted(tiers.items(), key=lambda kv: str(kv[0])):
+            if not isinstance(tier, str) or not isinstance(t, Mapping):
+                continue
+            for fam, key in ((cap, "capacity_bytes"), (used, "used_bytes"), (blocks, "blocks"),
+                             (served, "served_blocks")):
+                v = _num(t, key)
+                if v is not None:
+                    fam.add_metric([tier], v)
+            for result, key in (("hit", "hits"), ("miss", "misses")):
+                v = _num(t, key)
+                if v is not None:
+                    lookups.add_metric([tier, result], v)
+        if misses is not None:
+            lookups.add_metric(["none", "miss"], misses)
+        yield from (cap, used, blocks, lookups, served)
+
+    def _move_families(self, moves: Any, evictions: Any) -> Iterable[Metric]:
+        if isinstance(moves, list):
+            count = CounterMetricFamily("kvtierd_block_moves", "Blocks moved between tiers (promote/demote/flush).",
+                                        labels=["src", "dst", "kind"])
+            moved = CounterMetricFamily("kvtierd_moved", "Bytes moved between tiers.", labels=["src", "dst"],
+                                        unit="bytes")
+            nblocks: dict[tuple[str, str, str], float] = {}
+            nbytes: dict[tuple[str, str], float] = {}
+            for m in moves:
+                src, dst, kind = (_str(m.get(k)) if isinstance(m, Mapping) else None for k in ("src", "dst", "kind"))
+                if src is None or dst is None:
+                    continue
+                kind = kind or "move"
+                b = _num(m, "blocks")
+                if b is not None:
+                    nblocks[(src, dst, kind)] = nblocks.get((src, dst, kind), 0.0) + b
+                y = _num(m, "bytes")
+                if y is not None:
+                    nbytes[(src, dst)] = nbytes.get((src, dst), 0.0) + y
+            for k, v in sorted(nblocks.items()):
+                count.add_metric(list(k), v)
+            for k, v in sorted(nbytes.items()):
+                moved.add_metric(list(k), v)
+            yield count
+            yield moved
+        if isinstance(evictions, Mapping):
+            ev = CounterMetricFamily("kvtierd_evictions", "Blocks dropped from the last tier that held them.",
+                                     labels=["tier"])
+            for tier in sorted(evictions, key=str):
+                v = _num(evictions, tier)
+                if isinstance(tier, str) and v is not None:
+                    ev.add_metric([tier], v)
+            yield ev
+
+    def _namespace_families(self, namespaces: Any) -> Iterable[Metric]:
+        if not isinstance(namespaces, list):
+            return
+        blocks = GaugeMetricFamily("kvtierd_namespace_blocks", "Blocks held, all tiers, by namespace.",
+                                   labels=["namespace"])
+        bsize = GaugeMetricFamily("kvtierd_namespace_block_size_bytes", "Block size of the namespace.",
+                                  labels=["namespace"])
+        lookups = CounterMetricFamily("kvtierd_namespace_lookup_keys", "Keys looked up, by namespace and result.",
+                                      labels=["namespace", "result"])
+        tokens = CounterMetricFamily("kvtierd_tokens_served", "Tokens' worth of KV served (blocks x tokens per block).",
+                                     labels=["namespace"])
+        sums: dict[str, dict[str, float]] = {}
+        sizes: dict[str, float] = {}
+        for n in namespaces:
+            name = _str(n.get("name")) if isinstance(n, Mapping) else None
+            if name is None:
+                continue
+            lbl = self._ns(name)
+            acc = sums.setdefault(lbl, {})
+            for key in ("blocks", "hits", "misses", "tokens_served"):
+                v = _num(n, key)
+                if v is not None:
+                    acc[key] = acc.get(key, 0.0) + v
+            size = _num(n, "block_size")
+            if size is not None and lbl != OTHER:
+                sizes[lbl] = size
+        for lbl, acc in sorted(sums.items()):
+            if "blocks" in acc:
+                blocks.add_metric([lbl], acc["blocks"])
+            if "hits" in acc:
+                lookups.add_metric([lbl, "hit"], acc["hits"])
+            if "misses" in acc:
+                lookups.add_metric([lbl, "miss"], acc["misses"])
+            if "tokens_served" in acc:
+                tokens.add_metric([lbl], acc["tokens_served"])
+        for lbl, size in sorted(sizes.items()):
+            bsize.add_metric([lbl], size)
+        yield from (blocks, bsize, lookups, tokens)
+
+    def _session_families(self, s: Mapping[str, Any]) -> Iterable[Metric]:
+        for key, name, doc, fam_t in (
+            ("clients", "kvtierd_clients_connected", "Client connections open now.", GaugeMetricFamily),
+            ("leases", "kvtierd_leases_outstanding", "Read/write leases held now.", GaugeMetricFamily),
+            ("reservations", "kvtierd_reservations_outstanding", "Reservations not yet committed or aborted.",
+             GaugeMetricFamily),
+            ("lease_timeouts", "kvtierd_lease_timeouts", "Leases revoked because they were not released in time.",
+             CounterMetricFamily),
+        ):
+            v = _num(s, key)
+            if v is not None:
+                yield fam_t(name, doc, value=v)
+
+    def _disk_families(self, disk: Any, disk_tier: Any) -> Iterable[Metric]:
+        # Disk extras may sit at top level or inside tiers.disk; top level wins.
+        def get(key: str) -> float | None:
+            v = _num(disk, key)
+            return v if v is not None else _num(disk_tier, key)
+
+        for key, name, doc, fam_t, unit in (
+            ("checksum_failures", "kvtierd_disk_checksum_failures", "Disk records whose checksum failed on read "
+             "or recovery (served as misses).", CounterMetricFamily, ""),
+            ("torn_records", "kvtierd_disk_torn_records", "Partially written records dropped at recovery.",
+             CounterMetricFamily, ""),
+            ("corrupt_records", "kvtierd_disk_corrupt_records", "Records with a bad header dropped at recovery.",
+             CounterMetricFamily, ""),
+            ("recovery_seconds", "kvtierd_disk_recovery", "Time the last start spent rebuilding the disk index.",
+             GaugeMetricFamily, "seconds"),
+            ("compaction_runs", "kvtierd_disk_compaction_runs", "Segment compactions finished.",
+             CounterMetricFamily, ""),
+            ("compaction_bytes", "kvtierd_disk_compacted", "Live bytes rewritten by compaction.",
+             CounterMetricFamily, "bytes"),
+            ("io_errors", "kvtierd_disk_io_errors", "Disk reads or writes that failed.", CounterMetricFamily, ""),
+            ("direct_io", "kvtierd_disk_direct_io", "1 when the disk tier uses O_DIRECT, 0 when buffered.",
+             GaugeMetricFamily, ""),
+            ("refusing_writes", "kvtierd_disk_refusing_writes", "1 when the disk tier refuses writes (full, "
+             "read-only or failing).", GaugeMetricFamily, ""),
+            ("refused_writes", "kvtierd_disk_refused_writes", "Records not written because the tier refused them.",
+             CounterMetricFamily, ""),
+            ("reads", "kvtierd_disk_reads", "Records read from disk.", CounterMetricFamily, ""),
+            ("writes", "kvtierd_disk_writes", "Records written to disk.", CounterMetricFamily, ""),
+            ("read_bytes", "kvtierd_disk_read", "Payload bytes read from disk.", CounterMetricFamily, "bytes"),
+            ("written_bytes", "kvtierd_disk_written", "Payload bytes written to disk.", CounterMetricFamily, "bytes"),
+            ("live_bytes", "kvtierd_disk_live", "Bytes of live records in segments (used minus dead space).",
+             GaugeMetricFamily, "bytes"),
+            ("segments", "kvtierd_disk_segments", "Segment files.", GaugeMetricFamily, ""),
+        ):
+            v = get(key)
+            if v is not None:
+                yield fam_t(name, doc, value=v, unit=unit)
+
+
+class _Pin:
+    """Context manager making StatsCollector.collect use a given snapshot in this thread."""
+
+    def __init__(self, local: threading.local, stats: Mapping[str, Any] | None) -> None:
+        self._local, self._stats = local, stats
+
+    def __enter__(self) -> None:
+        self._local.active, self._local.stats = True, self._stats
+
+    def __exit__(self, *exc: object) -> None:
+        self._local.active, self._local.stats = False, None
+
+
+class Metrics:
+    """The daemon's metrics: a private registry, request instruments, the stats collector, the endpoint."""
+
+    def __init__(self, stats_fn: StatsFn | None = None, max_namespaces: int = 32,
+                 process_metrics: bool = True) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.namespace_label = BoundedLabels(max_namespaces)
+        self._requests = Counter("kvtierd_requests", "Requests handled, by op and result code.",
+                                 ["op", "code"], registry=self.registry)
+        self._latency = Histogram("kvtierd_request_duration_seconds", "Time from a request's arrival to its reply.",
+                                  ["op"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._op_label = BoundedLabels(_MAX_LABEL_VALUES)
+        self._code_label = BoundedLabels(_MAX_LABEL_VALUES)
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self.stats = StatsCollector(stats_fn, self.namespace_label)
+        self.registry.register(self.stats)
+        if process_metrics:
+            # process_cpu_seconds_total, process_resident_memory_bytes, open fds...
+            ProcessCollector(registry=self.registry)
+        self._server: asyncio.AbstractServer | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    def set_stats_fn(self, stats_fn: StatsFn | None) -> None:
+        """Attach the store once it exists (metrics may be created before it)."""
+        self.stats.set_stats_fn(stats_fn)
+
+    def observe_request(self, op: str | enum.Enum, code: str, seconds: float) -> None:
+        """Count one finished request and record its latency. Call once per request (a batch is one request).
+
+        `op` may be the protocol's enum: its lower-cased name is the label (str() of an IntEnum is its number).
+        """
+        children = self._children.get((op, code))
+        if children is None:
+            name = op.name.lower() if isinstance(op, enum.Enum) else str(op)
+            lop, lcode = self._op_label(name), self._code_label(str(code))
+            children = (self._requests.labels(lop, lcode), self._latency.labels(lop))
+            self._children[(op, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def render(self, accept: str | None = None, stats: Mapping[str, Any] | None | bool = False) -> tuple[bytes, str]:
+        """(body, content type) of a scrape; `stats` is a snapshot to use, or False to call stats_fn."""
+        encoder, content_type = choose_encoder(accept or "")
+        if stats is False:
+            return encoder(self.registry), content_type
+        with self.stats.pinned(stats):  # type: ignore[arg-type]
+            return encoder(self.registry), content_type
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def start_http(self, address: str) -> int:
+        """Serve /metrics on `host:port` from the running event loop; returns the bound port (0 = any)."""
+        if self._server is not None:
+            raise RuntimeError("the metrics endpoint is already running")
+        host, sep, port_s = address.rpartition(":")
+        if not sep or not port_s.isdigit():
+            raise ValueError(f"metrics address must be host:port, got {address!r}")
+        host = host.strip("[]") or "0.0.0.0"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtierd-metrics")
+        try:
+            self._server = await asyncio.start_server(self._handle, host, int(port_s), reuse_address=True)
+        except OSError as e:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise OSError(e.errno, f"cannot listen for metrics on {address}: {e.strerror}") from None
+        port = self._server.sockets[0].getsockname()[1]
+        log.info("metrics on http://%s:%d/metrics", host, port)
+        return port
+
+    async def stop_http(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _HTTP_READ_TIMEOUT_S)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
+                return
+            if len(head) > _HTTP_HEADER_LIMIT:
+                await self._reply(writer, 431, b"request header too large\n")
+                return
+            lines = head.decode("latin-1").split("\r\n")
+            parts = lines[0].split(" ")
+            if len(parts) != 3:
+                await self._reply(writer, 400, b"bad request line\n")
+                return
+            method, target, _ = parts
+            headers = {}
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if sep:
+                    headers[name.strip().lower()] = value.strip()
+            path = target.split("?", 1)[0]
+            if method not in ("GET", "HEAD"):
+                await self._reply(writer, 405, b"only GET and HEAD\n", extra={"Allow": "GET, HEAD"})
+                return
+            if path == "/":
+                await self._reply(writer, 200, b"kvtierd: metrics at /metrics\n", head_only=method == "HEAD")
+                return
+            if path != "/metrics":
+                await self._reply(writer, 404, b"not found; try /metrics\n")
+                return
+            t0 = time.perf_counter()
+            stats = self.stats.snapshot()             # on the loop thread: a consistent view of the store
+            gz = "gzip" in headers.get("accept-encoding", "")
+            loop = asyncio.get_running_loop()
+            body, ctype = await loop.run_in_executor(self._executor, self._encode, headers.get("accept"), stats, gz)
+            extra = {"Content-Encoding": "gzip"} if gz else {}
+            await self._reply(writer, 200, body, ctype, extra, head_only=method == "HEAD")
+            log.debug("metrics scrape: %d bytes in %.1f ms", len(body), (time.perf_counter() - t0) * 1e3)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    def _encode(self, accept: str | None, stats: Mapping[str, Any] | None, gz: bool) -> tuple[bytes, str]:
+        body, ctype = self.render(accept, stats)
+        return (gzip.compress(body, compresslevel=5) if gz else body), ctype
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, status: int, body: bytes,
+                     ctype: str = "text/plain; charset=utf-8", extra: Mapping[str, str] | None = None,
+                     head_only: bool = False) -> None:
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                  431: "Request Header Fields Too Large"}[status]
+        hdrs = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {ctype}", f"Content-Length: {len(body)}",
+                "Connection: close"]
+        hdrs += [f"{k}: {v}" for k, v in (extra or {}).items()]
+        writer.write(("\r\n".join(hdrs) + "\r\n\r\n").encode("latin-1"))
+        if not head_only:
+            writer.write(body)
+        await writer.drain()
