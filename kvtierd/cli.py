@@ -83,7 +83,8 @@ def render_stats(s: dict) -> str:
     lines.append("")
     lines.append(f"{'tier':<6} {'used':>12} {'capacity':>12} {'fill':>7} {'blocks':>10} {'hits':>10} {'served':>10}")
     for name, t in s.get("tiers", {}).items():
-        lines.append(f"{name:<6} {format_size(t.get('used_bytes', 0)):>12} {format_size(t.get('capacity_bytes', 0)):>12} "
+        used, cap = t.get("used_bytes", 0), t.get("capacity_bytes", 0)
+        lines.append(f"{name:<6} {format_size(used):>12} {format_size(cap):>12} "
                      f"{_pct(t.get('used_bytes', 0), t.get('capacity_bytes', 0)):>7} {t.get('blocks', 0):>10} "
                      f"{t.get('hits', 0):>10} {t.get('served_blocks', 0):>10}")
     hits = sum(t.get("hits", 0) for t in s.get("tiers", {}).values())

@@ -22,8 +22,8 @@ import socket
 import time
 from pathlib import Path
 
-from kvtierd import config as config_mod
 from kvtierd import __version__
+from kvtierd import config as config_mod
 from kvtierd.server import Connection, Server
 from kvtierd.store import Store
 
@@ -76,10 +76,10 @@ class Daemon:
     def _bind(self) -> socket.socket:
         """Our listening socket: handed over by systemd, or bound here."""
         from kvtierd import systemd
-        fds = systemd.listen_fds()
-        if fds:
+        handed = systemd.activated_unix_listener(str(self.sock_path))
+        if handed is not None:
             log.info("using the listening socket handed over by systemd")
-            return fds[0]
+            return handed
         if self.sock_path.exists() or self.sock_path.is_symlink():
             if _socket_in_use(self.sock_path):
                 raise StartupError(f"another process is serving on {self.sock_path}; "
@@ -127,7 +127,9 @@ class Daemon:
         await store.start()
         self.metrics_port = None
         if cfg.metrics.address:
-            self.metrics_port = self.metrics.start_http(cfg.metrics.address)
+            self.metrics_port = await self.metrics.start_http(cfg.metrics.address)
+            host = cfg.metrics.address.rpartition(":")[0]
+            log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -151,6 +153,7 @@ class Daemon:
                 p = disk.recovery_progress()
                 systemd.status(f"recovering disk tier: {p.get('records', 0)} records, "
                                f"{100 * p.get('fraction', 0):.0f}%")
+                systemd.extend_timeout(30)   # a huge tier may take longer than TimeoutStartSec
                 await asyncio.wait([waiter], timeout=1.0)
             await waiter
             log.info("disk tier recovered in %.2f s: %s", time.monotonic() - t0, disk.recovery_progress())
@@ -159,11 +162,11 @@ class Daemon:
     # ------------------------------------------------------------ runtime
 
     def _admit(self, conn: Connection, sock: socket.socket | None) -> str | None:
-        from kvtierd.access import peer_credentials
+        from kvtierd.access import peer_credentials, peer_groups
         if sock is None:
             return None
         conn.pid, conn.uid, conn.gid = peer_credentials(sock)
-        ok, reason = self.policy.admit(conn.uid, conn.gid)
+        ok, reason = self.policy.admit(conn.uid, conn.gid, peer_groups(sock))
         if not ok:
             self.server.count_error("denied")
             log.warning("refused connection from pid=%d uid=%d gid=%d: %s", conn.pid, conn.uid, conn.gid, reason)
@@ -222,7 +225,7 @@ class Daemon:
         self.unix_server.close()
         await self.server.drain(self.cfg.server.drain_timeout_s)
         await self.store.close(flush=self.cfg.disk.flush_on_shutdown)
-        self.metrics.stop_http()
+        await self.metrics.stop_http()
         if self.owns_socket:
             self.sock_path.unlink(missing_ok=True)
         if self.lock_fd is not None:

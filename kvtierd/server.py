@@ -24,8 +24,18 @@ import time
 from typing import Any, Callable
 
 from kvtierd import __version__
-from kvtierd.protocol import (HEADER, PROTOCOL_VERSION, Code, Op, ProtocolError, parse_args,
-                              parse_request, reply_error, reply_ok, unpack_body)
+from kvtierd.protocol import (
+    HEADER,
+    PROTOCOL_VERSION,
+    Code,
+    Op,
+    ProtocolError,
+    parse_args,
+    parse_request,
+    reply_error,
+    reply_ok,
+    unpack_body,
+)
 from kvtierd.store import Store
 
 log = logging.getLogger("kvtierd.server")
@@ -306,8 +316,9 @@ class Server:
     async def op_acquire(self, c: Connection, ns: int, keys: list, prefix: bool = True, tier: str = "host") -> dict:
         space = c.ns(ns)
         lease = await self.store.acquire(space, keys, c.id, prefix)
-        if self._record_reads:
-            self._record_reads(space.name, [e.key for e in lease.entries if e is not None])
+        if self._record_reads:   # after the reply is sent: hot-key counting adds no latency
+            asyncio.get_running_loop().call_soon(
+                self._record_reads, space.name, [e.key for e in lease.entries if e is not None])
         return {"lid": lease.lid,
                 "offsets": [e.offset if e is not None else -1 for e in lease.entries],
                 "tiers": [e.tier.name if e is not None else None for e in lease.entries]}
@@ -340,7 +351,8 @@ class Server:
         finally:
             self.store.release(lease.lid, c.id)
         if self._record_reads:
-            self._record_reads(space.name, [k for k, b in zip(keys, blocks) if b is not None])
+            asyncio.get_running_loop().call_soon(
+                self._record_reads, space.name, [k for k, b in zip(keys, blocks) if b is not None])
         return {"blocks": blocks}
 
     def op_delete(self, c: Connection, ns: int, keys: list) -> dict:

@@ -44,7 +44,7 @@ MOVE_BATCH_BYTES = 64 << 20   # one demotion round: enough to amortise an fdatas
 
 class Namespace:
     __slots__ = ("id", "name", "block_size", "slot_bytes", "tokens_per_block", "entries",
-                 "hits", "misses", "tokens_served")
+                 "blocks", "hits", "misses", "tokens_served")
 
     def __init__(self, ns_id: int, name: str, block_size: int, tokens_per_block: int):
         self.id = ns_id
@@ -53,6 +53,7 @@ class Namespace:
         self.slot_bytes = slot_bytes_for(block_size)
         self.tokens_per_block = tokens_per_block
         self.entries: dict[bytes, Entry] = {}
+        self.blocks = 0             # readable blocks in memory tiers
         self.hits = self.misses = self.tokens_served = 0
 
 
@@ -309,7 +310,7 @@ class Store:
         for i, e in enumerate(loads):
             if i < len(ok) and ok[i] and e.state == LOADING:
                 e.state = READY
-                self.host.blocks += 1
+                self._count(e, 1)
                 moved += 1
             else:
                 if e.state == LOADING:
@@ -406,7 +407,7 @@ class Store:
                     self._free_slot(e)
                 continue
             e.state = READY
-            e.tier.blocks += 1
+            self._count(e, 1)
             e.tier.make_idle(e)
             n += 1
         if self.host.over_high():
@@ -445,11 +446,16 @@ class Store:
         if e.state == READY:
             e.tier.lru_of(e.ns.slot_bytes).pop(e, None)
         if e.state in (READY, MOVING):
-            e.tier.blocks -= 1
+            self._count(e, -1)
         was = e.state
         e.state = DELETED
         if e.leases == 0 and e.offset >= 0 and was != MOVING:
             self._free_slot(e)
+
+    @staticmethod
+    def _count(e: Entry, delta: int) -> None:
+        e.tier.blocks += delta
+        e.ns.blocks += delta
 
     def _free_slot(self, e: Entry) -> None:
         e.tier.owner.pop(e.offset, None)
@@ -532,7 +538,7 @@ class Store:
             evicted += not on_disk
             del e.ns.entries[e.key]
             e.state = DELETED
-            tier.blocks -= 1
+            self._count(e, -1)
             self._free_slot(e)
         if evicted:
             self.counters.evictions[tier.name] = self.counters.evictions.get(tier.name, 0) + evicted
@@ -595,7 +601,7 @@ class Store:
                       for (s, d, k), m in self.counters.moves.items()],
             "evictions": dict(self.counters.evictions),
             "namespaces": [{"name": ns.name, "block_size": ns.block_size,
-                            "blocks": sum(1 for e in ns.entries.values() if e.state in (READY, MOVING)),
+                            "blocks": ns.blocks,
                             "hits": ns.hits, "misses": ns.misses, "tokens_per_block": ns.tokens_per_block,
                             "tokens_served": ns.tokens_served} for ns in self.namespaces.values()],
             "leases": len(self.leases),
