@@ -29,8 +29,7 @@ import time
 from typing import Any, Generator, Sequence
 
 from kvtierd.config import default_socket_path
-from kvtierd.protocol import (HEADER, PROTOCOL_VERSION, Code, Op, ProtocolError, request,
-                              unpack_body)
+from kvtierd.protocol import HEADER, PROTOCOL_VERSION, Code, Op, ProtocolError, request, unpack_body
 from kvtierd.tiers.host import HostRegionMapping
 
 Steps = Generator[tuple[Op, dict], dict, Any]

@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvtierd.client import KvtierdError
 from kvtierd.protocol import Code, Op
 
 
