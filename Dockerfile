@@ -1,7 +1,7 @@
 # kvtierd container image.
 #
 #   docker build -t kvtierd .                                  # CPU: host + disk tiers
-#   docker build -t kvtierd:gpu --build-arg VARIANT=gpu .      # CUDA runtime base + the [gpu] extra (HBM tier)
+#   docker build -t kvtierd:gpu --build-arg VARIANT=gpu .      # CUDA 12 runtime base + the [gpu-cu12] extra (HBM tier)
 #
 # Run it next to the inference containers, sharing the socket directory and IPC
 # namespace (clients map the host tier from /dev/shm), see docs/operating.md:
@@ -27,7 +27,7 @@ ENV PIP_EXTRAS=""
 RUN python -m venv /opt/kvtierd
 
 FROM ${CUDA_IMAGE} AS runtime-gpu
-ENV PIP_EXTRAS="[gpu]"
+ENV PIP_EXTRAS="[gpu-cu12]"
 # Versions come from the pinned base image's release; pinning apt versions would break on its updates.
 # hadolint ignore=DL3008
 RUN apt-get update \

@@ -1,0 +1,202 @@
+"""Compaction, and the maintenance thread that runs it with the other housekeeping.
+
+Compaction picks the sealed segment with the lowest live fraction once that
+fraction is below disk.compaction_threshold (or, when segment files fill
+more than high_watermark of disk.bytes, the lowest one below 1.0), copies
+its live records byte for byte to the active segment (same sequence numbers),
+fdatasyncs them, repoints the keydir entries that are still current, writes
+again any tombstone that still has something to hide, and only then unlinks
+the segment. A crash at any point leaves either the old copy, or both (equal
+sequence numbers: recovery takes the copy in the newer segment, same bytes),
+or the new copy: a live block is never lost. Each copied record is verified
+against its checksum first, so compaction never spreads a corrupt block.
+
+Readers are not blocked: a reader that looked up the old location keeps the
+segment open (pinned) until it is done, and keydir entries are swapped
+atomically under the store lock.
+
+Its disk time is bounded: after each chunk (disk.io_bytes) it sleeps long
+enough that copying takes at most disk.compaction_io_share of the wall
+time, leaving the rest to foreground reads and writes.
+
+The maintenance thread, woken by the store or every 0.2 s, writes pending
+tombstones, fdatasyncs under durability=interval, deletes dead segments,
+compacts, relieves space pressure, and writes the checkpoint when it is due.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from kvtierd.disk import aligned_io
+from kvtierd.disk.checkpoint import write_checkpoint
+from kvtierd.disk.format import PAGE, Header, checksum, parse_header
+from kvtierd.disk.segments import PendingRecord, Segment
+
+log = logging.getLogger("kvtierd.disk")
+
+
+def pick_victim(store) -> Segment | None:
+    with store.lock:
+        cands = [s for s in store.segments.values()
+                 if s.sealed and s.size and not s.inflight and not s.doomed and s is not store._active]
+        if not cands:
+            return None
+        best = min(cands, key=lambda s: s.live_bytes / s.size)
+        frac = best.live_bytes / best.size
+        pressure = store._used > store.cfg.high_watermark * store.cfg.bytes
+        if frac < store.cfg.compaction_threshold or (pressure and frac < 1.0):
+            return best
+    return None
+
+
+def compact_segment(store, seg: Segment, stop: threading.Event | None = None) -> bool:
+    """Move seg's live records to the active segment, then delete seg. True when done."""
+    share = store.cfg.compaction_io_share
+    with store.lock:
+        if seg.doomed or seg.fd < 0:
+            return False
+        live = sorted(seg.live.values(), key=lambda e: e.off)
+        seg.refs += 1
+        if store.cfg.bytes - store._used < sum(e.size for e in live):
+            seg.refs -= 1
+            return False          # no room for the copies; relieve_pressure() handles this
+    t_start = time.monotonic()
+    moved = 0
+    try:
+        for job in store._group([(None, e, None) for e in live], write=False):
+            if stop is not None and stop.is_set():
+                return False
+            t0 = time.monotonic()
+            buf = store.pool.get(job.nbytes)
+            mv = memoryview(buf)[:job.nbytes]
+            try:
+                n = aligned_io.preadv_all(seg.fd, [mv], job.off)
+            except OSError as e:
+                store.counters["io_errors"] += 1
+                log.error("disk tier: compaction read of %s failed (%s); will retry later", seg.path.name, e.strerror)
+                return False
+            recs = []
+            bad = []
+            for _i, e, _d in job.recs:
+                rel = e.off - job.off
+                rec = mv[rel:rel + e.size]
+                h = parse_header(rec) if rel + e.size <= n else None
+                if (isinstance(h, Header) and h.seq == e.seq and h.key == e.key and h.ns == e.ns
+                        and checksum(rec[PAGE:PAGE + e.plen]) == e.csum):
+                    recs.append(PendingRecord(-1, 0, e.ns, None, e.key, None, e.plen, e.seq, raw=rec, old=e))
+                else:
+                    bad.append(e)
+            if bad:
+                with store.lock:
+                    for e in bad:
+                        store.counters["checksum_failures"] += 1
+                        store._remove(e)
+                log.error("disk tier: compaction found %d corrupt records in %s; dropped", len(bad), seg.path.name)
+            ok = store.write_records_durably(recs)
+            for r in recs:
+                r.raw = None
+            del recs, mv
+            store.pool.put(buf)
+            if not ok:
+                log.warning("disk tier: compaction of %s stopped: writing the copies failed", seg.path.name)
+                return False
+            moved += job.nbytes
+            store.counters["compaction_bytes"] += job.nbytes
+            _throttle(time.monotonic() - t0, share, stop)
+        with store.lock:
+            if seg.live:
+                return False
+        done = store.drop_segment(seg)
+        if done:
+            store.counters["compaction_runs"] += 1
+            log.info("disk tier: compacted %s (%d live bytes moved) in %.2f s",
+                     seg.path.name, moved, time.monotonic() - t_start)
+        return done
+    finally:
+        with store.lock:
+            store._unpin(seg)
+
+
+def _throttle(busy: float, share: float, stop: threading.Event | None) -> None:
+    pause = busy * (1.0 - share) / share
+    if pause > 0:
+        if stop is not None:
+            stop.wait(pause)
+        else:
+            time.sleep(pause)
+
+
+def relieve_pressure(store) -> int:
+    """When segment files would overflow disk.bytes and compaction has no room to copy,
+    drop the blocks of the least-live sealed segment (counted as evictions)."""
+    with store.lock:
+        if store._used <= store.cfg.high_watermark * store.cfg.bytes and not store.pressure:
+            return 0
+        store.pressure = False
+        cands = [s for s in store.segments.values()
+                 if s.sealed and not s.inflight and not s.doomed and s is not store._active]
+        if not cands:
+            return 0
+        victim = min(cands, key=lambda s: s.live_bytes)
+        if store.cfg.bytes - store._used >= victim.live_bytes and victim.live_bytes < victim.size:
+            return 0          # compaction can handle it
+        dropped = list(victim.live.values())
+        for e in dropped:
+            store._remove(e)
+        store.counters["evictions"] += len(dropped)
+    if dropped:
+        log.warning("disk tier: out of space; dropped the %d blocks of %s", len(dropped), victim.path.name)
+    store.drop_segment(victim)
+    return len(dropped)
+
+
+class Maintenance(threading.Thread):
+    """Background housekeeping for one SegmentStore; stop() and join() before close()."""
+
+    def __init__(self, store):
+        super().__init__(name="kvtierd-disk-maint", daemon=True)
+        self.store = store
+        self.stopping = threading.Event()
+        self.paused = threading.Event()     # tests pause compaction to stage crashes
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.store.lock:
+            self.store.wake.notify_all()
+
+    def run(self) -> None:
+        store = self.store
+        cfg = store.cfg
+        last_sync = last_ckpt = time.monotonic()
+        while not self.stopping.is_set():
+            with store.lock:
+                store.wake.wait(timeout=min(0.2, cfg.fsync_interval_s))
+            if self.stopping.is_set():
+                break
+            try:
+                if store._pending:
+                    store.flush_tombstones()
+                now = time.monotonic()
+                if cfg.durability == "interval" and now - last_sync >= cfg.fsync_interval_s:
+                    err = store.sync_dirty()
+                    if err:
+                        log.error("disk tier: fdatasync failed: %s", err)
+                    last_sync = now
+                if not store.recovered.is_set() or self.paused.is_set():
+                    continue
+                store.reap_dead_segments()
+                relieve_pressure(store)
+                victim = pick_victim(store)
+                if victim is not None:
+                    compact_segment(store, victim, self.stopping)
+                now = time.monotonic()
+                if store.wants_checkpoint or now - last_ckpt >= cfg.checkpoint_interval_s:
+                    store.wants_checkpoint = False
+                    write_checkpoint(store)
+                    last_ckpt = now
+            except Exception:
+                log.exception("disk tier: maintenance step failed; retrying")
+                self.stopping.wait(1.0)

@@ -1,0 +1,193 @@
+"""Offline verification and repair of a disk tier: `kvtierd fsck STATE_DIR [--repair]`.
+
+Refuses to run while a daemon holds the directory (the store's flock). It
+reads every record of every segment, header and payload, and checks both
+checksums; checks the checkpoint's own checksums; then rebuilds the keydir
+the way the daemon would (checkpoint + scan) and checks that every block the
+daemon would serve lies on a record that verified. Nothing is written
+without --repair.
+
+--repair: truncates torn segment tails (bytes after the last whole record
+that run to the end of the file), forgets blocks whose payload failed its
+checksum, deletes segment files that are empty, and writes a fresh
+checkpoint from the verified keydir (which also replaces a corrupt one).
+Corrupt regions in the middle of a segment are left in place: they are
+skipped on every scan, and compaction reclaims them.
+
+Exit status: 0 clean (or repaired), 1 problems found and not repaired, 2
+could not run (no such directory, in use, I/O error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvtierd.config import DiskConfig
+from kvtierd.disk import aligned_io, checkpoint
+from kvtierd.disk.format import PAGE, Header, checksum, parse_header
+from kvtierd.disk.segments import SegmentStore
+
+
+@dataclass
+class SegmentReport:
+    name: str
+    size: int
+    records: int = 0
+    tombstones: int = 0
+    bad_payloads: list[int] = field(default_factory=list)       # record offsets
+    corrupt_regions: list[tuple[int, int]] = field(default_factory=list)
+    valid_end: int = 0             # end of the last whole, valid record
+    torn_from: int = -1            # damage from here to the end of the file
+
+
+def verify_segment(fd: int, size: int, name: str, chunk: int) -> SegmentReport:
+    """Read the whole segment, checking every header and payload checksum."""
+    rep = SegmentReport(name, size)
+    buf = aligned_io.alloc_aligned(chunk)
+    mv = memoryview(buf)
+    pos = 0
+    bad_start = -1
+    buf_off, buf_len = -1, 0
+    limit = size - size % PAGE
+    try:
+        while pos + PAGE <= limit:
+            if not (0 <= buf_off <= pos and pos + PAGE <= buf_off + buf_len):
+                n = aligned_io.preadv_all(fd, [mv[:min(chunk, limit - pos)]], pos)
+                n -= n % PAGE
+                if n < PAGE:
+                    break
+                buf_off, buf_len = pos, n
+            rel = pos - buf_off
+            h = parse_header(mv, rel)
+            if not isinstance(h, Header) or pos + h.size > size:
+                bad_start = pos if bad_start < 0 else bad_start
+                pos += PAGE
+                continue
+            if h.payload_len:
+                if rel + h.size <= buf_len:
+                    ok = checksum(mv[rel + PAGE:rel + PAGE + h.payload_len]) == h.payload_csum
+                else:
+                    big = aligned_io.alloc_aligned(h.size - PAGE)
+                    got = aligned_io.preadv_all(fd, [big], pos + PAGE)
+                    bmv = memoryview(big)
+                    ok = got >= h.payload_len and checksum(bmv[:h.payload_len]) == h.payload_csum
+                    bmv.release()
+                    big.close()
+                if not ok and bad_start >= 0:
+                    pos += PAGE         # after damage, a header with a bad payload is not trusted as a record
+                    continue
+                if not ok:
+                    rep.bad_payloads.append(pos)
+            if bad_start >= 0:
+                rep.corrupt_regions.append((bad_start, pos))
+                bad_start = -1
+            if h.flags:
+                rep.tombstones += 1
+            else:
+                rep.records += 1
+            pos += h.size
+            rep.valid_end = pos
+        if bad_start >= 0 or rep.valid_end < size:
+            rep.torn_from = bad_start if bad_start >= 0 else rep.valid_end
+    finally:
+        mv.release()
+        buf.close()
+    return rep
+
+
+def run(state_dir: Path, repair: bool, out=sys.stdout) -> int:
+    cfg = DiskConfig()
+    cfg.io_threads = 1
+    store = SegmentStore(cfg, state_dir)
+    try:
+        store.open(readonly=True)
+    except (RuntimeError, FileNotFoundError, OSError) as e:
+        print(f"fsck: cannot open {state_dir}: {e}", file=out)
+        return 2
+    problems = 0
+    try:
+        ckpt, why = checkpoint.load(checkpoint.path_of(store))
+        if ckpt is not None:
+            print(f"checkpoint: ok ({len(ckpt.entries)} entries, {len(ckpt.tombs)} tombstones)", file=out)
+        elif why:
+            print(f"checkpoint: BAD: {why}", file=out)
+            problems += 1
+        else:
+            print("checkpoint: none (a start scans every segment)", file=out)
+
+        reports = {}
+        for seg in sorted(store.segments.values(), key=lambda s: s.id):
+            rep = verify_segment(seg.fd, seg.size, seg.path.name, max(PAGE, cfg.io_bytes))
+            reports[seg.id] = rep
+            flags = []
+            if rep.bad_payloads:
+                flags.append(f"{len(rep.bad_payloads)} payload checksum failures")
+            if rep.corrupt_regions:
+                flags.append(f"{len(rep.corrupt_regions)} corrupt regions")
+            if rep.torn_from >= 0:
+                flags.append(f"torn tail from {rep.torn_from} ({rep.size - rep.torn_from} bytes)")
+            problems += bool(rep.bad_payloads) + bool(rep.corrupt_regions) + (rep.torn_from >= 0)
+            print(f"segment {rep.name}: {rep.size} bytes, {rep.records} records, {rep.tombstones} tombstones"
+                  + (f"; PROBLEMS: {', '.join(flags)}" if flags else "; ok"), file=out)
+
+        store.recover()          # the keydir a daemon would build
+        bad = []
+        with store.lock:
+            for e in list(store.keydir.values()):
+                rep = reports.get(e.seg.id)
+                if rep is None or e.off in rep.bad_payloads or e.off + e.size > rep.valid_end:
+                    bad.append(e)
+        print(f"index: {len(store.keydir)} blocks the daemon would serve, {len(bad)} of them on bad records",
+              file=out)
+        problems += bool(bad)
+        if problems == 0:
+            print("fsck: clean", file=out)
+            return 0
+        if not repair:
+            print(f"fsck: {problems} problem(s) found; run with --repair to fix what can be fixed", file=out)
+            return 1
+
+        with store.lock:
+            for e in bad:
+                store._remove(e)
+        for seg in list(store.segments.values()):
+            rep = reports[seg.id]
+            if rep.torn_from >= 0 and rep.torn_from >= rep.valid_end:
+                os.ftruncate(seg.fd, rep.valid_end)
+                os.fsync(seg.fd)
+                with store.lock:
+                    store._used -= seg.size - rep.valid_end
+                    seg.size = rep.valid_end
+                print(f"repair: truncated {rep.name} to {rep.valid_end} bytes", file=out)
+        store.readonly = False
+        store._write_epoch()
+        store.reap_dead_segments()
+        store.flush_tombstones()
+        store.sync_dirty()
+        checkpoint.write_checkpoint(store)
+        print(f"repair: dropped {len(bad)} bad blocks, wrote a fresh checkpoint ({len(store.keydir)} blocks)",
+              file=out)
+        return 0
+    except OSError as e:
+        print(f"fsck: I/O error: {e}", file=out)
+        return 2
+    finally:
+        store.readonly = True     # never write a second checkpoint from close()
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kvtierd fsck", description="verify (and repair) a kvtierd disk tier")
+    ap.add_argument("state_dir", type=Path, help="the daemon's state directory (holds disk/)")
+    ap.add_argument("--repair", action="store_true",
+                    help="truncate torn tails, drop bad blocks, rewrite the checkpoint")
+    args = ap.parse_args(argv)
+    return run(args.state_dir, args.repair)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""`kvtierd fsck STATE_DIR [--repair]`: finds damage, repairs what can be repaired, refuses a live directory."""
+
+from __future__ import annotations
+
+import io
+import os
+
+from test_disk_roundtrip import flip_byte, open_store, payloads, read_back, segment_files
+
+from kvtierd.disk import fsck
+from kvtierd.disk.format import PAGE, record_size
+
+SIZE = 8192
+REC = record_size(SIZE)
+
+
+def _make(tmp_path, n=10):
+    s = open_store(tmp_path)
+    data = payloads(n, SIZE, seed=21)
+    keys = [b"%02d" % i for i in range(n)]
+    assert all(s.write_batch([("ns", k, d) for k, d in zip(keys, data, strict=True)]))
+    s.close()
+    return keys, data
+
+
+def _run(tmp_path, *extra):
+    out = io.StringIO()
+    code = fsck.run(tmp_path, "--repair" in extra, out=out)
+    return code, out.getvalue()
+
+
+def test_clean_directory_passes(tmp_path):
+    _make(tmp_path)
+    code, text = _run(tmp_path)
+    assert code == 0 and "fsck: clean" in text and "10 blocks" in text
+    assert fsck.main([str(tmp_path)]) == 0
+
+
+def test_damage_is_found_and_repaired(tmp_path):
+    keys, data = _make(tmp_path)
+    seg = segment_files(tmp_path)[0]
+    flip_byte(seg, 2 * REC + PAGE + 7)                   # payload of block 2
+    os.truncate(seg, os.path.getsize(seg) - 3000)        # tear the last record
+    before = seg.read_bytes()
+    code, text = _run(tmp_path)
+    assert code == 1
+    assert "1 payload checksum failures" in text and "torn tail" in text
+    assert seg.read_bytes() == before                     # no --repair: nothing written
+    code, text = _run(tmp_path, "--repair")
+    assert code == 0 and "truncated" in text
+    assert os.path.getsize(seg) == 9 * REC
+    code, text = _run(tmp_path)
+    assert "torn tail" not in text
+    s = open_store(tmp_path)
+    assert not s.contains("ns", keys[2]) and not s.contains("ns", keys[9])
+    good = [i for i in range(10) if i not in (2, 9)]
+    res, outs = read_back(s, "ns", [keys[i] for i in good], [SIZE] * len(good))
+    assert all(res) and all(bytes(o) == bytes(data[i]) for o, i in zip(outs, good, strict=True))
+    s.close()
+
+
+def test_corrupt_checkpoint_is_reported_and_rewritten(tmp_path):
+    _make(tmp_path)
+    ck = tmp_path / "disk" / "checkpoint"
+    flip_byte(ck, 30)
+    code, text = _run(tmp_path)
+    assert code == 1 and "checkpoint: BAD" in text
+    code, text = _run(tmp_path, "--repair")
+    assert code == 0
+    code, text = _run(tmp_path)
+    assert code == 0 and "checkpoint: ok (10 entries" in text
+
+
+def test_refuses_a_directory_in_use_and_a_missing_one(tmp_path):
+    _make(tmp_path)
+    s = open_store(tmp_path)
+    try:
+        code, text = _run(tmp_path)
+        assert code == 2 and "in use" in text
+    finally:
+        s.close()
+    code, text = _run(tmp_path / "nope")
+    assert code == 2
