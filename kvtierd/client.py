@@ -207,6 +207,20 @@ class Namespace(_NamespaceBase):
         reply = self.client._call(Op.ACQUIRE, {"ns": self.id, "keys": list(keys), "prefix": prefix})
         return SyncLease(self, list(keys), reply)
 
+    def store_pages(self, copier: Any, page_ids: Sequence[int], keys: list[bytes], tier: str = "host",
+                    stream: Any = None) -> int:
+        """Worker copy path: gather the pages of `keys` from a paged KV cache into
+        slots (tier 'host' or 'hbm') in one launch, then commit. See kvtierd.gpu.worker."""
+        from kvtierd.gpu.worker import store_pages
+        return store_pages(self, copier, page_ids, keys, tier, stream)
+
+    def load_pages(self, copier: Any, keys: list[bytes], page_ids: Sequence[int], tier: str = "host",
+                   stream: Any = None) -> int:
+        """Worker copy path: scatter the longest stored prefix of `keys` into pages;
+        returns the number of blocks loaded. tier='hbm' promotes host blocks first."""
+        from kvtierd.gpu.worker import load_pages
+        return load_pages(self, copier, keys, page_ids, tier, stream)
+
     def reserve(self, keys: list[bytes]) -> "SyncReservation":
         """Slots for the keys not yet stored; commits at the end of a `with` block, aborts on error."""
         reply = self.client._call(Op.RESERVE, {"ns": self.id, "keys": list(keys)})
@@ -280,6 +294,14 @@ class Client:
                                                  "pid": os.getpid()})
         host = self.server_info["host"]
         self.region = HostRegionMapping(host["path"], host["size"])
+        self._worker_regions: Any = None
+
+    def worker_regions(self) -> Any:
+        """This process's copy regions (pinned host mapping, HBM pool by IPC), made on first use."""
+        if self._worker_regions is None:
+            from kvtierd.gpu.worker import WorkerRegions
+            self._worker_regions = WorkerRegions(self)
+        return self._worker_regions
 
     def _fill(self) -> None:
         if self._rs == self._re:
@@ -372,6 +394,9 @@ class Client:
         return self._call(Op.HOT, {"ns": namespace} if namespace else {})["hot"]
 
     def close(self) -> None:
+        if self._worker_regions is not None:
+            self._worker_regions.close()
+            self._worker_regions = None
         if self.region is not None:
             self.region.close()
             self.region = None

@@ -121,6 +121,11 @@ class Daemon:
             store.host_region.close()
             raise
         loop = asyncio.get_running_loop()
+        try:
+            await self._attach_gpu(store)
+        except BaseException:
+            store.host_region.close()
+            raise
         self.unix_server = await loop.create_unix_server(lambda: Connection(server), sock=sock)
         if disk is not None:
             await disk.start()
@@ -142,6 +147,39 @@ class Daemon:
             watchdog.cancel()
         await self.shutdown()
         return 0
+
+    async def _attach_gpu(self, store: Store) -> None:
+        """Pins the host region and builds the HBM pool where CUDA is usable. torch and
+        cupy are imported only here, and only on a machine with an NVIDIA driver."""
+        cfg = self.cfg
+        if not (cfg.hbm.bytes or cfg.host.pin):
+            return
+        from kvtierd.gpu import cuda
+        if not cuda.driver_present() or not cuda.available():
+            if cfg.hbm.bytes:
+                log.warning("hbm.bytes is set but no CUDA device is usable here: running without the HBM tier")
+            return
+        if len(cfg.hbm.devices) > 1:
+            raise StartupError("one kvtierd serves one GPU: run one daemon (one socket) per device "
+                               f"instead of hbm.devices = {list(cfg.hbm.devices)}")
+        device = cfg.hbm.devices[0] if cfg.hbm.devices else 0
+        from kvtierd.gpu import pinning
+        t0 = time.monotonic()
+        pin = await asyncio.to_thread(pinning.pin_buffer, store.host_region.mmap, device=device)
+        log.info("host region pinned for DMA in %.2f s (%d chunks of %d MiB)", time.monotonic() - t0,
+                 -(-pin.length // pin.chunk_bytes), pin.chunk_bytes >> 20)
+        if not cfg.hbm.bytes:
+            store.host_pin = pin
+            return
+        from kvtierd.tiers.hbm import HbmPool
+        try:
+            pool = HbmPool(cfg.hbm.bytes, device, cfg.host.slab_bytes, host_base=pin.address,
+                           host_nbytes=pin.length, host_mapped=pin.mapped, host_chunk_bytes=pin.chunk_bytes)
+        except (MemoryError, cuda.CudaUnavailable) as e:
+            pin.close()
+            raise StartupError(f"cannot build the HBM tier: {e}") from None
+        store.attach_hbm(pool, pin)
+        log.info("HBM tier: %d MiB on cuda:%d, exported by CUDA IPC", cfg.hbm.bytes >> 20, device)
 
     async def _ready_after_recovery(self) -> None:
         from kvtierd import systemd

@@ -285,7 +285,7 @@ class Server:
         region = self.store.host_region
         return {"version": PROTOCOL_VERSION, "server": f"kvtierd {__version__}", "pid": os.getpid(),
                 "host": {"path": str(region.path), "size": region.size},
-                "hbm": self.store.hbm_descriptors() if hasattr(self.store, "hbm_descriptors") else [],
+                "hbm": self.store.hbm_descriptors(),
                 "max_frame_bytes": self.cfg.server.max_frame_bytes}
 
     def op_ping(self, c: Connection) -> dict:
@@ -299,8 +299,9 @@ class Server:
         return {"ns": ns.id, "block_size": ns.block_size, "slot_bytes": ns.slot_bytes}
 
     async def op_reserve(self, c: Connection, ns: int, keys: list, tier: str = "host") -> dict:
-        res = await self.store.reserve(c.ns(ns), keys, c.id)
-        return {"rid": res.rid, "index": res.index, "offsets": [e.offset for e in res.entries], "tier": "host"}
+        res = await self.store.reserve(c.ns(ns), keys, c.id, tier)
+        return {"rid": res.rid, "index": res.index, "offsets": [e.offset for e in res.entries],
+                "tier": res.entries[0].tier.name if res.entries else tier}
 
     def op_commit(self, c: Connection, rid: int) -> dict:
         return {"n": self.store.commit(rid, c.id)}
@@ -315,7 +316,7 @@ class Server:
 
     async def op_acquire(self, c: Connection, ns: int, keys: list, prefix: bool = True, tier: str = "host") -> dict:
         space = c.ns(ns)
-        lease = await self.store.acquire(space, keys, c.id, prefix)
+        lease = await self.store.acquire(space, keys, c.id, prefix, tier)
         if self._record_reads:   # after the reply is sent: hot-key counting adds no latency
             asyncio.get_running_loop().call_soon(
                 self._record_reads, space.name, [e.key for e in lease.entries if e is not None])

@@ -4,13 +4,14 @@ Everything here runs on the event loop; the only awaits are tier I/O (disk
 reads and writes, which the disk tier runs in threads), so index updates are
 atomic with respect to each other without locks.
 
-An Entry is one block in a memory tier (host today, HBM where configured). Its
-state says who may touch it:
+An Entry is one block in a memory tier (host, or HBM where a GPU pool is
+attached). Its state says who may touch it:
 
     RESERVED  a writer holds the slot; invisible to readers until commit
     LOADING   being read up from disk into the slot; readers wait on `loaded`
     READY     readable; in its tier's LRU when nobody leases it
-    MOVING    being written down a tier; still readable, not in the LRU
+    MOVING    being copied down a tier (hbm->host, host->disk); still readable
+              where it is, not in the LRU
     DELETED   gone from the index; the slot is freed when the last lease ends
 
 The LRU of a tier holds exactly the READY entries with no lease, one
@@ -162,6 +163,10 @@ class Store:
         self.host_region = HostRegion(cfg.host.shm_dir, cfg.host.bytes, cfg.host.slab_bytes,
                                       cfg.server.socket_mode)
         self.host = MemTier("host", self.host_region.slots, cfg.host.high_watermark, cfg.host.low_watermark)
+        self.hbm: MemTier | None = None
+        self.hbm_pool: Any = None
+        self.host_pin: Any = None
+        self.tiers: list[MemTier] = [self.host]      # top (fastest) first
         self.disk = disk
         self.namespaces: dict[int, Namespace] = {}
         self.by_name: dict[str, Namespace] = {}
@@ -176,6 +181,23 @@ class Store:
 
     # ------------------------------------------------------------ lifecycle
 
+    def attach_hbm(self, pool: Any, host_pin: Any) -> None:
+        """Adds the GPU pool (kvtierd.tiers.hbm.HbmPool) above the host tier."""
+        self.hbm_pool = pool
+        self.host_pin = host_pin
+        self.hbm = MemTier("hbm", pool.slots, self.cfg.hbm.high_watermark, self.cfg.hbm.low_watermark)
+        self.tiers = [self.hbm, self.host]
+
+    def hbm_descriptors(self) -> list[dict]:
+        """What a client needs to map the pool: sent in the handshake."""
+        if self.hbm_pool is None:
+            return []
+        return [{"device": self.hbm_pool.device, "size": self.hbm_pool.nbytes,
+                 "handle": self.hbm_pool.ipc_handle()}]
+
+    def _tier(self, name: str) -> MemTier:
+        return self.hbm if name == "hbm" and self.hbm is not None else self.host
+
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._demoter(), name="demoter"),
                        asyncio.create_task(self._reaper(), name="reaper")]
@@ -187,14 +209,22 @@ class Store:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if flush and self.disk is not None:
+            if self.hbm is not None:
+                await self._drain_hbm()
             await self._flush_host()
         if self.disk is not None:
             await self.disk.close()
+        if self.hbm_pool is not None:
+            self.hbm_pool.close()
+        if self.host_pin is not None:
+            self.host_pin.close()
         self.host_region.close()
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
         self.host.high, self.host.low = cfg.host.high_watermark, cfg.host.low_watermark
+        if self.hbm is not None:
+            self.hbm.high, self.hbm.low = cfg.hbm.high_watermark, cfg.hbm.low_watermark
         self._pressure.set()
 
     # ------------------------------------------------------------ namespaces
@@ -208,9 +238,10 @@ class Store:
             if tokens_per_block:
                 ns.tokens_per_block = tokens_per_block
             return ns
-        if slot_bytes_for(block_size) > self.host.slots.slab_bytes:
-            raise ProtocolError(Code.BAD_ARGS, f"block size {block_size} exceeds host.slab_bytes "
-                                               f"({self.host.slots.slab_bytes}); raise it in the config")
+        for tier in self.tiers:
+            if slot_bytes_for(block_size) > tier.slots.slab_bytes:
+                raise ProtocolError(Code.BAD_ARGS, f"block size {block_size} exceeds the {tier.name} tier's slab "
+                                                   f"size ({tier.slots.slab_bytes}); raise host.slab_bytes")
         ns = Namespace(next(self._ids), name, block_size, tokens_per_block)
         self.namespaces[ns.id] = ns
         self.by_name[name] = ns
@@ -249,8 +280,10 @@ class Store:
             self.counters.disk_hits += tiers.count("disk")
         return tiers
 
-    async def acquire(self, ns: Namespace, keys: list[bytes], owner: int, prefix: bool = True) -> Lease:
-        """Leases present keys (the leading run if `prefix`), reading disk blocks up first."""
+    async def acquire(self, ns: Namespace, keys: list[bytes], owner: int, prefix: bool = True,
+                      tier: str = "host") -> Lease:
+        """Leases present keys (the leading run if `prefix`), reading disk blocks up first.
+        With tier="hbm" (and a pool attached), blocks in host are promoted to HBM first."""
         got: list[Entry | None] = []
         loads: list[Entry] = []
         waits: list[Entry] = []
@@ -289,6 +322,8 @@ class Store:
                     break
                 got[i] = None
         served = [e for e in got if e is not None]
+        if tier == "hbm" and self.hbm is not None:
+            await self._promote([e for e in served if e.tier is self.host])
         for e in served:
             e.tier.served += 1
         ns.tokens_served += len(served) * ns.tokens_per_block
@@ -365,22 +400,23 @@ class Store:
 
     # ------------------------------------------------------------ writes
 
-    async def reserve(self, ns: Namespace, keys: list[bytes], owner: int) -> Reservation:
+    async def reserve(self, ns: Namespace, keys: list[bytes], owner: int, tier: str = "host") -> Reservation:
         """Slots for the keys not yet stored (or being stored); the rest are skipped."""
+        target = self._tier(tier)
         fresh: list[Entry] = []
         index: list[int] = []
         entries = ns.entries
         for i, k in enumerate(keys):
             if k in entries or self._on_disk(ns, k):
                 continue
-            e = Entry(ns, k, self.host, -1, RESERVED)
+            e = Entry(ns, k, target, -1, RESERVED)
             entries[k] = e          # concurrent writers of the same key skip it from now on
             fresh.append(e)
             index.append(i)
-        offsets = await self._alloc(self.host, ns.slot_bytes, len(fresh)) if fresh else []
+        offsets = await self._alloc(target, ns.slot_bytes, len(fresh)) if fresh else []
         for e, off in zip(fresh, offsets):
             e.offset = off
-            self.host.owner[off] = e
+            target.owner[off] = e
         for e in fresh[len(offsets):]:   # no room for these: they are not stored
             del entries[e.key]
             e.state = DELETED
@@ -410,7 +446,7 @@ class Store:
             self._count(e, 1)
             e.tier.make_idle(e)
             n += 1
-        if self.host.over_high():
+        if any(t.over_high() for t in self.tiers):
             self._pressure.set()
         return n
 
@@ -482,7 +518,8 @@ class Store:
             victims = self._victims(tier, slot_bytes, n - len(out))
             if not victims:
                 break          # everything else is leased, reserved or moving
-            await self._move_down(tier, victims)
+            if not await self._move_down(tier, victims):
+                break          # the tier below could take nothing: give up rather than spin
         return out
 
     def _victims(self, tier: MemTier, slot_bytes: int, want: int) -> list[Entry]:
@@ -503,8 +540,16 @@ class Store:
                 return owners
         return []
 
-    async def _move_down(self, tier: MemTier, victims: list[Entry]) -> None:
+    async def _move_down(self, tier: MemTier, victims: list[Entry]) -> int:
+        """Moves victims one tier down (hbm->host, host->disk or out); returns slots freed."""
+        if tier is self.hbm:
+            return await self._demote_hbm(victims)
+        return await self._demote_host(victims)
+
+    async def _demote_host(self, victims: list[Entry]) -> int:
         """Writes victims to disk (those not there yet), then frees their slots."""
+        tier = self.host
+        freed = 0
         for e in victims:
             e.state = MOVING
         stored = [False] * len(victims)
@@ -531,6 +576,7 @@ class Store:
                     self.disk.delete(e.ns.name, e.key)
                 if e.leases == 0:
                     self._free_slot(e)
+                    freed += 1
                 continue
             if e.leases:                       # read during the move: stays, now also on disk
                 e.state = READY
@@ -540,26 +586,137 @@ class Store:
             e.state = DELETED
             self._count(e, -1)
             self._free_slot(e)
+            freed += 1
         if evicted:
             self.counters.evictions[tier.name] = self.counters.evictions.get(tier.name, 0) + evicted
+        return freed
+
+    async def _host_slots_for(self, entries: list[Entry]) -> list[int]:
+        """A host slot per entry (-1 where none could be made), grouped by size class."""
+        offs = [-1] * len(entries)
+        by_class: dict[int, list[int]] = {}
+        for i, e in enumerate(entries):
+            by_class.setdefault(e.ns.slot_bytes, []).append(i)
+        for slot_bytes, idx in by_class.items():
+            got = await self._alloc(self.host, slot_bytes, len(idx))
+            for i, off in zip(idx, got):
+                offs[i] = off
+        return offs
+
+    async def _demote_hbm(self, victims: list[Entry]) -> int:
+        """HBM -> host on the pool's demotion stream. A block moves only once its
+        copy completed; if the copy fails it stays in HBM, if host has no room it
+        is evicted (it may still be on disk)."""
+        for e in victims:
+            e.state = MOVING
+        host_offs = await self._host_slots_for(victims)
+        pairs = [(e.offset, off, e.ns.block_size) for e, off in zip(victims, host_offs) if off >= 0]
+        ok = True
+        if pairs:
+            try:
+                await self.hbm_pool.to_host(pairs)
+            except Exception:
+                log.exception("hbm->host demotion of %d blocks failed; they stay in HBM", len(pairs))
+                ok = False
+        freed = moved = evicted = 0
+        nbytes = 0
+        for e, off in zip(victims, host_offs):
+            if e.state == DELETED or (e.leases and off >= 0) or not ok:
+                if off >= 0:
+                    self.host.slots.free(off)
+                if e.state == DELETED:
+                    if e.leases == 0:
+                        self._free_slot(e)
+                        freed += 1
+                else:
+                    e.state = READY             # read during the move, or the copy failed: stays
+                    if e.leases == 0:
+                        e.tier.make_idle(e)
+                continue
+            if off < 0:
+                if e.leases:                     # no host room but in use: stays
+                    e.state = READY
+                    continue
+                del e.ns.entries[e.key]          # no host room: out of memory tiers
+                e.state = DELETED
+                self._count(e, -1)
+                self._free_slot(e)
+                evicted += 1
+                freed += 1
+                continue
+            self._free_slot(e)
+            e.tier.blocks -= 1
+            e.tier, e.offset, e.state = self.host, off, READY
+            self.host.owner[off] = e
+            self.host.blocks += 1
+            self.host.make_idle(e)
+            moved += 1
+            nbytes += e.ns.block_size
+            freed += 1
+        self.counters.move("hbm", "host", "demote", moved, nbytes)
+        if evicted:
+            self.counters.evictions["hbm"] = self.counters.evictions.get("hbm", 0) + evicted
+        if self.host.over_high():
+            self._pressure.set()
+        return freed
+
+    async def _promote(self, entries: list[Entry]) -> None:
+        """Host -> HBM for leased host blocks (the caller's lease pins them). A block
+        switches tier only if that lease is its only one: another reader may be
+        copying from the host slot."""
+        by_class: dict[int, list[Entry]] = {}
+        for e in entries:
+            if e.state == READY:
+                by_class.setdefault(e.ns.slot_bytes, []).append(e)
+        for slot_bytes, group in by_class.items():
+            offs = await self._alloc(self.hbm, slot_bytes, len(group))
+            group = group[:len(offs)]
+            if not group:
+                continue
+            try:
+                await self.hbm_pool.from_host([(off, e.offset, e.ns.block_size) for e, off in zip(group, offs)])
+            except Exception:
+                log.exception("host->hbm promotion of %d blocks failed; they stay in host", len(group))
+                for off in offs:
+                    self.hbm.slots.free(off)
+                continue
+            moved = nbytes = 0
+            for e, off in zip(group, offs):
+                if e.state != READY or e.leases != 1:
+                    self.hbm.slots.free(off)
+                    continue
+                self._free_slot(e)
+                self.host.blocks -= 1
+                e.tier, e.offset = self.hbm, off
+                self.hbm.owner[off] = e
+                self.hbm.blocks += 1
+                moved += 1
+                nbytes += e.ns.block_size
+            self.counters.move("host", "hbm", "promote", moved, nbytes)
+
+    async def _drain_hbm(self) -> None:
+        """Shutdown: copy HBM blocks down so the host flush can keep them on disk."""
+        while True:
+            victims = self.hbm.coldest(MOVE_BATCH_BYTES)
+            if not victims or not await self._demote_hbm(victims):
+                return
 
     async def _demoter(self) -> None:
         """Keeps each memory tier under its high watermark, down to its low one."""
         while True:
             await self._pressure.wait()
             self._pressure.clear()
-            tier = self.host
-            while tier.over_high():
-                excess = tier.slots.used_bytes - int(tier.low * tier.slots.capacity_bytes)
-                victims = tier.coldest(min(excess, MOVE_BATCH_BYTES))
-                if not victims:
-                    break
-                await self._move_down(tier, victims)
+            for tier in self.tiers:
+                while tier.over_high():
+                    excess = tier.slots.used_bytes - int(tier.low * tier.slots.capacity_bytes)
+                    victims = tier.coldest(min(excess, MOVE_BATCH_BYTES))
+                    if not victims or not await self._move_down(tier, victims):
+                        break
 
     async def _flush_host(self) -> None:
         """Clean shutdown: everything readable in host goes to disk, so a restart keeps it."""
         pending = [e for ns in self.namespaces.values() for e in ns.entries.values()
-                   if e.state == READY and not self.disk.contains(ns.name, e.key)]
+                   if e.state == READY and e.tier is self.host and not self.disk.contains(ns.name, e.key)]
         written = 0
         for i in range(0, len(pending), 256):
             batch = pending[i:i + 256]
@@ -585,9 +742,8 @@ class Store:
     # ------------------------------------------------------------ stats
 
     def stats(self) -> dict:
-        h = self.host
-        tiers = {"host": {"capacity_bytes": h.slots.capacity_bytes, "used_bytes": h.slots.used_bytes,
-                          "blocks": h.blocks, "hits": h.hits, "served_blocks": h.served}}
+        tiers = {t.name: {"capacity_bytes": t.slots.capacity_bytes, "used_bytes": t.slots.used_bytes,
+                          "blocks": t.blocks, "hits": t.hits, "served_blocks": t.served} for t in self.tiers}
         if self.disk is not None:
             d = self.disk.stats()
             tiers["disk"] = {"capacity_bytes": d.get("capacity_bytes", 0), "used_bytes": d.get("used_bytes", 0),

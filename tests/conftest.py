@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -62,16 +61,28 @@ class DaemonProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                s = socket.socket(socket.AF_UNIX)
-                s.connect(self.socket)
-                s.close()
-                m = re.search(r"metrics on http://[\d.]+:(\d+)/metrics", self.log())
-                if m:
+                # A real round trip: the socket may listen (backlog) before the daemon serves.
+                from kvtierd import Client
+                with Client(self.socket, timeout=5.0) as c:
+                    c.ping()
+                i = self.args.index("--metrics-address") if "--metrics-address" in self.args else -1
+                if i >= 0 and self.args[i + 1]:
+                    self.wait_log("metrics on http")
+                    m = re.search(r"metrics on http://[\d.]+:(\d+)/metrics", self.log())
                     self.metrics_port = int(m.group(1))
                 return
-            except OSError:
+            except (OSError, ConnectionError):
                 time.sleep(0.05)
         raise RuntimeError(f"daemon not ready after {timeout}s:\n{self.log()}")
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        """The log once it contains `text` (lines are written by a logging thread)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the daemon log:\n{self.log()}")
+            time.sleep(0.05)
+        return self.log()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

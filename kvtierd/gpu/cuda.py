@@ -10,6 +10,8 @@ the runtime API (IPC, host registration) without a compiler at install time.
 from __future__ import annotations
 
 import functools
+import glob
+import os
 from typing import Any
 
 
@@ -40,9 +42,15 @@ def cupy_cuda() -> bool:
         return False
 
 
+def driver_present() -> bool:
+    """An NVIDIA driver device node exists: a check that imports nothing, so a
+    CPU-only box never pays for importing torch or cupy to learn it has no GPU."""
+    return os.path.exists("/dev/nvidiactl") or bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
 def available() -> bool:
     """CUDA is usable here through cupy (daemon side) or torch (worker side)."""
-    return cupy_cuda() or torch_cuda()
+    return driver_present() and (cupy_cuda() or torch_cuda())
 
 
 def kernels_available() -> bool:
