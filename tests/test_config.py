@@ -86,3 +86,11 @@ def test_defaults_work_without_root_paths(monkeypatch, tmp_path):
         assert cfg.server.socket.startswith(str(tmp_path))
         assert cfg.state.dir.startswith(str(tmp_path))
     assert cfg.server.socket.endswith("kvtierd.sock")
+
+
+def test_readme_config_reference_is_current():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "scripts" / "config_reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.table() in (ROOT / "README.md").read_text(), "run scripts/config_reference.py"

@@ -333,7 +333,7 @@ def test_grafana_dashboard_and_operating_doc_name_only_metrics_that_exist():
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     assert len(exprs) > 20
     used = {n for e in exprs for n in re.findall(r"\bkvtierd_[a-z_]+", e)}
-    doc = (root / "docs/operating.md").read_text()
+    doc = (root / "README.md").read_text()
     used |= set(re.findall(r"\bkvtierd_[a-z_]+_(?:total|bytes|seconds|bucket|connected|outstanding|blocks|io|writes|"
                            r"segments)\b", doc))
     families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in exported if not n.endswith("_created")}
