@@ -46,6 +46,10 @@ def _as_bytes_view(block: Any) -> memoryview:
     return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
 
 
+def _expand_runs(runs: list) -> list[str]:
+    return [tier for tier, count in runs for _ in range(count)]
+
+
 # ----------------------------------------------------------- operations (sans-I/O)
 
 def _open_steps(name: str, block_size: int, tokens_per_block: int) -> Steps:
@@ -65,45 +69,63 @@ def _check_blocks(ns: "_NamespaceBase", keys: Sequence[bytes], blocks: Sequence[
     return views
 
 
+def _chunks(ns: "_NamespaceBase", n: int) -> range:
+    """Batch starts, so one request never asks for more than a quarter of the host
+    tier at once (a bigger lease or reservation could not be satisfied whole)."""
+    per = max(1, ns.client.region.size // (4 * ns.slot_bytes))
+    return range(0, n, per)
+
+
 def _put_steps(ns: "_NamespaceBase", keys: list[bytes], blocks: Sequence[Any]) -> Steps:
     views = _check_blocks(ns, keys, blocks)
-    res = yield Op.RESERVE, {"ns": ns.id, "keys": keys}
-    try:
-        region = ns.client.region
-        for i, off in zip(res["index"], res["offsets"]):
-            region.slot(off, ns.block_size)[:] = views[i]
-    except BaseException:
-        yield Op.ABORT, {"rid": res["rid"]}
-        raise
-    done = yield Op.COMMIT, {"rid": res["rid"]}
-    return done["n"]
+    stored = 0
+    starts = _chunks(ns, len(keys))
+    for s in starts:
+        part = keys[s:s + starts.step]
+        res = yield Op.RESERVE, {"ns": ns.id, "keys": part}
+        try:
+            region = ns.client.region
+            for i, off in zip(res["index"], res["offsets"]):
+                region.slot(off, ns.block_size)[:] = views[s + i]
+        except BaseException:
+            yield Op.ABORT, {"rid": res["rid"]}
+            raise
+        done = yield Op.COMMIT, {"rid": res["rid"]}
+        stored += done["n"]
+    return stored
 
 
 def _get_steps(ns: "_NamespaceBase", keys: list[bytes]) -> Steps:
-    lease = yield Op.ACQUIRE, {"ns": ns.id, "keys": keys, "prefix": False}
-    try:
-        region = ns.client.region
-        out = [bytes(region.slot(off, ns.block_size)) if off >= 0 else None for off in lease["offsets"]]
-    finally:
-        yield Op.RELEASE, {"lid": lease["lid"]}
-    return out + [None] * (len(keys) - len(out))
+    out: list[bytes | None] = []
+    starts = _chunks(ns, len(keys))
+    for s in starts:
+        part = keys[s:s + starts.step]
+        lease = yield Op.ACQUIRE, {"ns": ns.id, "keys": part, "prefix": False}
+        try:
+            region = ns.client.region
+            out += [bytes(region.slot(off, ns.block_size)) if off >= 0 else None for off in lease["offsets"]]
+        finally:
+            yield Op.RELEASE, {"lid": lease["lid"]}
+    return out
 
 
 def _get_into_steps(ns: "_NamespaceBase", keys: list[bytes], out: Sequence[Any]) -> Steps:
     if len(out) != len(keys):
         raise ValueError(f"{len(keys)} keys but {len(out)} buffers")
     dests = [_as_bytes_view(b) for b in out]
-    lease = yield Op.ACQUIRE, {"ns": ns.id, "keys": keys, "prefix": False}
-    try:
-        region = ns.client.region
-        found = []
-        for off, dst in zip(lease["offsets"], dests):
-            if off >= 0:
-                dst[:ns.block_size] = region.slot(off, ns.block_size)
-            found.append(off >= 0)
-    finally:
-        yield Op.RELEASE, {"lid": lease["lid"]}
-    return found + [False] * (len(keys) - len(found))
+    found: list[bool] = []
+    starts = _chunks(ns, len(keys))
+    for s in starts:
+        lease = yield Op.ACQUIRE, {"ns": ns.id, "keys": keys[s:s + starts.step], "prefix": False}
+        try:
+            region = ns.client.region
+            for off, dst in zip(lease["offsets"], dests[s:s + starts.step]):
+                if off >= 0:
+                    dst[:ns.block_size] = region.slot(off, ns.block_size)
+                found.append(off >= 0)
+        finally:
+            yield Op.RELEASE, {"lid": lease["lid"]}
+    return found
 
 
 class Lease:
@@ -185,7 +207,8 @@ class Namespace(_NamespaceBase):
         return self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)})["n"]
 
     def lookup_tiers(self, keys: list[bytes]) -> list[str]:
-        return self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)})["tiers"]
+        """The tier of each leading present key ('hbm', 'host' or 'disk')."""
+        return _expand_runs(self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)})["runs"])
 
     def put_inline(self, keys: list[bytes], blocks: Sequence[Any]) -> int:
         """Like put_many, with the bytes in the request frame (no shared memory)."""
@@ -267,9 +290,11 @@ class Client:
 
     def __init__(self, socket_path: str | os.PathLike | None = None, *, timeout: float | None = 60.0,
                  name: str = "", spin_us: float = 200.0):
-        """`spin_us`: how long to busy-poll for a reply before sleeping in poll(2). A reply
+        """`spin_us`: the longest busy-poll for a reply before sleeping in poll(2). A reply
         usually comes within tens of microseconds, and a sleeping thread costs a wakeup
-        (about 50 µs on small VMs), so a short spin halves small-request latency."""
+        (about 50 µs on small VMs), so a short spin halves small-request latency. The
+        spin adapts: replies that keep missing it (more clients than cores, big requests)
+        shrink it to nothing, so spinning never steals the daemon's CPU for long."""
         self.socket_path = str(socket_path or default_socket_path())
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
@@ -281,7 +306,9 @@ class Client:
                                   f"is the daemon running?") from None
         self.sock.setblocking(False)
         self._timeout_ms = -1 if timeout is None else int(timeout * 1000)
-        self._spin_s = spin_us / 1e6
+        self._spin_max = spin_us / 1e6
+        self._spin_s = self._spin_max
+        self._spin_misses = 0
         self._poll = select.poll()
         self._poll.register(self.sock, select.POLLIN)
         self._ids = itertools.count(1)
@@ -314,18 +341,37 @@ class Client:
 
     def _recv_into(self, view: memoryview) -> int:
         spin_until = time.perf_counter() + self._spin_s
+        spun_out = False
         while True:
             try:
                 k = self.sock.recv_into(view)
             except BlockingIOError:
                 if time.perf_counter() < spin_until:
                     continue
+                spun_out = True
                 if not self._poll.poll(self._timeout_ms):
                     raise TimeoutError(f"kvtierd did not answer within {self._timeout_ms / 1000:.0f} s") from None
                 continue
             if not k:
                 raise ConnectionError("kvtierd closed the connection")
+            self._adapt_spin(spun_out)
             return k
+
+    def _adapt_spin(self, spun_out: bool) -> None:
+        if not self._spin_max:
+            return
+        if not spun_out:
+            self._spin_s = min(self._spin_max, self._spin_s * 2 or self._spin_max / 8)
+        elif self._spin_s:
+            self._spin_s /= 2
+            if self._spin_s < self._spin_max / 16:
+                self._spin_s = 0.0
+        else:
+            # Not spinning: try again now and then, in case the load went away.
+            self._spin_misses += 1
+            if self._spin_misses >= 256:
+                self._spin_misses = 0
+                self._spin_s = self._spin_max / 8
 
     def _send_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -427,7 +473,7 @@ class AsyncNamespace(_NamespaceBase):
         return (await self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)}))["n"]
 
     async def lookup_tiers(self, keys: list[bytes]) -> list[str]:
-        return (await self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)}))["tiers"]
+        return _expand_runs((await self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)}))["runs"])
 
     async def put_inline(self, keys: list[bytes], blocks: Sequence[Any]) -> int:
         views = _check_blocks(self, keys, blocks)

@@ -132,9 +132,7 @@ class Daemon:
         await store.start()
         self.metrics_port = None
         if cfg.metrics.address:
-            self.metrics_port = await self.metrics.start_http(cfg.metrics.address)
-            host = cfg.metrics.address.rpartition(":")[0]
-            log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+            self.metrics_port = await self.metrics.start_http(cfg.metrics.address)   # logs the address
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)

@@ -123,11 +123,13 @@ def _keys(name: str, v: Any) -> list[bytes]:
         raise ProtocolError(Code.BAD_ARGS, f"{name} must be a list of byte strings, got {type(v).__name__}")
     if len(v) > MAX_KEYS_PER_REQUEST:
         raise ProtocolError(Code.BAD_ARGS, f"{name}: at most {MAX_KEYS_PER_REQUEST} keys per request")
-    for k in v:
-        if not isinstance(k, bytes):
-            raise ProtocolError(Code.BAD_KEY, f"keys must be byte strings, found {type(k).__name__}")
-        if not 0 < len(k) <= MAX_KEY_BYTES:
-            raise ProtocolError(Code.BAD_KEY, f"a key must be 1..{MAX_KEY_BYTES} bytes, found {len(k)}")
+    # The common case is checked with C-level map/min/max, not a Python loop per key.
+    if v and (set(map(type, v)) != {bytes} or min(map(len, v)) == 0 or max(map(len, v)) > MAX_KEY_BYTES):
+        for k in v:
+            if not isinstance(k, bytes):
+                raise ProtocolError(Code.BAD_KEY, f"keys must be byte strings, found {type(k).__name__}")
+            if not 0 < len(k) <= MAX_KEY_BYTES:
+                raise ProtocolError(Code.BAD_KEY, f"a key must be 1..{MAX_KEY_BYTES} bytes, found {len(k)}")
     return v
 
 

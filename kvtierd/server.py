@@ -311,8 +311,8 @@ class Server:
         return {}
 
     def op_lookup(self, c: Connection, ns: int, keys: list) -> dict:
-        tiers = self.store.lookup(c.ns(ns), keys)
-        return {"n": len(tiers), "tiers": tiers}
+        runs = self.store.lookup(c.ns(ns), keys)
+        return {"n": sum(count for _, count in runs), "runs": runs}
 
     async def op_acquire(self, c: Connection, ns: int, keys: list, prefix: bool = True, tier: str = "host") -> dict:
         space = c.ns(ns)

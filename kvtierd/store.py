@@ -257,28 +257,41 @@ class Store:
     # ------------------------------------------------------------ reads
 
     def _on_disk(self, ns: Namespace, key: bytes) -> bool:
-        return self.disk is not None and self.disk.contains(ns.name, key)
+        # The size must match too: after a restart a namespace may be reopened with
+        # another block size, and its old records are then someone else's blocks.
+        return self.disk is not None and self.disk.block_size(ns.name, key) == ns.block_size
 
-    def lookup(self, ns: Namespace, keys: list[bytes]) -> list[str]:
-        """The tier of each leading present key (a prefix chain stops at the first miss)."""
-        tiers: list[str] = []
+    def lookup(self, ns: Namespace, keys: list[bytes]) -> list[list]:
+        """Where the leading present keys are (a prefix chain stops at the first miss),
+        as runs [[tier, count], ...] in key order: compact on the wire."""
+        runs: list[list] = []
         entries = ns.entries
+        last = None
+        n = 0
         for k in keys:
             e = entries.get(k)
             if e is not None and (e.state == READY or e.state == MOVING):
-                tiers.append(e.tier.name)
-                e.tier.hits += 1
+                tier = e.tier.name
             elif (e is not None and e.state == LOADING) or self._on_disk(ns, k):
-                tiers.append("disk")
+                tier = "disk"
             else:
                 break
-        missed = len(keys) - len(tiers)
-        ns.hits += len(tiers)
+            if tier == last:
+                runs[-1][1] += 1
+            else:
+                runs.append([tier, 1])
+                last = tier
+            n += 1
+        for tier, count in runs:
+            if tier == "disk":
+                self.counters.disk_hits += count
+            else:
+                self._tier(tier).hits += count
+        missed = len(keys) - n
+        ns.hits += n
         ns.misses += missed
         self.counters.misses += missed
-        if self.disk is not None:
-            self.counters.disk_hits += tiers.count("disk")
-        return tiers
+        return runs
 
     async def acquire(self, ns: Namespace, keys: list[bytes], owner: int, prefix: bool = True,
                       tier: str = "host") -> Lease:
@@ -554,7 +567,7 @@ class Store:
             e.state = MOVING
         stored = [False] * len(victims)
         if self.disk is not None:
-            todo = [i for i, e in enumerate(victims) if not self.disk.contains(e.ns.name, e.key)]
+            todo = [i for i, e in enumerate(victims) if not self._on_disk(e.ns, e.key)]
             for i in range(len(victims)):
                 stored[i] = True
             if todo:
@@ -716,7 +729,7 @@ class Store:
     async def _flush_host(self) -> None:
         """Clean shutdown: everything readable in host goes to disk, so a restart keeps it."""
         pending = [e for ns in self.namespaces.values() for e in ns.entries.values()
-                   if e.state == READY and e.tier is self.host and not self.disk.contains(ns.name, e.key)]
+                   if e.state == READY and e.tier is self.host and not self._on_disk(ns, e.key)]
         written = 0
         for i in range(0, len(pending), 256):
             batch = pending[i:i + 256]
