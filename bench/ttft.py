@@ -69,9 +69,9 @@ class Daemon:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"kvtierd exited with {self.proc.returncode}")
             try:
-                Client(self.sock, timeout=5).close()
+                Client(self.sock, timeout=60).close()
                 return self
-            except ConnectionError:
+            except (ConnectionError, TimeoutError):
                 time.sleep(0.05)
         raise RuntimeError("kvtierd did not start")
 

@@ -237,7 +237,7 @@ class Namespace(_NamespaceBase):
         from kvtierd.gpu.worker import store_pages
         return store_pages(self, copier, page_ids, keys, tier, stream)
 
-    def load_pages(self, copier: Any, keys: list[bytes], page_ids: Sequence[int], tier: str = "host",
+    def load_pages(self, copier: Any, keys: list[bytes], page_ids: Sequence[int], tier: str = "any",
                    stream: Any = None) -> int:
         """Worker copy path: scatter the longest stored prefix of `keys` into pages;
         returns the number of blocks loaded. tier='hbm' promotes host blocks first."""

@@ -115,17 +115,15 @@ class Daemon:
             cfg, store, admit=self._admit, observe=self.metrics.observe_request,
             may_open=self.policy.may_open, extra_stats=self._extra_stats,
             hot=self.hot.top, record_reads=self.hot.record)
+        # GPU set-up (pinning a large region takes seconds) happens before the socket
+        # exists, so no client waits on a socket that listens but does not serve yet.
         try:
+            await self._attach_gpu(store)
             sock = self._bind()
         except BaseException:
             store.host_region.close()
             raise
         loop = asyncio.get_running_loop()
-        try:
-            await self._attach_gpu(store)
-        except BaseException:
-            store.host_region.close()
-            raise
         self.unix_server = await loop.create_unix_server(lambda: Connection(server), sock=sock)
         if disk is not None:
             await disk.start()

@@ -146,8 +146,8 @@ def _bool(name: str, v: Any) -> bool:
 
 
 def _tier(name: str, v: Any) -> str:
-    if v not in ("host", "hbm"):
-        raise ProtocolError(Code.BAD_ARGS, f"{name} must be 'host' or 'hbm', got {v!r}")
+    if v not in ("host", "hbm", "any"):
+        raise ProtocolError(Code.BAD_ARGS, f"{name} must be 'host', 'hbm' or 'any', got {v!r}")
     return v
 
 

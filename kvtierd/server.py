@@ -299,7 +299,7 @@ class Server:
         return {"ns": ns.id, "block_size": ns.block_size, "slot_bytes": ns.slot_bytes}
 
     async def op_reserve(self, c: Connection, ns: int, keys: list, tier: str = "host") -> dict:
-        res = await self.store.reserve(c.ns(ns), keys, c.id, tier)
+        res = await self.store.reserve(c.ns(ns), keys, c.id, "host" if tier == "any" else tier)
         return {"rid": res.rid, "index": res.index, "offsets": [e.offset for e in res.entries],
                 "tier": res.entries[0].tier.name if res.entries else tier}
 

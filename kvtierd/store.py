@@ -296,7 +296,10 @@ class Store:
     async def acquire(self, ns: Namespace, keys: list[bytes], owner: int, prefix: bool = True,
                       tier: str = "host") -> Lease:
         """Leases present keys (the leading run if `prefix`), reading disk blocks up first.
-        With tier="hbm" (and a pool attached), blocks in host are promoted to HBM first."""
+
+        tier says where the caller reads: "host" (the default: views of the shared
+        region, so HBM blocks are copied down first), "any" (a worker that maps both
+        regions: blocks stay where they are) or "hbm" (host blocks are promoted)."""
         got: list[Entry | None] = []
         loads: list[Entry] = []
         waits: list[Entry] = []
@@ -323,9 +326,12 @@ class Store:
             await self._load(ns, loads)
         for e in waits:
             await asyncio.shield(e.loaded)
-        # A block that could not be brought back intact is a miss, never wrong bytes.
+        if tier == "host" and self.hbm is not None:
+            await self._lift_to_host([e for e in got if e is not None and e.tier is self.hbm and e.state == READY])
+        # A block that could not be brought back intact (or to where the caller
+        # reads) is a miss, never wrong bytes.
         for i, e in enumerate(got):
-            if e is not None and e.state not in (READY, MOVING):
+            if e is not None and (e.state not in (READY, MOVING) or (tier == "host" and e.tier is not self.host)):
                 self._unpin(e)
                 if prefix:
                     for later in got[i + 1:]:
@@ -672,6 +678,36 @@ class Store:
         if self.host.over_high():
             self._pressure.set()
         return freed
+
+    async def _lift_to_host(self, entries: list[Entry]) -> None:
+        """HBM -> host for blocks a host reader leased. A block switches tier only if
+        that lease is its only one (another reader may be copying from its HBM slot);
+        one that cannot switch is a miss for this reader."""
+        if not entries:
+            return
+        host_offs = await self._host_slots_for(entries)
+        pairs = [(e.offset, off, e.ns.block_size) for e, off in zip(entries, host_offs) if off >= 0]
+        ok = True
+        try:
+            await self.hbm_pool.to_host(pairs)
+        except Exception:
+            log.exception("hbm->host copy of %d blocks for a host reader failed", len(pairs))
+            ok = False
+        moved = nbytes = 0
+        for e, off in zip(entries, host_offs):
+            if off < 0:
+                continue
+            if ok and e.state == READY and e.leases == 1 and e.tier is self.hbm:
+                self._free_slot(e)
+                self.hbm.blocks -= 1
+                e.tier, e.offset = self.host, off
+                self.host.owner[off] = e
+                self.host.blocks += 1
+                moved += 1
+                nbytes += e.ns.block_size
+            else:
+                self.host.slots.free(off)
+        self.counters.move("hbm", "host", "demote", moved, nbytes)
 
     async def _promote(self, entries: list[Entry]) -> None:
         """Host -> HBM for leased host blocks (the caller's lease pins them). A block

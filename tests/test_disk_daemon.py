@@ -539,8 +539,6 @@ def test_fsck_finds_a_corrupt_record_and_repair_drops_only_that_block(start_daem
         assert c.stats()["disk"]["checksum_failures"] == 0     # repair forgot it; nothing corrupt is read
 
 
-@pytest.mark.xfail(strict=True, reason="fsck counts a bad payload on a dead record (one --repair already dropped) "
-                                       "as a problem: exits 1 after a successful --repair, forever")
 def test_fsck_after_a_repair_reports_clean(start_daemon):
     d, ks = stopped_tier_with_a_flipped_payload(start_daemon)
     r = kvtierd("fsck", d.state_dir, "--repair")

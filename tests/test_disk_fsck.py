@@ -81,3 +81,26 @@ def test_refuses_a_directory_in_use_and_a_missing_one(tmp_path):
         s.close()
     code, text = _run(tmp_path / "nope")
     assert code == 2
+
+
+def test_after_a_repair_fsck_is_clean_and_a_scan_does_not_bring_the_dropped_block_back(tmp_path):
+    keys, data = _make(tmp_path)
+    seg = segment_files(tmp_path)[0]
+    flip_byte(seg, 4 * REC + PAGE + 11)                  # payload of block 4
+    code, text = _run(tmp_path, "--repair")
+    assert code == 0 and "dropped 1 bad blocks" in text
+    code, text = _run(tmp_path)
+    assert code == 0 and "fsck: clean" in text, text
+    assert "1 dead damaged records" in text and "0 of them on bad records" in text
+    (tmp_path / "disk" / "checkpoint").unlink()           # the next start rebuilds the index by scan
+    s = open_store(tmp_path)
+    try:
+        assert not s.contains("ns", keys[4])
+        good = [i for i in range(10) if i != 4]
+        res, outs = read_back(s, "ns", [keys[i] for i in good], [SIZE] * len(good))
+        assert all(res) and all(bytes(o) == bytes(data[i]) for o, i in zip(outs, good, strict=True))
+        assert s.stats()["checksum_failures"] == 0
+    finally:
+        s.close()
+    code, text = _run(tmp_path)
+    assert code == 0 and "fsck: clean" in text, text

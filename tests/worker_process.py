@@ -36,7 +36,7 @@ def keys_for(seed):
 
 def main():
     path, mode, device, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    tier = sys.argv[5] if len(sys.argv) > 5 else "host"
+    tier = sys.argv[5] if len(sys.argv) > 5 else ("host" if mode == "store" else "any")
     # Page ids in a shuffled order: blocks gather scattered pages.
     order = torch.randperm(PAGES, generator=torch.Generator().manual_seed(seed + 1)).tolist()
     with Client(path) as c:

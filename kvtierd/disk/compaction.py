@@ -15,13 +15,19 @@ Readers are not blocked: a reader that looked up the old location keeps the
 segment open (pinned) until it is done, and keydir entries are swapped
 atomically under the store lock.
 
+Room for the copies is reserved (SegmentStore.reserve) before the first
+one is read, so foreground writes cannot take it meanwhile and segment files
+never exceed disk.bytes; when there is no room, the segment waits (eviction
+in the write path retires whole segments when the tier is full).
+
 Its disk time is bounded: after each chunk (disk.io_bytes) it sleeps long
 enough that copying takes at most disk.compaction_io_share of the wall
 time, leaving the rest to foreground reads and writes.
 
 The maintenance thread, woken by the store or every 0.2 s, writes pending
 tombstones, fdatasyncs under durability=interval, deletes dead segments,
-compacts, relieves space pressure, and writes the checkpoint when it is due.
+brings segment bytes under the high watermark (after recovery, or when
+disk.bytes was lowered), compacts, and writes the checkpoint when it is due.
 """
 
 from __future__ import annotations
@@ -59,16 +65,16 @@ def compact_segment(store, seg: Segment, stop: threading.Event | None = None) ->
         if seg.doomed or seg.fd < 0:
             return False
         live = sorted(seg.live.values(), key=lambda e: e.off)
+        res = store.reserve(sum(e.size for e in live))
+        if res is None:
+            return False          # no room for the copies now
         seg.refs += 1
-        if store.cfg.bytes - store._used < sum(e.size for e in live):
-            seg.refs -= 1
-            return False          # no room for the copies; relieve_pressure() handles this
     t_start = time.monotonic()
     moved = 0
     try:
         for job in store._group([(None, e, None) for e in live], write=False):
-            if stop is not None and stop.is_set():
-                return False
+            if (stop is not None and stop.is_set()) or seg.doomed:
+                return False      # stopping, or the write path retired the segment meanwhile
             t0 = time.monotonic()
             buf = store.pool.get(job.nbytes)
             mv = memoryview(buf)[:job.nbytes]
@@ -94,8 +100,10 @@ def compact_segment(store, seg: Segment, stop: threading.Event | None = None) ->
                     for e in bad:
                         store.counters["checksum_failures"] += 1
                         store._remove(e)
+                    res.left -= sum(e.size for e in bad)      # no copy of them: give their room back
+                    store._reserved -= sum(e.size for e in bad)
                 log.error("disk tier: compaction found %d corrupt records in %s; dropped", len(bad), seg.path.name)
-            ok = store.write_records_durably(recs)
+            ok = store.write_records_durably(recs, res)
             for r in recs:
                 r.raw = None
             del recs, mv
@@ -116,6 +124,7 @@ def compact_segment(store, seg: Segment, stop: threading.Event | None = None) ->
                      seg.path.name, moved, time.monotonic() - t_start)
         return done
     finally:
+        store.release(res)
         with store.lock:
             store._unpin(seg)
 
@@ -127,30 +136,6 @@ def _throttle(busy: float, share: float, stop: threading.Event | None) -> None:
             stop.wait(pause)
         else:
             time.sleep(pause)
-
-
-def relieve_pressure(store) -> int:
-    """When segment files would overflow disk.bytes and compaction has no room to copy,
-    drop the blocks of the least-live sealed segment (counted as evictions)."""
-    with store.lock:
-        if store._used <= store.cfg.high_watermark * store.cfg.bytes and not store.pressure:
-            return 0
-        store.pressure = False
-        cands = [s for s in store.segments.values()
-                 if s.sealed and not s.inflight and not s.doomed and s is not store._active]
-        if not cands:
-            return 0
-        victim = min(cands, key=lambda s: s.live_bytes)
-        if store.cfg.bytes - store._used >= victim.live_bytes and victim.live_bytes < victim.size:
-            return 0          # compaction can handle it
-        dropped = list(victim.live.values())
-        for e in dropped:
-            store._remove(e)
-        store.counters["evictions"] += len(dropped)
-    if dropped:
-        log.warning("disk tier: out of space; dropped the %d blocks of %s", len(dropped), victim.path.name)
-    store.drop_segment(victim)
-    return len(dropped)
 
 
 class Maintenance(threading.Thread):
@@ -188,7 +173,7 @@ class Maintenance(threading.Thread):
                 if not store.recovered.is_set() or self.paused.is_set():
                     continue
                 store.reap_dead_segments()
-                relieve_pressure(store)
+                store.make_room()
                 victim = pick_victim(store)
                 if victim is not None:
                     compact_segment(store, victim, self.stopping)

@@ -7,12 +7,20 @@ the way the daemon would (checkpoint + scan) and checks that every block the
 daemon would serve lies on a record that verified. Nothing is written
 without --repair.
 
+Damage counts as a problem only where the index points (a live record), or
+as a torn tail; a damaged record no index entry refers to -- one a repair
+already dropped, or one overwritten or deleted since -- is reported as
+information ("N dead damaged records"): it is never read, and compaction
+reclaims it. So fsck reports clean after a successful repair.
+
 --repair: truncates torn segment tails (bytes after the last whole record
-that run to the end of the file), forgets blocks whose payload failed its
-checksum, deletes segment files that are empty, and writes a fresh
-checkpoint from the verified keydir (which also replaces a corrupt one).
-Corrupt regions in the middle of a segment are left in place: they are
-skipped on every scan, and compaction reclaims them.
+that run to the end of the file), forgets blocks whose records are damaged
+and writes a tombstone for each (a later start without a usable checkpoint
+scans headers only and would otherwise bring the damaged record back),
+deletes segment files that are empty, and writes a fresh checkpoint from the
+verified keydir (which also replaces a corrupt one). Damaged records in the
+middle of a segment are left in place: they are skipped on every scan, and
+compaction reclaims them.
 
 Exit status: 0 clean (or repaired), 1 problems found and not repaired, 2
 could not run (no such directory, in use, I/O error).
@@ -102,6 +110,7 @@ def verify_segment(fd: int, size: int, name: str, chunk: int) -> SegmentReport:
 def run(state_dir: Path, repair: bool, out=sys.stdout) -> int:
     cfg = DiskConfig()
     cfg.io_threads = 1
+    cfg.bytes = 1 << 62       # fsck checks what is there: no capacity to enforce, nothing to evict
     store = SegmentStore(cfg, state_dir)
     try:
         store.open(readonly=True)
@@ -121,26 +130,40 @@ def run(state_dir: Path, repair: bool, out=sys.stdout) -> int:
 
         reports = {}
         for seg in sorted(store.segments.values(), key=lambda s: s.id):
-            rep = verify_segment(seg.fd, seg.size, seg.path.name, max(PAGE, cfg.io_bytes))
-            reports[seg.id] = rep
-            flags = []
-            if rep.bad_payloads:
-                flags.append(f"{len(rep.bad_payloads)} payload checksum failures")
-            if rep.corrupt_regions:
-                flags.append(f"{len(rep.corrupt_regions)} corrupt regions")
-            if rep.torn_from >= 0:
-                flags.append(f"torn tail from {rep.torn_from} ({rep.size - rep.torn_from} bytes)")
-            problems += bool(rep.bad_payloads) + bool(rep.corrupt_regions) + (rep.torn_from >= 0)
-            print(f"segment {rep.name}: {rep.size} bytes, {rep.records} records, {rep.tombstones} tombstones"
-                  + (f"; PROBLEMS: {', '.join(flags)}" if flags else "; ok"), file=out)
+            reports[seg.id] = verify_segment(seg.fd, seg.size, seg.path.name, max(PAGE, cfg.io_bytes))
 
         store.recover()          # the keydir a daemon would build
         bad = []
+        live_offsets: dict[int, set[int]] = {}
         with store.lock:
             for e in list(store.keydir.values()):
                 rep = reports.get(e.seg.id)
-                if rep is None or e.off in rep.bad_payloads or e.off + e.size > rep.valid_end:
+                live_offsets.setdefault(e.seg.id, set()).add(e.off)
+                if (rep is None or e.off in rep.bad_payloads or e.off + e.size > rep.valid_end
+                        or any(a <= e.off < b for a, b in rep.corrupt_regions)):
                     bad.append(e)
+
+        # Damage only matters where the index points: a damaged record nothing refers to (a
+        # block a repair dropped, or one overwritten or deleted since) is never read, and
+        # compaction reclaims its space when it rewrites the segment. A torn tail is always
+        # a problem: the next append would land after garbage.
+        for seg_id, rep in sorted(reports.items()):
+            live = live_offsets.get(seg_id, set())
+            live_bad = [o for o in rep.bad_payloads if o in live]
+            live_regions = [(a, b) for a, b in rep.corrupt_regions if any(a <= o < b for o in live)]
+            dead = len(rep.bad_payloads) - len(live_bad) + len(rep.corrupt_regions) - len(live_regions)
+            flags = []
+            if live_bad:
+                flags.append(f"{len(live_bad)} payload checksum failures")
+            if live_regions:
+                flags.append(f"{len(live_regions)} corrupt regions")
+            if rep.torn_from >= 0:
+                flags.append(f"torn tail from {rep.torn_from} ({rep.size - rep.torn_from} bytes)")
+            problems += bool(live_bad) + bool(live_regions) + (rep.torn_from >= 0)
+            note = f"; {dead} dead damaged records; compaction reclaims them" if dead else ""
+            print(f"segment {rep.name}: {rep.size} bytes, {rep.records} records, {rep.tombstones} tombstones"
+                  + (f"; PROBLEMS: {', '.join(flags)}" if flags else "; ok") + note, file=out)
+
         print(f"index: {len(store.keydir)} blocks the daemon would serve, {len(bad)} of them on bad records",
               file=out)
         problems += bool(bad)
@@ -151,9 +174,12 @@ def run(state_dir: Path, repair: bool, out=sys.stdout) -> int:
             print(f"fsck: {problems} problem(s) found; run with --repair to fix what can be fixed", file=out)
             return 1
 
+        # Forget the bad blocks through delete(): its tombstone keeps them forgotten when a
+        # later start has no usable checkpoint and scans the segments, which read headers
+        # only and would otherwise bring back the damaged record (or an older copy).
         with store.lock:
             for e in bad:
-                store._remove(e)
+                store.delete(e.ns, e.key)
         for seg in list(store.segments.values()):
             rep = reports[seg.id]
             if rep.torn_from >= 0 and rep.torn_from >= rep.valid_end:
@@ -167,7 +193,13 @@ def run(state_dir: Path, repair: bool, out=sys.stdout) -> int:
         store._write_epoch()
         store.reap_dead_segments()
         store.flush_tombstones()
-        store.sync_dirty()
+        with store.lock:
+            unwritten = len(store._pending)
+        if unwritten:
+            raise OSError(f"{unwritten} tombstones of dropped blocks could not be written")
+        err = store.sync_dirty()
+        if err:
+            raise OSError(err)
         checkpoint.write_checkpoint(store)
         print(f"repair: dropped {len(bad)} bad blocks, wrote a fresh checkpoint ({len(store.keydir)} blocks)",
               file=out)

@@ -33,11 +33,33 @@ Deletes take effect in memory at once and become durable as tombstones
 (header-only records) written by the next write batch or the maintenance
 thread, and through the next checkpoint, whichever comes first.
 
-Capacity: live bytes above high_watermark * disk.bytes evict least recently
-used blocks (reads touch) down to low_watermark. Evicting frees space on disk
-only when compaction rewrites or deletes the segment, so segment files
-(used_bytes) may exceed live bytes; a write that would take used_bytes over
-disk.bytes is refused until maintenance has reclaimed space.
+Capacity is accounted in segment bytes (used_bytes: every byte allocated in
+a segment file, live or dead) plus bytes reserved for writes under way
+(compaction copies, tombstones carried out of a dropped segment); their sum
+never exceeds disk.bytes. Evicting a block frees nothing on disk until its
+segment goes, so the write that needs room makes it itself, in memory under
+the lock (prepare_write, _make_room), and the tier behaves as an LRU:
+
+1. live bytes above high_watermark evict the least recently used blocks
+   (reads touch) down to low_watermark, as a per-block LRU;
+2. segment bytes above high_watermark: sealed segments with nothing live are
+   retired, then the coldest blocks keep being evicted, each segment retired
+   the moment its last live record goes, until the write fits under
+   high_watermark again (a whole segment goes at once). Blocks are
+   written in roughly LRU order, so this frees the oldest segments first and
+   never evicts a block while a colder one stays. Where LRU order and
+   segments disagree badly (overwrites, compaction copies) and evicting
+   2 * segment_bytes of blocks has not made the room, the sealed segment with
+   the fewest live bytes is retired whole instead: a bounded loss, rather
+   than a refused write (which makes the tier above drop its newest blocks).
+
+A retired segment leaves the accounting at once and its file is unlinked by
+the same write, in its I/O thread, before the new records are written (so
+segment files stay within disk.bytes); tombstones in it that still hide
+records in older segments are first written again and fdatasynced (reserved
+room), so a crash can never bring a deleted block back. Compaction
+(compaction.py) reclaims dead bytes without evicting, with room reserved
+up front for its copies.
 """
 
 from __future__ import annotations
@@ -154,6 +176,15 @@ class WritePlan:
     results: list[bool]
     jobs: list[IOJob]
     sync: bool
+    carry: list = field(default_factory=list)          # tombstones out of retired segments, written first
+    carry_room: Reservation | None = None
+    reclaim: bool = False                               # segments were retired: unlink them before the jobs
+
+
+@dataclass
+class Reservation:
+    """Bytes set aside (counted against disk.bytes) for records allocated later."""
+    left: int
 
 
 @dataclass
@@ -203,7 +234,9 @@ class SegmentStore:
         self._tombs: dict[tuple[str, bytes | None], Tomb] = {}   # (ns, None) = namespace tombstone
         self._pending: list[tuple[tuple[str, bytes | None], Tomb]] = []
         self.counters = _stat_counters()
-        self._used = 0
+        self._used = 0                # bytes allocated in segment files
+        self._reserved = 0            # bytes promised to Reservations, not yet allocated
+        self._orphans: list[Segment] = []   # retired segments whose files are not yet unlinked
         self._live = 0
         self._epoch = 0
         self._seq_n = 0
@@ -216,7 +249,6 @@ class SegmentStore:
         self.progress = {"done": False, "records": 0, "bytes_scanned": 0, "fraction": 0.0, "seconds": 0.0}
         self.wake = threading.Condition(self._lock)     # maintenance waits on it
         self.wants_checkpoint = False
-        self.pressure = False
         self.pool: BufferPool | None = None
         self.opened = False
         self.closed = False
@@ -298,6 +330,8 @@ class SegmentStore:
             err = self.sync_dirty()
             if err:
                 log.error("disk tier: final fdatasync failed: %s", err)
+            else:
+                self.unlink_orphans()
             if self.recovered.is_set():
                 from kvtierd.disk.checkpoint import write_checkpoint
                 try:
@@ -454,16 +488,138 @@ class SegmentStore:
 
     # ------------------------------------------------------------ capacity
 
-    def _evict_for(self, incoming: int) -> None:
-        cap = self.cfg.bytes
-        if not self.recovered.is_set() or self._live + incoming <= self.cfg.high_watermark * cap:
+    def room(self) -> int:
+        """Bytes that may still be allocated or reserved. Caller holds the lock."""
+        return self.cfg.bytes - self._used - self._reserved
+
+    def reserve(self, nbytes: int) -> Reservation | None:
+        """Set nbytes aside for a later write_records_durably(); None when there is no room."""
+        with self._lock:
+            if nbytes > self.room():
+                return None
+            self._reserved += nbytes
+            return Reservation(nbytes)
+
+    def release(self, res: Reservation | None) -> None:
+        """Give back what a reservation did not use."""
+        if res is None:
             return
-        target = self.cfg.low_watermark * cap - incoming
-        while self._keydir and self._live > target:
-            _k, e = next(iter(self._keydir.items()))
+        with self._lock:
+            self._reserved -= res.left
+            res.left = 0
+
+    def _retirable(self, seg: Segment) -> bool:
+        return seg.sealed and not seg.inflight and not seg.doomed and seg is not self._active
+
+    def _retire(self, seg: Segment) -> list[PendingRecord]:
+        """Take seg out of the tier now: evict what is live in it, stop counting its bytes,
+        queue its file for unlinking. Returns the tombstones in it that must be written
+        again (durably) before the file may go. Caller holds the lock; seg is retirable."""
+        for e in list(seg.live.values()):
             self._remove(e)
             self.counters["evictions"] += 1
+        seg.doomed = True
+        self._segments.pop(seg.id, None)
+        self._used -= seg.size
+        carry = []
+        for k in list(seg.tombs):
+            t = self._tombs.get(k)
+            if t is None or t.seg is not seg:
+                continue
+            if self.older_segments_exist(t):
+                carry.append(self.tomb_record(k, t))
+            else:
+                del self._tombs[k]          # nothing left that it hides
+        if seg.refs == 0 and seg.fd >= 0:
+            os.close(seg.fd)
+            seg.fd = -1
+        self._orphans.append(seg)
+        return carry
+
+    def _evict_coldest(self) -> Entry:
+        _k, e = next(iter(self._keydir.items()))
+        self._remove(e)
+        self.counters["evictions"] += 1
+        return e
+
+    def _make_room(self, incoming: int) -> list[PendingRecord]:
+        """Evict and retire segments so that incoming bytes fit (module docstring, Capacity).
+        Caller holds the lock. Returns the tombstones to carry out of retired segments."""
+        cap = self.cfg.bytes
+        high, low = self.cfg.high_watermark * cap, self.cfg.low_watermark * cap
+        carry: list[PendingRecord] = []
+        if not self.recovered.is_set():
+            return carry            # the LRU order and the segments' contents are not known yet
+        if self._live + incoming > high:
+            while self._keydir and self._live > low - incoming:
+                self._evict_coldest()
+        if self._used + self._reserved + incoming <= high:
+            return carry
+        for seg in [s for s in self._segments.values() if not s.live and self._retirable(s)]:
+            carry += self._retire(seg)
+        # Down to the high watermark only: live bytes already have their hysteresis (step 1),
+        # and retiring a segment frees a whole segment at once.
+        target = high - incoming
+        budget = 2 * self.cfg.segment_bytes
+        while self._used + self._reserved > target:
+            if self._keydir and budget > 0:
+                e = self._evict_coldest()
+                budget -= e.size
+                if not e.seg.live and self._retirable(e.seg):
+                    carry += self._retire(e.seg)
+                continue
+            cands = [s for s in self._segments.values() if self._retirable(s)]
+            if not cands:
+                break               # everything left is being written: the write gets what fits
+            carry += self._retire(min(cands, key=lambda s: s.live_bytes))
         self.wake.notify_all()
+        return carry
+
+    def make_room(self) -> None:
+        """Bring segment bytes under the high watermark now (after recovery, after disk.bytes
+        was lowered); the maintenance thread calls it."""
+        with self._lock:
+            if self.closed or self._used + self._reserved <= self.cfg.high_watermark * self.cfg.bytes:
+                carry = []
+            else:
+                carry = self._make_room(0)
+            orphans = bool(self._orphans)
+        if carry:
+            self.write_records_durably(carry)      # room: the retired segments freed more than this
+        if orphans:
+            self.unlink_orphans()
+
+    def unlink_orphans(self) -> int:
+        """Unlink retired segments whose needed tombstones have been written elsewhere."""
+        with self._lock:
+            ready = [s for s in self._orphans
+                     if not any((t := self._tombs.get(k)) is not None and t.seg is s for k in s.tombs)]
+            if not ready:
+                return 0
+            self._orphans = [s for s in self._orphans if s not in ready]
+        for seg in ready:
+            try:
+                seg.path.unlink()
+            except FileNotFoundError:
+                pass
+        try:
+            aligned_io.fsync_dir(self.dir)
+        except OSError as e:
+            log.warning("disk tier: cannot sync the directory after deleting segments (%s)", e.strerror or e)
+        self.prune_tombs()
+        return len(ready)
+
+    def reclaim(self, plan: WritePlan) -> None:
+        """Before a plan's jobs run (any thread): write the tombstones carried out of the
+        segments its prepare_write retired, durably, then unlink those segments."""
+        if plan.carry:
+            ok = self.write_records_durably(plan.carry, plan.carry_room)
+            self.release(plan.carry_room)
+            plan.carry = []
+            if not ok:
+                log.error("disk tier: cannot rewrite the tombstones of a dropped segment; "
+                          "its file stays until they are written")
+        self.unlink_orphans()
 
     # ------------------------------------------------------------ writes
 
@@ -490,12 +646,17 @@ class SegmentStore:
                 self.counters["refused_writes"] += len(recs)
                 return WritePlan(results, [], False)
             recs = self._take_pending_tombs() + recs
-            self._evict_for(sum(r.size for r in recs))
-            room = self.cfg.bytes - self._used
+            carry = self._make_room(sum(r.size for r in recs))
+            carry_room = None
+            if carry:
+                # Fits: retiring a segment freed at least a page per tombstone in it.
+                need = sum(r.size for r in carry)
+                self._reserved += need
+                carry_room = Reservation(need)
+            room = self.room()
             kept = []
             for r in recs:
                 if r.size > room:
-                    self.pressure = True
                     if r.idx >= 0:
                         self.counters["refused_writes"] += 1
                     elif (t := self._tombs.get((r.ns, r.key or None))) is not None:
@@ -505,12 +666,11 @@ class SegmentStore:
                 if not r.flags:
                     r.seq = self.next_seq()
                 kept.append(r)
-            if self.pressure:
-                self.wake.notify_all()
             for r in kept:
                 r.seg, r.off = self._allocate(r.size)
             jobs = self._group(kept, write=True)
-        return WritePlan(results, jobs, self.cfg.durability == "batch")
+            reclaim = bool(self._orphans)
+        return WritePlan(results, jobs, self.cfg.durability == "batch", carry, carry_room, reclaim)
 
     def _group(self, recs: list, write: bool) -> list[IOJob]:
         """Cut records (sorted by segment, offset) into jobs of neighbours within io_bytes."""
@@ -677,8 +837,10 @@ class SegmentStore:
         log.error("disk tier: %s (%s); refusing new blocks for %.0f s", what, error, self._backoff)
 
     def write_batch(self, items: list[tuple[str, bytes, memoryview]]) -> list[bool]:
-        """Synchronous write: prepare, run every job in this thread, sync per policy, publish."""
+        """Synchronous write: prepare, reclaim, run every job in this thread, sync per policy, publish."""
         plan = self.prepare_write(items)
+        if plan.reclaim:
+            self.reclaim(plan)
         for job in plan.jobs:
             self.run_write_job(job)
         err = ""
@@ -819,13 +981,27 @@ class SegmentStore:
     def tomb_record(self, k: tuple[str, bytes | None], t: Tomb) -> PendingRecord:
         return PendingRecord(-1, t.flags, k[0], k[0].encode(), k[1] or b"", None, 0, t.seq, aux=t.horizon)
 
-    def write_records_durably(self, recs: list[PendingRecord]) -> bool:
-        """Append ready-made records (compaction copies, tombstones) and fdatasync them."""
+    def write_records_durably(self, recs: list[PendingRecord], res: Reservation | None = None) -> bool:
+        """Append ready-made records (compaction copies, tombstones) and fdatasync them.
+
+        Their room comes out of res where given (what res lacks must be free), else out of
+        the free room; False, writing nothing, when it is not there."""
         if not recs:
             return True
         with self._lock:
             if self.closed:
                 return False
+            need = sum(r.size for r in recs)
+            from_res = min(need, res.left) if res is not None else 0
+            if need - from_res > self.room():
+                for r in recs:           # a tombstone refused here is written by a later flush
+                    k = (r.ns, r.key or None)
+                    if r.flags and (t := self._tombs.get(k)) is not None and t.seq == r.seq:
+                        self._pending.append((k, t))
+                return False
+            if res is not None:
+                res.left -= from_res
+                self._reserved -= from_res
             for r in recs:
                 r.seg, r.off = self._allocate(r.size)
             jobs = self._group(recs, write=True)
@@ -845,37 +1021,15 @@ class SegmentStore:
                     t.seg.tombs.discard(k)
 
     def drop_segment(self, seg: Segment) -> bool:
-        """Unlink a segment with nothing live, first rewriting tombstones still needed."""
+        """Delete a sealed segment with nothing live (after compaction, or found dead),
+        first writing again the tombstones in it that are still needed."""
         with self._lock:
-            if seg.doomed or seg.live or seg.inflight:
+            if seg.live or not self._retirable(seg):
                 return False
-            carry = [(k, t) for k in seg.tombs if (t := self._tombs.get(k)) is not None and t.seg is seg
-                     and self.older_segments_exist(t, (seg,))]
-        if carry and not self.write_records_durably([self.tomb_record(k, t) for k, t in carry]):
-            return False
-        with self._lock:
-            if seg.live or seg.inflight or any(self._tombs.get(k) is not None and self._tombs[k].seg is seg
-                                               and self.older_segments_exist(self._tombs[k], (seg,))
-                                               for k in seg.tombs):
-                return False      # something moved in or a tombstone was re-placed meanwhile
-            for k in seg.tombs:
-                t = self._tombs.get(k)
-                if t is not None and t.seg is seg:
-                    del self._tombs[k]
-            seg.doomed = True
-            self._segments.pop(seg.id, None)
-            self._used -= seg.size
-            if seg is self._active:
-                self._active = None
-            if seg.refs == 0 and seg.fd >= 0:
-                os.close(seg.fd)
-                seg.fd = -1
-        try:
-            seg.path.unlink()
-        except FileNotFoundError:
-            pass
-        aligned_io.fsync_dir(self.dir)
-        self.prune_tombs()
+            carry = self._retire(seg)
+        if carry and not self.write_records_durably(carry):
+            log.warning("disk tier: cannot rewrite the tombstones of %s yet; deleting it later", seg.path.name)
+        self.unlink_orphans()
         return True
 
     def reap_dead_segments(self) -> int:

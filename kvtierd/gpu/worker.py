@@ -104,10 +104,12 @@ def store_pages(ns: Any, copier: Any, page_ids: Sequence[int], keys: Sequence[by
     return client._call(Op.COMMIT, {"rid": res["rid"]})["n"]
 
 
-def load_pages(ns: Any, copier: Any, keys: Sequence[bytes], page_ids: Sequence[int], tier: str = "host",
+def load_pages(ns: Any, copier: Any, keys: Sequence[bytes], page_ids: Sequence[int], tier: str = "any",
                stream: Any = None) -> int:
     """Scatters the longest stored prefix of `keys` into the given pages. Returns
-    how many leading blocks were loaded; pages of the rest are untouched."""
+    how many leading blocks were loaded; pages of the rest are untouched.
+    tier "any" reads blocks where they are (HBM by IPC, host by DMA); "hbm"
+    promotes host blocks to HBM first."""
     from kvtierd.protocol import Op
     g = _check(ns, copier, keys, page_ids)
     client = ns.client

@@ -3,7 +3,9 @@
 Every method that may touch the disk is async and runs its I/O in a bounded
 thread pool (disk.io_threads threads, at most disk.io_depth I/Os submitted at
 once), so the event loop only does in-memory bookkeeping: lookups, LRU
-touches, offset allocation, publishing. A batch becomes several jobs (one
+touches, offset allocation, eviction, publishing. A write that had to
+retire segments to make room first unlinks them (and rewrites tombstones
+they held) in the pool, then writes. A batch becomes several jobs (one
 pwritev/preadv of up to disk.io_bytes each) that run in parallel. Recovery
 runs in its own thread from start(); the maintenance thread (compaction.py)
 does checkpoints, interval syncs, tombstones and compaction.
@@ -162,6 +164,9 @@ class DiskTier:
         plan = store.prepare_write(items)
         err = "not finished"
         try:
+            if plan.reclaim:
+                # Segments retired to make room go first, so the files stay within disk.bytes.
+                await asyncio.get_running_loop().run_in_executor(self._pool, store.reclaim, plan)
             await self._run_jobs(store.run_write_job, plan.jobs)
             err = ""
             if plan.sync and plan.jobs and all(j.ok for j in plan.jobs):

@@ -32,6 +32,9 @@ def test_two_workers_share_blocks_through_the_hbm_pool(start_daemon):
     out = worker(d, "store", "cuda", "1", "hbm")
     assert out["stored"] == 32 and out["tiers"] == ["hbm"] * 32
     assert worker(d, "load", "cuda", "1") == {"loaded": 32, "equal": True}
+    # A reader that only maps the host region (here a CPU worker) gets HBM blocks copied down first.
+    worker(d, "store", "cuda", "3", "hbm")
+    assert worker(d, "load", "cpu", "3", "host") == {"loaded": 32, "equal": True}
     # Host-tier blocks, loaded by a GPU worker through its pinned mapping.
     assert worker(d, "store", "cuda", "2", "host")["tiers"] == ["host"] * 32
     assert worker(d, "load", "cuda", "2") == {"loaded": 32, "equal": True}
@@ -40,8 +43,12 @@ def test_two_workers_share_blocks_through_the_hbm_pool(start_daemon):
     with d.client() as c:
         ns = c.namespace("worker-test", block_size=64 << 10)
         assert ns.lookup_tiers([b"w2-%d" % i for i in range(32)]) == ["hbm"] * 32
+        assert ns.lookup_tiers([b"w3-%d" % i for i in range(32)]) == ["host"] * 32
+        # The bytes API reads through host as well.
+        assert ns.get_many([b"w1-0"])[0] is not None
         moves = {(m["src"], m["dst"]): m["blocks"] for m in c.stats()["moves"]}
     assert moves[("host", "hbm")] == 32
+    assert moves[("hbm", "host")] >= 33
 
 
 def test_demotion_under_pressure_keeps_every_byte(start_daemon):
