@@ -11,33 +11,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _daemon import start_kvtierd
 
 from kvtierd import Client
 from kvtierd.config import format_size, parse_size
-
-
-def start_daemon(tmp: Path, host_bytes: int) -> subprocess.Popen:
-    sock = tmp / "kvtierd.sock"
-    p = subprocess.Popen([sys.executable, "-m", "kvtierd", "serve", "--socket", str(sock), "--state-dir",
-                          str(tmp / "state"), "--host-bytes", str(host_bytes), "--disk-bytes", "0",
-                          "--metrics-address", "", "--log-level", "warning"])
-    for _ in range(600):
-        if sock.exists():
-            try:
-                Client(sock).close()
-                return p
-            except ConnectionError:
-                pass
-        time.sleep(0.05)
-    p.kill()
-    raise RuntimeError("daemon did not start")
 
 
 def best_rate(nbytes: int, fn, rounds: int) -> float:
@@ -71,7 +54,7 @@ def main() -> int:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvtierd-bench-") as tmp:
-        proc = start_daemon(Path(tmp), total * 2 + (64 << 20))
+        proc, _ = start_kvtierd(Path(tmp), total * 2 + (64 << 20))
         try:
             with Client(Path(tmp) / "kvtierd.sock") as c:
                 for path in ("shared memory", "inline"):

@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from _daemon import Daemon  # noqa: E402
 
 from kvtierd import Client  # noqa: E402
 from kvtierd.config import format_size  # noqa: E402
@@ -52,33 +51,6 @@ SHAPES = {
     "1b": (22, 2048, 32, 4, 5632, 32000, 10000.0),         # TinyLlama-1.1B
     "8b": (32, 4096, 32, 8, 14336, 128256, 500000.0),      # Llama-3-8B
 }
-
-
-class Daemon:
-    """A kvtierd subprocess that can be restarted on the same state directory."""
-
-    def __init__(self, tmp: Path, args: list[str]):
-        self.sock = str(tmp / "kvtierd.sock")
-        self.argv = [sys.executable, "-m", "kvtierd", "serve", "--socket", self.sock, "--state-dir",
-                     str(tmp / "state"), "--metrics-address", "", "--log-level", "warning", *args]
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Daemon":
-        self.proc = subprocess.Popen(self.argv, cwd=Path(__file__).resolve().parents[1])
-        for _ in range(1200):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kvtierd exited with {self.proc.returncode}")
-            try:
-                Client(self.sock, timeout=60).close()
-                return self
-            except (ConnectionError, TimeoutError):
-                time.sleep(0.05)
-        raise RuntimeError("kvtierd did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(120)
 
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype):

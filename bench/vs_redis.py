@@ -49,6 +49,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _daemon import start_kvtierd  # noqa: E402
+
 from kvtierd import Client  # noqa: E402
 from kvtierd.config import format_size, parse_size  # noqa: E402
 
@@ -79,24 +81,6 @@ def start_redis(port: int, tmp: Path) -> subprocess.Popen:
             time.sleep(0.05)
     p.kill()
     raise RuntimeError("redis-server did not start")
-
-
-def start_kvtierd(tmp: Path, host_bytes: int) -> tuple[subprocess.Popen, str]:
-    sock = tmp / "kvtierd.sock"
-    p = subprocess.Popen([sys.executable, "-m", "kvtierd", "serve", "--socket", str(sock), "--state-dir",
-                          str(tmp / "state"), "--host-bytes", str(host_bytes), "--disk-bytes", "0",
-                          "--metrics-address", "", "--log-level", "warning"],
-                         cwd=Path(__file__).resolve().parents[1])
-    for _ in range(600):
-        if p.poll() is not None:
-            raise RuntimeError(f"kvtierd exited with {p.returncode}")
-        try:
-            Client(sock, timeout=5).close()
-            return p, str(sock)
-        except ConnectionError:
-            time.sleep(0.05)
-    p.kill()
-    raise RuntimeError("kvtierd did not start")
 
 
 # ------------------------------------------------------------------- workers

@@ -512,6 +512,14 @@ class Store:
         e.tier.blocks += delta
         e.ns.blocks += delta
 
+    def _relocate(self, e: Entry, tier: MemTier, offset: int) -> None:
+        """Points a block at its copy in another memory tier and frees the old slot."""
+        self._free_slot(e)
+        e.tier.blocks -= 1
+        e.tier, e.offset = tier, offset
+        tier.owner[offset] = e
+        tier.blocks += 1
+
     def _free_slot(self, e: Entry) -> None:
         e.tier.owner.pop(e.offset, None)
         e.tier.slots.free(e.offset)
@@ -663,11 +671,8 @@ class Store:
                 evicted += 1
                 freed += 1
                 continue
-            self._free_slot(e)
-            e.tier.blocks -= 1
-            e.tier, e.offset, e.state = self.host, off, READY
-            self.host.owner[off] = e
-            self.host.blocks += 1
+            self._relocate(e, self.host, off)
+            e.state = READY
             self.host.make_idle(e)
             moved += 1
             nbytes += e.ns.block_size
@@ -698,11 +703,7 @@ class Store:
             if off < 0:
                 continue
             if ok and e.state == READY and e.leases == 1 and e.tier is self.hbm:
-                self._free_slot(e)
-                self.hbm.blocks -= 1
-                e.tier, e.offset = self.host, off
-                self.host.owner[off] = e
-                self.host.blocks += 1
+                self._relocate(e, self.host, off)
                 moved += 1
                 nbytes += e.ns.block_size
             else:
@@ -734,11 +735,7 @@ class Store:
                 if e.state != READY or e.leases != 1:
                     self.hbm.slots.free(off)
                     continue
-                self._free_slot(e)
-                self.host.blocks -= 1
-                e.tier, e.offset = self.hbm, off
-                self.hbm.owner[off] = e
-                self.hbm.blocks += 1
+                self._relocate(e, self.hbm, off)
                 moved += 1
                 nbytes += e.ns.block_size
             self.counters.move("host", "hbm", "promote", moved, nbytes)
