@@ -197,6 +197,10 @@ class Connection(asyncio.BufferedProtocol):
         else:
             self.send(reply_ok(req_id, result))
             self.server.observe(op, "ok", time.perf_counter() - t0)
+        if self.closed:
+            # The peer left while this request waited: what it just got (a lease, a
+            # reservation) must not outlive it until a timeout.
+            self.server.store.drop_owner(self.id)
         self.busy = False
         while self.queue and not self.busy and not self.closed:
             self.execute(*self.queue.popleft())

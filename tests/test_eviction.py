@@ -101,3 +101,31 @@ def test_a_client_killed_mid_lease_frees_its_slots(start_daemon):
         assert s["leases"] == 0 and s["reservations"] == 0
         assert ns.lookup([b"never-committed"]) == 0
         assert ns.put_many(keys(50, 58), [block_for(k, BLOCK) for k in keys(50, 58)]) == 8
+
+
+def test_a_client_that_hangs_up_mid_request_leaves_no_lease(start_daemon):
+    import socket as socketlib
+    import struct
+
+    import msgpack
+
+    from kvtierd.protocol import PROTOCOL_VERSION, Op
+    d = start_daemon(*SMALL, *NO_WATERMARK, "--disk-bytes", "64MiB", "--set", "disk.segment_bytes=8MiB")
+    with d.client() as c:
+        ns = c.namespace("gone", block_size=BLOCK)
+        ns.put_many(keys(0, 64), [block_for(k, BLOCK) for k in keys(0, 64)])   # half of them demoted to disk
+        for _ in range(5):
+            s = socketlib.socket(socketlib.AF_UNIX)
+            s.connect(d.socket)
+            for rid, op, args in ((1, Op.HELLO, {"version": PROTOCOL_VERSION}),
+                                  (2, Op.OPEN, {"name": "gone", "block_size": BLOCK}),
+                                  (3, Op.ACQUIRE, {"ns": ns.id, "keys": keys(0, 28)})):
+                body = msgpack.packb([rid, int(op), args], use_bin_type=True)
+                s.sendall(struct.pack("<I", len(body)) + body)
+            s.close()        # gone before the acquire (a disk read) can answer
+        # The reads finish after the hang-ups; their leases must end with them, not at the lease timeout.
+        deadline = time.monotonic() + 10
+        while c.stats()["tiers"]["host"]["served_blocks"] < 28 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert c.stats()["leases"] == 0
