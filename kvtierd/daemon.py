@@ -183,11 +183,15 @@ class Daemon:
         if disk is not None:
             t0 = time.monotonic()
             waiter = asyncio.create_task(disk.wait_recovered())
+            ticks = 0
             while not waiter.done():
                 p = disk.recovery_progress()
-                systemd.status(f"recovering disk tier: {p.get('records', 0)} records, "
-                               f"{100 * p.get('fraction', 0):.0f}%")
+                text = f"recovering disk tier: {p.get('records', 0)} records, {100 * p.get('fraction', 0):.0f}%"
+                systemd.status(text)
                 systemd.extend_timeout(30)   # a huge tier may take longer than TimeoutStartSec
+                if ticks and ticks % 5 == 0:
+                    log.info("%s (lookups see what is recovered so far)", text)
+                ticks += 1
                 await asyncio.wait([waiter], timeout=1.0)
             await waiter
             log.info("disk tier recovered in %.2f s: %s", time.monotonic() - t0, disk.recovery_progress())
