@@ -141,3 +141,50 @@ def test_wrong_block_size_inline_and_foreign_handles(daemon):
         assert e.value.code == Code.NO_NAMESPACE
         lease.release()
         assert a.stats()["errors"]["bad_block"] >= 1
+
+
+def _random_value(rng, depth=0):
+    kinds = ["int", "neg", "str", "bytes", "none", "bool", "float", "list", "map"]
+    kind = rng.choice(kinds if depth < 3 else kinds[:7])
+    if kind == "int":
+        return rng.choice([0, 1, 2**31, 2**63 - 1, rng.randrange(100)])
+    if kind == "neg":
+        return -rng.randrange(1, 2**40)
+    if kind == "str":
+        return rng.choice(["", "ns", "host", "hbm", "x" * 300])
+    if kind == "bytes":
+        return bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 8, 64, 65])))
+    if kind == "none":
+        return None
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "float":
+        return rng.random()
+    if kind == "list":
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    names = ["ns", "keys", "rid", "lid", "name", "block_size", "data", "prefix", "tier", "version", "zz"]
+    return {rng.choice(names): _random_value(rng, depth + 1) for _ in range(rng.randrange(4))}
+
+
+def test_random_requests_never_crash_the_daemon_nor_raise_inside_it(daemon):
+    import random
+    rng = random.Random(1234)
+    r = Raw(daemon.socket)
+    r.hello()
+    ops = [int(o) for o in Op] + [0, 99]
+    with daemon.client() as c:
+        ns = c.namespace("fuzz", block_size=4096)
+        ns.put_many([b"a"], [b"q" * 4096])
+    for i in range(600):
+        args = _random_value(rng)
+        if rng.random() < 0.7:
+            args = {k: v for k, v in (args.items() if isinstance(args, dict) else [])}
+            args.setdefault("ns", rng.choice([1, 2, 0, "1"]))
+            args.setdefault("keys", [rng.choice([b"a", b"b", b"x" * 70, "s", 5]) for _ in range(rng.randrange(3))])
+        r.send_frame([i, rng.choice(ops), args])
+        rid, code, result = r.reply()
+        assert rid == i
+        assert code != Code.INTERNAL, result
+    with daemon.client() as c:
+        assert c.namespace("fuzz", block_size=4096).get_many([b"a"]) == [b"q" * 4096]
+        assert c.stats()["errors"].get("internal", 0) == 0
