@@ -124,16 +124,17 @@ class Daemon:
             store.host_region.close()
             raise
         loop = asyncio.get_running_loop()
-        self.unix_server = await loop.create_unix_server(lambda: Connection(server), sock=sock)
+        # Signals first: a SIGTERM that comes while we start must still drain, not kill.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         if disk is not None:
-            await disk.start()
+            await disk.start()          # recovery goes on in the background
         await store.start()
         self.metrics_port = None
         if cfg.metrics.address:
             self.metrics_port = await self.metrics.start_http(cfg.metrics.address)   # logs the address
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.unix_server = await loop.create_unix_server(lambda: Connection(server), sock=sock)
         log.info("kvtierd %s serving on %s (pid %d): %s", __version__, self.sock_path, os.getpid(), cfg.summary())
         watchdog = systemd.start_watchdog()
         ready = asyncio.create_task(self._ready_after_recovery())

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 
-from test_disk_roundtrip import open_store, payloads, read_back, small_cfg
+from test_disk_roundtrip import open_store, payloads, read_back, segment_files, small_cfg
 
 from kvtierd.disk.compaction import Maintenance, compact_segment, pick_victim
 
@@ -111,4 +112,95 @@ def test_eviction_is_least_recently_used_with_reads_touching(tmp_path):
     evicted = [i for i in range(2, 16) if i not in present]
     assert evicted == list(range(2, 2 + len(evicted)))               # in LRU order
     assert st["live_bytes"] <= cfg.low_watermark * cfg.bytes
+    s.close()
+
+
+def test_segment_files_stay_within_disk_bytes_while_compaction_runs_beside_writes(tmp_path):
+    block = 60 << 10
+    rec = block + 4096                            # 64 KiB on disk
+    cfg = small_cfg(bytes=48 * rec, segment_bytes=8 * rec, io_bytes=rec, compaction_threshold=0.95,
+                    compaction_io_share=1.0, durability="never")
+    s = open_store(tmp_path, cfg)
+    data = payloads(64, block, seed=6)
+    latest: dict[bytes, int] = {}                 # key -> index of the payload written last
+    over: list[int] = []
+    stop = threading.Event()
+
+    def check() -> None:
+        used = s.stats()["used_bytes"]
+        if used > cfg.bytes:
+            over.append(used)
+
+    def compactor() -> None:
+        while not stop.is_set():
+            victim = pick_victim(s)
+            if victim is not None:
+                compact_segment(s, victim)
+            check()
+
+    def sampler() -> None:
+        while not stop.is_set():
+            check()
+            time.sleep(0.0002)
+
+    ts = [threading.Thread(target=compactor), threading.Thread(target=sampler)]
+    for t in ts:
+        t.start()
+    try:
+        for i in range(300):                      # overwrites of 40 keys: dead records to compact
+            batch = [(b"k%02d" % ((i * 4 + j) % 40), (i * 4 + j) % 64) for j in range(4)]
+            res = s.write_batch([("ns", k, data[d]) for k, d in batch])
+            for (k, d), ok in zip(batch, res, strict=True):
+                if ok:
+                    latest[k] = d
+            if i % 7 == 0:
+                k = b"k%02d" % (i % 40)
+                s.delete("ns", k)
+                latest.pop(k, None)
+            check()
+    finally:
+        stop.set()
+        for t in ts:
+            t.join(timeout=30)
+    assert over == [], f"used_bytes went over {cfg.bytes}: {max(over)}"
+    assert s.stats()["compaction_runs"] >= 1
+    keys = [k for k in latest if s.contains("ns", k)]
+    assert len(keys) >= 20                         # the tier kept serving, not just emptied
+    res, outs = read_back(s, "ns", keys, [block] * len(keys))
+    assert all(res) and all(bytes(o) == bytes(data[latest[k]]) for k, o in zip(keys, outs, strict=True))
+    s.flush_tombstones()
+    s.unlink_orphans()
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "disk").glob("*.seg"))
+    assert on_disk == s.stats()["used_bytes"] <= cfg.bytes
+    s.close()
+
+
+def test_a_segment_dropped_to_make_room_keeps_the_deletes_it_records(tmp_path):
+    block = 60 << 10
+    rec = block + 4096                            # 64 KiB on disk
+    cfg = small_cfg(bytes=20 * rec, segment_bytes=4 * rec, high_watermark=0.9, low_watermark=0.85)
+    s = open_store(tmp_path, cfg)
+    data = payloads(40, block, seed=7)
+    old = [b"a%d" % i for i in range(4)]
+    assert s.write_batch([("ns", k, d) for k, d in zip(old, data[:4], strict=True)]) == [True] * 4
+    assert s.write_batch([("ns", b"b%d" % i, data[4 + i]) for i in range(4)]) == [True] * 4
+    assert s.delete("ns", old[0])
+    cold = [b"c%d" % i for i in range(3)]          # written with the tombstone of a0, in one segment
+    assert s.write_batch([("ns", k, data[8 + i]) for i, k in enumerate(cold)]) == [True] * 3
+    tomb_seg = s.keydir[("ns", cold[0])].seg.id
+    assert s.tombs[("ns", old[0])].seg.id == tomb_seg
+    hot = old[1:] + [b"b%d" % i for i in range(4)]
+    res, _ = read_back(s, "ns", hot, [block] * len(hot))    # everything but the c blocks is warm
+    assert all(res)
+    for i in range(7):                             # fill past the watermark: the c blocks' segment goes
+        assert s.write_batch([("ns", b"n%02d" % i, data[12 + i])]) == [True]
+    assert tomb_seg not in s.segments and not any(s.contains("ns", k) for k in cold)
+    assert all(s.contains("ns", k) for k in old[1:])          # the segment a0 lies in is still there
+    assert s.stats()["used_bytes"] <= cfg.bytes
+    s.close()
+    assert not any(p.name == f"{tomb_seg:016x}.seg" for p in segment_files(tmp_path))
+    (tmp_path / "disk" / "checkpoint").unlink()    # a scan must still find the delete
+    s = open_store(tmp_path, cfg)
+    assert not s.contains("ns", old[0])
+    assert all(s.contains("ns", k) for k in old[1:])
     s.close()

@@ -20,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from disk_writer import content
 
 from kvtierd import AsyncClient
@@ -242,9 +241,6 @@ def test_a_full_disk_tier_evicts_its_oldest_blocks_and_serves_the_rest(start_dae
         assert wrong_and_missing(ns, sample) == ([], [])
 
 
-@pytest.mark.xfail(strict=True, reason="a full disk tier refuses demotions until the maintenance thread has "
-                                       "reaped what eviction emptied; the host then drops the newest blocks "
-                                       "while older ones stay on disk")
 def test_a_full_disk_tier_keeps_the_newest_blocks_without_holes(start_daemon):
     c, ns, ks, tiers, s, peak = fill_small_disk(start_daemon, 512, "2MiB")    # 128 MiB through 32 MiB
     with c:

@@ -597,17 +597,24 @@ class SegmentStore:
             if not ready:
                 return 0
             self._orphans = [s for s in self._orphans if s not in ready]
+        failed = []
         for seg in ready:
             try:
                 seg.path.unlink()
             except FileNotFoundError:
                 pass
+            except OSError as e:
+                log.error("disk tier: cannot delete %s (%s); retrying later", seg.path.name, e.strerror or e)
+                failed.append(seg)
+        if failed:
+            with self._lock:
+                self._orphans += failed
         try:
             aligned_io.fsync_dir(self.dir)
         except OSError as e:
             log.warning("disk tier: cannot sync the directory after deleting segments (%s)", e.strerror or e)
         self.prune_tombs()
-        return len(ready)
+        return len(ready) - len(failed)
 
     def reclaim(self, plan: WritePlan) -> None:
         """Before a plan's jobs run (any thread): write the tombstones carried out of the
