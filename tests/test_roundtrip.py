@@ -132,3 +132,16 @@ def test_async_client_pipelines_on_one_connection(daemon):
 def test_client_without_daemon_gets_a_clear_error(tmp_path):
     with pytest.raises(ConnectionError, match="is the daemon running"):
         Client(tmp_path / "nothing.sock")
+
+
+def test_the_readme_client_example_runs(daemon, monkeypatch, capsys):
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## A client in ten lines", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.setenv("KVTIERD_SOCKET", daemon.socket)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "4"
+    assert "'blocks': 4" in out[1]
