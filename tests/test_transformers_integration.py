@@ -279,6 +279,30 @@ def test_cuda_model_round_trips_through_the_pinned_host_tier(daemon):
         _assert_same_kv(out.past_key_values, _reference_cache(model, ids), 100, tol=1e-4)
 
 
+@pytest.mark.gpu
+def test_cuda_kernels_store_and_load_blocks_byte_for_byte(daemon):
+    """On a GPU, stores gather the cache's own K/V into slots and loads scatter slots into
+    fresh K/V, one kernel launch each: the bytes must be exactly the documented layout."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = _build_model().to("cuda")
+    ids = _prompt(72, seed=11).to("cuda")
+    with daemon.client() as c, KVTierCache(c, model, chunk_tokens=CHUNK, cost=_always_load()) as kv:
+        out = kv.forward(ids)
+        g = kv.geometry
+        keys = kv.keys(ids)
+        for i, raw in enumerate(kv.ns.get_many(keys)):
+            block = torch.frombuffer(bytearray(raw), dtype=g.dtype).view(g.block_shape)
+            for n, layer in enumerate(out.past_key_values.layers):
+                assert torch.equal(block[n, 0], layer.keys[0, :, i * CHUNK:(i + 1) * CHUNK].cpu())
+                assert torch.equal(block[n, 1], layer.values[0, :, i * CHUNK:(i + 1) * CHUNK].cpu())
+        cache, n_cached = kv.load(ids)
+        assert n_cached == len(keys) * CHUNK
+        for layer, ref in zip(cache.layers, out.past_key_values.layers):
+            assert torch.equal(layer.keys, ref.keys[:, :, :n_cached])
+            assert torch.equal(layer.values, ref.values[:, :, :n_cached])
+
+
 # ------------------------------------------------------------------ cost model
 
 def test_cost_plan_takes_whole_host_prefix_when_cheaper():

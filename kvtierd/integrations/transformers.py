@@ -222,7 +222,6 @@ class KVTierCache:
         self.stats = CacheStats()
         self._torch = torch
         self.client = client
-        self._pinned: Any = None   # PinnedRegion once registered, False if that failed
 
     # ------------------------------------------------------------- public API
 
@@ -290,10 +289,8 @@ class KVTierCache:
         return out
 
     def close(self) -> None:
-        """Unpin the host-tier mapping (GPU); call before closing the client. Safe to call twice."""
-        pinned, self._pinned = self._pinned, None
-        if pinned:
-            pinned.close()
+        """Nothing of its own to release: the client owns the pinned mapping and unpins
+        it when it closes. Kept so `with KVTierCache(...)` reads naturally."""
 
     def __enter__(self) -> "KVTierCache":
         return self
@@ -333,21 +330,21 @@ class KVTierCache:
                 self.stats.lost_blocks += plan.load_blocks - n
             if n == 0:
                 return cache, 0, 0
-            kv = self._gather(lease.views[:n])
-            leased_tiers = list(lease.tiers[:n])
             if self.device.type == "cuda":
+                kv = self._gather_cuda(lease.offsets[:n])
                 torch.cuda.current_stream(self.device).synchronize()  # release only once the copies are done
+            else:
+                kv = self._gather(lease.views[:n])
+            leased_tiers = list(lease.tiers[:n])
         self.cost.observe_load(leased_tiers, g.block_bytes, time.perf_counter() - t0)
         n_cached = min(n * g.chunk_tokens, ids.numel() - 1)
-        for layer in range(g.layers):
-            k = kv[layer, 0, :, :n_cached].unsqueeze(0)
-            v = kv[layer, 1, :, :n_cached].unsqueeze(0)
-            _set_layer(cache, layer, k, v)
+        for layer, (k, v) in enumerate(kv):
+            _set_layer(cache, layer, k[:, :, :n_cached], v[:, :, :n_cached])
         self.stats.hit_tokens += n_cached
         return cache, n_cached, n
 
-    def _gather(self, views: list[memoryview]) -> "torch.Tensor":
-        """Blocks from shared memory into one [layer, k/v, head, tokens, dim] tensor on the model's device."""
+    def _gather(self, views: list[memoryview]) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+        """CPU: blocks from shared memory into per-layer K, V of shape [1, head, tokens, dim]."""
         torch = self._torch
         g = self.geometry
         n = len(views)
@@ -356,18 +353,46 @@ class KVTierCache:
             # lease views are read-only on purpose; torch warns because its tensors could write
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             src = [torch.frombuffer(v, dtype=g.dtype).view(g.block_shape) for v in views]
-        if self.device.type == "cuda":
-            # one H2D copy per block (asynchronous from the page-locked region) into a staging
-            # buffer, then one permute on the GPU; the caller synchronises before releasing
-            pinned = self.pin_host_tier()
-            stage = torch.empty((n, *g.block_shape), dtype=g.dtype, device=self.device)
-            for i, s in enumerate(src):
-                stage[i].copy_(s, non_blocking=pinned)
-            return stage.permute(1, 2, 3, 0, 4, 5).reshape(L, two, H, n * T, D)
         out = torch.empty((L, two, H, n, T, D), dtype=g.dtype)
         for i, s in enumerate(src):
             out[:, :, :, i].copy_(s)   # one strided copy per block, out of the shared slot
-        return out.view(L, two, H, n * T, D)
+        out = out.view(L, two, H, n * T, D)
+        return [(out[layer, 0].unsqueeze(0), out[layer, 1].unsqueeze(0)) for layer in range(L)]
+
+    def _paged_copier(self, layers: list[tuple["torch.Tensor", "torch.Tensor"]], lo: int, hi: int) -> Any:
+        """A copier whose page i of every plane is chunk lo+i of that layer's K or V
+        ([1, head, seq, dim] tensors): exactly the block layout, so one kernel launch
+        moves any number of blocks between slots and the cache, with no staging."""
+        from kvtierd.gpu.paged import PagedCopier, PagedLayout
+
+        g = self.geometry
+        _, _, H, T, D = g.block_shape
+        planes = []
+        for k, v in layers:
+            for t in (k, v):
+                # A view, so scatter writes into `t` itself; a cache tensor that is not
+                # viewable this way (unusual strides) is read through a reshaped copy.
+                part = t[0, :, lo * T:hi * T]
+                try:
+                    planes.append((part.view(H, hi - lo, T, D), 1))
+                except RuntimeError:
+                    planes.append((part.reshape(H, hi - lo, T, D), 1))
+        copier = PagedCopier(PagedLayout(planes, pages_per_block=1))
+        assert copier.layout.block_bytes == g.block_bytes
+        return copier
+
+    def _gather_cuda(self, offsets: list[int]) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+        """GPU: leased host slots straight into new contiguous per-layer K, V, in one launch
+        over the page-locked, mapped host region (the caller synchronises before release)."""
+        torch = self._torch
+        g = self.geometry
+        _, _, H, T, D = g.block_shape
+        n = len(offsets)
+        layers = [(torch.empty((1, H, n * T, D), dtype=g.dtype, device=self.device),
+                   torch.empty((1, H, n * T, D), dtype=g.dtype, device=self.device)) for _ in range(g.layers)]
+        region = self._host_region()
+        self._paged_copier(layers, 0, n).scatter(region, offsets, list(range(n)))
+        return layers
 
     def _forward(self, ids: "torch.Tensor", start: int, end: int, cache: Any, **kwargs: Any) -> Any:
         torch = self._torch
@@ -398,13 +423,18 @@ class KVTierCache:
                 return
             index = {k: first + i for i, k in enumerate(todo)}
             chunks = [index[k] for k in reserved]
-            stage = self._stage(cache, chunks)
-            pinned = self.device.type == "cuda" and self.pin_host_tier()
-            for view, block in zip(res.views, stage):
-                torch.frombuffer(view, dtype=torch.uint8).copy_(block.reshape(-1).view(torch.uint8),
-                                                                non_blocking=pinned)
             if self.device.type == "cuda":
+                lo, hi = min(chunks), max(chunks) + 1
+                layers = [_get_layer(cache, layer) for layer in range(g.layers)]
+                self._check_layers(layers)
+                # One launch from the cache's own K/V into the reserved slots.
+                self._paged_copier(layers, lo, hi).gather([c - lo for c in chunks], self._host_region(),
+                                                          res.offsets)
                 torch.cuda.current_stream(self.device).synchronize()  # commit only bytes that have landed
+            else:
+                stage = self._stage(cache, chunks)
+                for view, block in zip(res.views, stage):
+                    torch.frombuffer(view, dtype=torch.uint8).copy_(block.reshape(-1).view(torch.uint8))
         self.stats.stored_blocks += len(reserved)
 
     def _stage(self, cache: Any, chunks: list[int]) -> "torch.Tensor":
@@ -414,12 +444,9 @@ class KVTierCache:
         L, _, H, T, D = g.block_shape
         lo, hi = min(chunks), max(chunks) + 1
         stage = torch.empty((hi - lo, L, 2, H, T, D), dtype=g.dtype, device=self.device)
-        for layer in range(L):
-            k, v = _get_layer(cache, layer)
-            if k is None or k.dim() != 4 or k.shape[0] != 1 or k.shape[1] != H or k.shape[3] != D:
-                shape = None if k is None else tuple(k.shape)
-                raise ValueError(f"layer {layer}: expected K/V of shape [1, {H}, seq, {D}], found {shape}; "
-                                 "this model's cache does not fit the kvtierd block layout")
+        layers = [_get_layer(cache, layer) for layer in range(L)]
+        self._check_layers(layers)
+        for layer, (k, v) in enumerate(layers):
             for kind, t in ((0, k), (1, v)):
                 part = t[0, :, lo * T:hi * T].reshape(H, hi - lo, T, D)
                 stage[:, layer, kind].copy_(part.permute(1, 0, 2, 3))
@@ -427,26 +454,27 @@ class KVTierCache:
             stage = stage[torch.tensor([c - lo for c in chunks], device=self.device)]
         return stage
 
+    def _check_layers(self, layers: list) -> None:
+        _, _, H, _, D = self.geometry.block_shape
+        for layer, (k, _v) in enumerate(layers):
+            if k is None or k.dim() != 4 or k.shape[0] != 1 or k.shape[1] != H or k.shape[3] != D:
+                shape = None if k is None else tuple(k.shape)
+                raise ValueError(f"layer {layer}: expected K/V of shape [1, {H}, seq, {D}], found {shape}; "
+                                 "this model's cache does not fit the kvtierd block layout")
+
+    def _host_region(self) -> Any:
+        """The host tier as a copy region of this process, page-locked and mapped where
+        CUDA allows (once per client; the client unpins it when it closes)."""
+        return self.client.worker_regions().host()
+
     def pin_host_tier(self) -> bool:
-        """Page-lock this process's mapping of the host tier once, so H2D/D2H copies run at DMA speed.
+        """Page-lock this process's mapping of the host tier once, so GPU copies run at DMA speed.
 
         Costs about 0.5 s per GiB of region, once per process: the first GPU
         load or store does it, or call this at start-up to keep it off the
-        first request's latency. Returns whether the region is pinned. Where it fails
-        (no CUDA runtime binding, a locked-memory limit) copies still work,
-        pageable and synchronous, at roughly a third of the speed.
+        first request's latency. Returns whether the region is pinned.
         """
-        if self._pinned is None:
-            try:
-                from kvtierd.gpu.pinning import pin_buffer
-
-                self._pinned = pin_buffer(self.client.region.mmap, mapped=False,
-                                          device=self.device.index or 0)
-            except Exception as e:  # noqa: BLE001 - any failure means: copy pageable
-                warnings.warn(f"kvtierd: could not page-lock the host tier ({e}); GPU copies will be pageable",
-                              RuntimeWarning, stacklevel=3)
-                self._pinned = False
-        return bool(self._pinned)
+        return bool(self._host_region().mapped)
 
 
 def generate(cache: KVTierCache, input_ids: Any, **kwargs: Any) -> Any:
