@@ -16,12 +16,15 @@ little-endian:
 so block_size = layers * 2 * kv_heads * chunk_tokens * head_dim * itemsize.
 All layers in one block means one key, one slot and one memcpy per chunk; a
 chunk is always needed by every layer, so nothing is gained by splitting.
-Loading gathers the blocks into one [layer, k/v, head, tokens, dim] tensor
-with one strided copy per block (never one per layer and block); storing
-stages the new chunks in that layout on the model's device with 2 * layers
-copies, then writes one contiguous copy per block into its slot. On a GPU the
-client's mapping of the host tier is page-locked once (kvtierd.gpu.pinning),
-so those per-block copies are asynchronous DMA at PCIe speed; one
+
+On a GPU this layout is exactly a kvtierd.gpu.paged layout whose planes are
+the layers' K and V viewed as [head, chunk, token, dim] with the chunk as the
+page: one launch of the paged-copy kernel scatters every leased block into new
+contiguous per-layer K/V (load), or gathers the new chunks from the cache's
+own K/V into the reserved slots (store), reading or writing the client's
+page-locked, mapped host region directly. On CPU, loading gathers the blocks
+into one [layer, k/v, head, tokens, dim] tensor with one strided copy per
+block, and storing stages the chunks then writes one copy per block. One
 synchronise comes before the lease is released or the reservation committed.
 
 At least the last prompt token is always recomputed: its logits are the point
