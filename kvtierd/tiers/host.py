@@ -62,6 +62,16 @@ def remove_stale_regions(shm_dir: Path) -> list[Path]:
     return removed
 
 
+def _unmap(view: memoryview, mm: mmap.mmap) -> None:
+    view.release()
+    try:
+        mm.close()
+    except BufferError:
+        # A view is still exported (a disk write in flight at exit, a caller's numpy
+        # array): the mapping goes with the last view or the process; nothing leaks.
+        pass
+
+
 class HostRegion:
     """The daemon's side of the shared-memory region."""
 
@@ -96,13 +106,7 @@ class HostRegion:
         return self.view[offset:offset + length]
 
     def close(self) -> None:
-        self.view.release()
-        try:
-            self.mmap.close()
-        except BufferError:
-            # A view is still exported (e.g. a disk write in flight at exit); the
-            # mapping dies with the process, the file is removed regardless.
-            pass
+        _unmap(self.view, self.mmap)
         self.path.unlink(missing_ok=True)
 
 
@@ -131,8 +135,4 @@ class HostRegionMapping:
         return self.view[offset:offset + length]
 
     def close(self) -> None:
-        self.view.release()
-        try:
-            self.mmap.close()
-        except BufferError:
-            pass  # a caller still holds a view; the mapping goes when that view does
+        _unmap(self.view, self.mmap)
