@@ -198,4 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # `kvtierd config | head`: the reader left; not an error worth a traceback.
+        sys.stderr.close()
+        return 0

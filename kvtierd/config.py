@@ -365,11 +365,28 @@ def load(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None
     return cfg
 
 
+def _show(name: str, value: Any) -> str:
+    """A default as a user would write it in the TOML file."""
+    if name.endswith("bytes") and isinstance(value, int) and value:
+        for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+            if value % (1 << shift) == 0:
+                return f'"{value >> shift}{unit}"'
+    if name.endswith("_mode"):
+        return f'"{value:04o}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return repr(value)
+
+
 def describe() -> list[tuple[str, str, str, bool]]:
     """(key, default, doc, live) for every key: the config reference."""
     out = []
     for s in dataclasses.fields(Config):
         for f in dataclasses.fields(SECTIONS[s.name]):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append((f"{s.name}.{f.name}", repr(default), f.metadata["doc"], f.metadata["live"]))
+            out.append((f"{s.name}.{f.name}", _show(f.name, default), f.metadata["doc"], f.metadata["live"]))
     return out

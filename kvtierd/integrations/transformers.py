@@ -17,15 +17,30 @@ so block_size = layers * 2 * kv_heads * chunk_tokens * head_dim * itemsize.
 All layers in one block means one key, one slot and one memcpy per chunk; a
 chunk is always needed by every layer, so nothing is gained by splitting.
 
-On a GPU this layout is exactly a kvtierd.gpu.paged layout whose planes are
-the layers' K and V viewed as [head, chunk, token, dim] with the chunk as the
-page: one launch of the paged-copy kernel scatters every leased block into new
-contiguous per-layer K/V (load), or gathers the new chunks from the cache's
-own K/V into the reserved slots (store), reading or writing the client's
-page-locked, mapped host region directly. On CPU, loading gathers the blocks
-into one [layer, k/v, head, tokens, dim] tensor with one strided copy per
-block, and storing stages the chunks then writes one copy per block. One
-synchronise comes before the lease is released or the reservation committed.
+How blocks move, per request (`paged_copy`, default on when the model is on a
+GPU and kvtierd's kernels can run there):
+- paged: the block layout is exactly a kvtierd.gpu.paged layout, so one
+  launch of the paged-copy kernel moves every block of a request. Loading
+  allocates per layer one contiguous [k/v, head, tokens, dim] tensor and
+  scatters the leased slots into it (plane = that tensor viewed as [k/v, head,
+  chunk, token, dim], page = chunk); each layer's K and V handed to the
+  DynamicCache are contiguous halves of it, and a layer's tensor is freed as
+  soon as the forward's torch.cat replaced it. Storing gathers the new chunks
+  from the cache's own K/V ([head, chunk, token, dim] views, 2 planes a layer)
+  into the reserved slots. The kernel reads and writes the client's
+  page-locked, mapped host region directly: no staging, no per-block copies.
+  The copier is built per request (its plane table holds the tensors'
+  addresses): ~0.2 ms for 32 layers on load, ~0.4 ms on store, host CPU.
+- per block (CPU, or a GPU without cupy): loading copies each block into one
+  [layer, k/v, head, chunk, token, dim] tensor with one strided copy per block
+  (never one per layer and block); storing stages the chunks in block order
+  with 2 * layers copies, then writes one contiguous copy per block. On CPU
+  that memcpy path is 3-6x faster than the paged copier's torch fallback
+  (index_select/index_copy_ through index tensors as large as the data).
+On a GPU one synchronise comes before the lease is released or the
+reservation committed, and the client's mapping of the host tier is
+page-locked once per process (kvtierd.gpu.pinning; the client unpins it when
+it closes).
 
 At least the last prompt token is always recomputed: its logits are the point
 of the exercise. A fully cached prompt therefore loads every chunk and crops
@@ -47,6 +62,8 @@ import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from kvtierd.integrations.cost import CostModel
 from kvtierd.keys import PrefixHasher, namespace_seed
@@ -203,7 +220,11 @@ class KVTierCache:
 
     def __init__(self, client: Any, model: Any, *, chunk_tokens: int | None = None,
                  tenant_salt: bytes | str = b"", model_id: str | None = None,
-                 namespace: str | None = None, cost: CostModel | None = None, store: bool = True):
+                 namespace: str | None = None, cost: CostModel | None = None, store: bool = True,
+                 paged_copy: bool | None = None):
+        """paged_copy: move a request's blocks in one paged-copy launch (True) or one copy
+        per block (False); None picks paged on a GPU with kvtierd's kernels, per block
+        elsewhere (see the module doc). Both give the same bytes."""
         import torch
 
         self.model = model
@@ -225,6 +246,11 @@ class KVTierCache:
         self.stats = CacheStats()
         self._torch = torch
         self.client = client
+        if paged_copy is None:
+            from kvtierd.gpu import cuda
+
+            paged_copy = self.device.type == "cuda" and cuda.kernels_available()
+        self.paged_copy = bool(paged_copy)
 
     # ------------------------------------------------------------- public API
 
@@ -326,6 +352,8 @@ class KVTierCache:
         plan = self.cost.plan(tiers, g.block_bytes, g.chunk_tokens, total_tokens=ids.numel())
         if plan.load_blocks == 0:
             return cache, 0, 0
+        if self.device.type == "cuda":
+            self._host_region()   # page-locked once per process: the copies below are DMA
         t0 = time.perf_counter()
         with self.ns.acquire(keys[: plan.load_blocks]) as lease:
             n = lease.count
@@ -333,11 +361,12 @@ class KVTierCache:
                 self.stats.lost_blocks += plan.load_blocks - n
             if n == 0:
                 return cache, 0, 0
-            if self.device.type == "cuda":
-                kv = self._gather_cuda(lease.offsets[:n])
-                torch.cuda.current_stream(self.device).synchronize()  # release only once the copies are done
+            if self.paged_copy:
+                kv = self._read_paged(lease.offsets[:n])
             else:
-                kv = self._gather(lease.views[:n])
+                kv = self._read_blocks(lease.views[:n])
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # release only once the copies are done
             leased_tiers = list(lease.tiers[:n])
         self.cost.observe_load(leased_tiers, g.block_bytes, time.perf_counter() - t0)
         n_cached = min(n * g.chunk_tokens, ids.numel() - 1)
@@ -346,8 +375,23 @@ class KVTierCache:
         self.stats.hit_tokens += n_cached
         return cache, n_cached, n
 
-    def _gather(self, views: list[memoryview]) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
-        """CPU: blocks from shared memory into per-layer K, V of shape [1, head, tokens, dim]."""
+    def _read_paged(self, offsets: list[int]) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+        """Leased slots (offsets into the host region) into new per-layer K, V of shape
+        [1, head, tokens, dim], contiguous, in one paged-copy launch (asynchronous on a GPU)."""
+        torch = self._torch
+        g = self.geometry
+        L, _, H, T, D = g.block_shape
+        n = len(offsets)
+        # One [k/v, head, tokens, dim] tensor per layer: page i of plane `layer` (chunk i,
+        # [k/v][head][token][dim]) is exactly that layer's part of block i, so one plane a
+        # layer, and each layer's memory goes as soon as the forward has replaced it.
+        layers = [torch.empty((2, H, n * T, D), dtype=g.dtype, device=self.device) for _ in range(L)]
+        copier = self._copier([(t.view(2, H, n, T, D), 2) for t in layers])
+        copier.scatter(self._host_region(), offsets, np.arange(n))
+        return [(t[0].unsqueeze(0), t[1].unsqueeze(0)) for t in layers]
+
+    def _read_blocks(self, views: list[memoryview]) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+        """Leased slots into per-layer K, V of shape [1, head, tokens, dim], one strided copy per block."""
         torch = self._torch
         g = self.geometry
         n = len(views)
@@ -356,46 +400,11 @@ class KVTierCache:
             # lease views are read-only on purpose; torch warns because its tensors could write
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             src = [torch.frombuffer(v, dtype=g.dtype).view(g.block_shape) for v in views]
-        out = torch.empty((L, two, H, n, T, D), dtype=g.dtype)
+        out = torch.empty((L, two, H, n, T, D), dtype=g.dtype, device=self.device)
         for i, s in enumerate(src):
-            out[:, :, :, i].copy_(s)   # one strided copy per block, out of the shared slot
+            out[:, :, :, i].copy_(s, non_blocking=True)   # one strided copy per block, out of the shared slot
         out = out.view(L, two, H, n * T, D)
         return [(out[layer, 0].unsqueeze(0), out[layer, 1].unsqueeze(0)) for layer in range(L)]
-
-    def _paged_copier(self, layers: list[tuple["torch.Tensor", "torch.Tensor"]], lo: int, hi: int) -> Any:
-        """A copier whose page i of every plane is chunk lo+i of that layer's K or V
-        ([1, head, seq, dim] tensors): exactly the block layout, so one kernel launch
-        moves any number of blocks between slots and the cache, with no staging."""
-        from kvtierd.gpu.paged import PagedCopier, PagedLayout
-
-        g = self.geometry
-        _, _, H, T, D = g.block_shape
-        planes = []
-        for k, v in layers:
-            for t in (k, v):
-                # A view, so scatter writes into `t` itself; a cache tensor that is not
-                # viewable this way (unusual strides) is read through a reshaped copy.
-                part = t[0, :, lo * T:hi * T]
-                try:
-                    planes.append((part.view(H, hi - lo, T, D), 1))
-                except RuntimeError:
-                    planes.append((part.reshape(H, hi - lo, T, D), 1))
-        copier = PagedCopier(PagedLayout(planes, pages_per_block=1))
-        assert copier.layout.block_bytes == g.block_bytes
-        return copier
-
-    def _gather_cuda(self, offsets: list[int]) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
-        """GPU: leased host slots straight into new contiguous per-layer K, V, in one launch
-        over the page-locked, mapped host region (the caller synchronises before release)."""
-        torch = self._torch
-        g = self.geometry
-        _, _, H, T, D = g.block_shape
-        n = len(offsets)
-        layers = [(torch.empty((1, H, n * T, D), dtype=g.dtype, device=self.device),
-                   torch.empty((1, H, n * T, D), dtype=g.dtype, device=self.device)) for _ in range(g.layers)]
-        region = self._host_region()
-        self._paged_copier(layers, 0, n).scatter(region, offsets, list(range(n)))
-        return layers
 
     def _forward(self, ids: "torch.Tensor", start: int, end: int, cache: Any, **kwargs: Any) -> Any:
         torch = self._torch
@@ -421,34 +430,53 @@ class KVTierCache:
         if not todo:
             return
         with self.ns.reserve(todo) as res:
-            reserved = list(res.keys)
-            if not reserved:
+            if not res.index:
                 return
-            index = {k: first + i for i, k in enumerate(todo)}
-            chunks = [index[k] for k in reserved]
-            if self.device.type == "cuda":
-                lo, hi = min(chunks), max(chunks) + 1
-                layers = [_get_layer(cache, layer) for layer in range(g.layers)]
-                self._check_layers(layers)
-                # One launch from the cache's own K/V into the reserved slots.
-                self._paged_copier(layers, lo, hi).gather([c - lo for c in chunks], self._host_region(),
-                                                          res.offsets)
-                torch.cuda.current_stream(self.device).synchronize()  # commit only bytes that have landed
+            chunks = [first + i for i in res.index]   # ascending, maybe with gaps (chunks already stored)
+            layers = [_get_layer(cache, layer) for layer in range(g.layers)]
+            self._check_layers(layers)
+            if self.paged_copy:
+                self._write_paged(layers, chunks, res.offsets)
             else:
-                stage = self._stage(cache, chunks)
-                for view, block in zip(res.views, stage):
-                    torch.frombuffer(view, dtype=torch.uint8).copy_(block.reshape(-1).view(torch.uint8))
-        self.stats.stored_blocks += len(reserved)
+                self._write_blocks(layers, chunks, res.views)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # commit only bytes that have landed
+            stored = len(res.index)
+        self.stats.stored_blocks += stored
 
-    def _stage(self, cache: Any, chunks: list[int]) -> "torch.Tensor":
-        """The given chunks as [n, layer, k/v, head, token, dim], contiguous, in host memory."""
+    def _write_paged(self, layers: list, chunks: list[int], offsets: list[int]) -> None:
+        """The given chunks of the cache's own K/V into the reserved slots, one paged-copy launch."""
+        _, _, H, T, D = self.geometry.block_shape
+        hi = max(chunks) + 1
+        # [head, chunk, token, dim] views of [1, head, seq, dim] (contiguous in seq after the
+        # forward's torch.cat); reshape copies only a tensor with strides no view can describe.
+        planes = [(t[0, :, :hi * T].reshape(H, hi, T, D), 1) for k, v in layers for t in (k, v)]
+        self._copier(planes).gather(np.asarray(chunks, dtype=np.int64), self._host_region(), offsets)
+
+    def _copier(self, planes: list[tuple["torch.Tensor", int]]) -> Any:
+        """A PagedCopier over these planes (pages_per_block 1), checked against the block layout."""
+        from kvtierd.gpu.paged import PagedCopier, PagedLayout
+
+        copier = PagedCopier(PagedLayout(planes))
+        if copier.layout.block_bytes != self.geometry.block_bytes:
+            raise RuntimeError(f"paged layout of {copier.layout.block_bytes} bytes a block, the block "
+                               f"layout says {self.geometry.block_bytes}")
+        return copier
+
+    def _write_blocks(self, layers: list, chunks: list[int], views: list[memoryview]) -> None:
+        """The given chunks staged in block order, then one contiguous copy per block into its slot."""
+        torch = self._torch
+        stage = self._stage(layers, chunks)
+        for view, block in zip(views, stage, strict=True):
+            torch.frombuffer(view, dtype=torch.uint8).copy_(block.reshape(-1).view(torch.uint8))
+
+    def _stage(self, layers: list, chunks: list[int]) -> "torch.Tensor":
+        """The given chunks as [n, layer, k/v, head, token, dim], contiguous, on the model's device."""
         torch = self._torch
         g = self.geometry
         L, _, H, T, D = g.block_shape
         lo, hi = min(chunks), max(chunks) + 1
         stage = torch.empty((hi - lo, L, 2, H, T, D), dtype=g.dtype, device=self.device)
-        layers = [_get_layer(cache, layer) for layer in range(L)]
-        self._check_layers(layers)
         for layer, (k, v) in enumerate(layers):
             for kind, t in ((0, k), (1, v)):
                 part = t[0, :, lo * T:hi * T].reshape(H, hi - lo, T, D)
@@ -458,12 +486,17 @@ class KVTierCache:
         return stage
 
     def _check_layers(self, layers: list) -> None:
-        _, _, H, _, D = self.geometry.block_shape
-        for layer, (k, _v) in enumerate(layers):
-            if k is None or k.dim() != 4 or k.shape[0] != 1 or k.shape[1] != H or k.shape[3] != D:
-                shape = None if k is None else tuple(k.shape)
-                raise ValueError(f"layer {layer}: expected K/V of shape [1, {H}, seq, {D}], found {shape}; "
-                                 "this model's cache does not fit the kvtierd block layout")
+        g = self.geometry
+        _, _, H, _, D = g.block_shape
+        for layer, kv in enumerate(layers):
+            for t in kv:
+                if t is None or t.dim() != 4 or t.shape[0] != 1 or t.shape[1] != H or t.shape[3] != D:
+                    shape = None if t is None else tuple(t.shape)
+                    raise ValueError(f"layer {layer}: expected K/V of shape [1, {H}, seq, {D}], found {shape}; "
+                                     "this model's cache does not fit the kvtierd block layout")
+                if t.dtype != g.dtype:
+                    # blocks are keyed by dtype; converting silently would store other bytes under the key
+                    raise ValueError(f"layer {layer}: K/V are {t.dtype}, the model's parameters {g.dtype}")
 
     def _host_region(self) -> Any:
         """The host tier as a copy region of this process, page-locked and mapped where
