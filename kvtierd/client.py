@@ -129,7 +129,9 @@ def _get_into_steps(ns: "_NamespaceBase", keys: list[bytes], out: Sequence[Any])
 
 
 class Lease:
-    """Read-only views of leased blocks; valid until release (the `with` block's end)."""
+    """Leased blocks: `offsets` and `tiers` of each, and read-only `views` of those in
+    the host tier (None for a miss, and for a block left in HBM by tier="any");
+    valid until release (the `with` block's end)."""
 
     def __init__(self, ns: "_NamespaceBase", keys: list[bytes], reply: dict):
         self.ns = ns
@@ -139,15 +141,16 @@ class Lease:
         self.keys = keys[:len(self.offsets)]
         region = ns.client.region
         self.views: list[memoryview | None] = [
-            region.slot(off, ns.block_size).toreadonly() if off >= 0 else None for off in self.offsets]
+            region.slot(off, ns.block_size).toreadonly() if off >= 0 and tier == "host" else None
+            for off, tier in zip(self.offsets, self.tiers)]
         self.released = False
 
     @property
     def count(self) -> int:
         """Leading keys leased (for a prefix acquire, all of them)."""
         n = 0
-        for v in self.views:
-            if v is None:
+        for off in self.offsets:
+            if off < 0:
                 break
             n += 1
         return n
@@ -171,8 +174,10 @@ class Reservation:
         self.index: list[int] = reply["index"]
         self.keys = [keys[i] for i in self.index]
         self.offsets: list[int] = reply["offsets"]
+        self.tier: str = reply["tier"]
         region = ns.client.region
-        self.views = [region.slot(off, ns.block_size) for off in self.offsets]
+        # Slots in HBM are written by the worker copy path, not through views.
+        self.views = [region.slot(off, ns.block_size) for off in self.offsets] if self.tier == "host" else []
         self.done = False
 
 
@@ -225,9 +230,11 @@ class Namespace(_NamespaceBase):
         """Hint: bring disk blocks up to host in the background."""
         return self.client._call(Op.PREFETCH, {"ns": self.id, "keys": list(keys)})["n"]
 
-    def acquire(self, keys: list[bytes], prefix: bool = True) -> "SyncLease":
-        """Leases the leading present keys (all present keys with prefix=False); use as a context manager."""
-        reply = self.client._call(Op.ACQUIRE, {"ns": self.id, "keys": list(keys), "prefix": prefix})
+    def acquire(self, keys: list[bytes], prefix: bool = True, tier: str = "host") -> "SyncLease":
+        """Leases the leading present keys (all present keys with prefix=False); use as a context manager.
+        tier: "host" (blocks readable through `views`), "any" (HBM blocks stay in HBM, for
+        GPU workers), "hbm" (host blocks are promoted first)."""
+        reply = self.client._call(Op.ACQUIRE, {"ns": self.id, "keys": list(keys), "prefix": prefix, "tier": tier})
         return SyncLease(self, list(keys), reply)
 
     def store_pages(self, copier: Any, page_ids: Sequence[int], keys: list[bytes], tier: str = "host",
@@ -244,9 +251,10 @@ class Namespace(_NamespaceBase):
         from kvtierd.gpu.worker import load_pages
         return load_pages(self, copier, keys, page_ids, tier, stream)
 
-    def reserve(self, keys: list[bytes]) -> "SyncReservation":
-        """Slots for the keys not yet stored; commits at the end of a `with` block, aborts on error."""
-        reply = self.client._call(Op.RESERVE, {"ns": self.id, "keys": list(keys)})
+    def reserve(self, keys: list[bytes], tier: str = "host") -> "SyncReservation":
+        """Slots for the keys not yet stored; commits at the end of a `with` block, aborts on error.
+        tier="hbm" asks for HBM slots (written with the worker copy path; `views` is empty then)."""
+        reply = self.client._call(Op.RESERVE, {"ns": self.id, "keys": list(keys), "tier": tier})
         return SyncReservation(self, list(keys), reply)
 
 
@@ -489,11 +497,11 @@ class AsyncNamespace(_NamespaceBase):
     async def prefetch(self, keys: list[bytes]) -> int:
         return (await self.client._call(Op.PREFETCH, {"ns": self.id, "keys": list(keys)}))["n"]
 
-    def acquire(self, keys: list[bytes], prefix: bool = True) -> "AsyncLeaseContext":
-        return AsyncLeaseContext(self, list(keys), prefix)
+    def acquire(self, keys: list[bytes], prefix: bool = True, tier: str = "host") -> "AsyncLeaseContext":
+        return AsyncLeaseContext(self, list(keys), prefix, tier)
 
-    def reserve(self, keys: list[bytes]) -> "AsyncReservationContext":
-        return AsyncReservationContext(self, list(keys))
+    def reserve(self, keys: list[bytes], tier: str = "host") -> "AsyncReservationContext":
+        return AsyncReservationContext(self, list(keys), tier)
 
 
 class AsyncLease(Lease):
@@ -504,12 +512,13 @@ class AsyncLease(Lease):
 
 
 class AsyncLeaseContext:
-    def __init__(self, ns: AsyncNamespace, keys: list[bytes], prefix: bool):
-        self.ns, self.keys, self.prefix = ns, keys, prefix
+    def __init__(self, ns: AsyncNamespace, keys: list[bytes], prefix: bool, tier: str):
+        self.ns, self.keys, self.prefix, self.tier = ns, keys, prefix, tier
         self.lease: AsyncLease | None = None
 
     async def __aenter__(self) -> AsyncLease:
-        reply = await self.ns.client._call(Op.ACQUIRE, {"ns": self.ns.id, "keys": self.keys, "prefix": self.prefix})
+        reply = await self.ns.client._call(Op.ACQUIRE, {"ns": self.ns.id, "keys": self.keys, "prefix": self.prefix,
+                                                        "tier": self.tier})
         self.lease = AsyncLease(self.ns, self.keys, reply)
         return self.lease
 
@@ -529,12 +538,12 @@ class AsyncReservation(Reservation):
 
 
 class AsyncReservationContext:
-    def __init__(self, ns: AsyncNamespace, keys: list[bytes]):
-        self.ns, self.keys = ns, keys
+    def __init__(self, ns: AsyncNamespace, keys: list[bytes], tier: str):
+        self.ns, self.keys, self.tier = ns, keys, tier
         self.res: AsyncReservation | None = None
 
     async def __aenter__(self) -> AsyncReservation:
-        reply = await self.ns.client._call(Op.RESERVE, {"ns": self.ns.id, "keys": self.keys})
+        reply = await self.ns.client._call(Op.RESERVE, {"ns": self.ns.id, "keys": self.keys, "tier": self.tier})
         self.res = AsyncReservation(self.ns, self.keys, reply)
         return self.res
 

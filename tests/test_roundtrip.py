@@ -145,3 +145,18 @@ def test_the_readme_client_example_runs(daemon, monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "4"
     assert "'blocks': 4" in out[1]
+
+
+def test_tier_requests_fall_back_to_host_without_a_gpu(daemon):
+    with daemon.client() as c:
+        ns = c.namespace("tiers", block_size=4096)
+        with ns.reserve([b"a", b"b"], tier="hbm") as res:     # no HBM tier here: host slots
+            assert res.tier == "host" and len(res.views) == 2
+            res.views[0][:] = b"1" * 4096
+            res.views[1][:] = b"2" * 4096
+        with ns.acquire([b"a", b"b", b"c"], tier="any") as lease:
+            assert lease.count == 2 and lease.tiers == ["host", "host"]
+            assert bytes(lease.views[1]) == b"2" * 4096
+        with pytest.raises(KvtierdError) as e:
+            ns.acquire([b"a"], tier="gpu")
+        assert e.value.code == Code.BAD_ARGS

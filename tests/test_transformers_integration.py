@@ -186,6 +186,82 @@ def test_block_bytes_follow_the_documented_layout(daemon, model):
         assert torch.equal(block[1, 1], layer.values[0, :, CHUNK:2 * CHUNK])
 
 
+def _same_bits(a, b) -> bool:
+    """Byte-for-byte equality (NaN-safe, -0.0 != 0.0), shape and dtype included."""
+    return (a.shape == b.shape and a.dtype == b.dtype
+            and torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)))
+
+
+def _assert_same_cache_bits(a, b, n_tokens=None):
+    assert len(a.layers) == len(b.layers)
+    for la, lb in zip(a.layers, b.layers):
+        for x, y in ((la.keys, lb.keys), (la.values, lb.values)):
+            x, y = x.cpu(), y.cpu()
+            if n_tokens is not None:
+                x, y = x[:, :, :n_tokens], y[:, :, :n_tokens]
+            assert _same_bits(x, y)
+
+
+def _assert_blocks_hold(kv, keys, cache, chunks):
+    """The stored blocks of these chunks are the cache's own K/V in the documented layout, bit for bit."""
+    g = kv.geometry
+    raws = kv.ns.get_many([keys[c] for c in chunks])
+    for c, raw in zip(chunks, raws):
+        assert raw is not None
+        block = torch.frombuffer(bytearray(raw), dtype=g.dtype).view(g.block_shape)
+        for n, layer in enumerate(cache.layers):
+            assert _same_bits(block[n, 0], layer.keys[0, :, c * CHUNK:(c + 1) * CHUNK].cpu())
+            assert _same_bits(block[n, 1], layer.values[0, :, c * CHUNK:(c + 1) * CHUNK].cpu())
+
+
+def _paged_vs_blocks(daemon, model, ids):
+    """Stores, loads and gapped re-stores of one prompt through the paged copier and through
+    per-block copies, in two namespaces: every cache and every block must agree bit for bit."""
+    with daemon.client() as c:
+        paged = KVTierCache(c, model, chunk_tokens=CHUNK, cost=_always_load(), namespace="t/paged", paged_copy=True)
+        blocks = KVTierCache(c, model, chunk_tokens=CHUNK, cost=_always_load(), namespace="t/blocks",
+                             paged_copy=False)
+        keys = paged.keys(ids)
+        assert keys == blocks.keys(ids) and len(keys) >= 4
+        n_chunks = len(keys)
+        out_p, out_b = paged.forward(ids), blocks.forward(ids)
+        assert torch.equal(out_p.logits, out_b.logits)
+        _assert_blocks_hold(paged, keys, out_p.past_key_values, range(n_chunks))
+        assert paged.ns.get_many(keys) == blocks.ns.get_many(keys)
+
+        for kv in (paged, blocks):   # loads: same K/V, contiguous, exactly what was computed
+            cache, n = kv.load(ids)
+            assert n == min(n_chunks * CHUNK, ids.shape[1] - 1)
+            _assert_same_cache_bits(cache, out_p.past_key_values, n)
+            if n % CHUNK == 0:   # (a cropped full hit is a view of the loaded chunks)
+                assert all(layer.keys.is_contiguous() and layer.values.is_contiguous() for layer in cache.layers)
+        _assert_same_cache_bits(paged.load(ids)[0], blocks.load(ids)[0])
+
+        # chunks 1 and 3 evicted: the next store writes chunks [1, 3], a batch with a gap
+        for kv in (paged, blocks):
+            assert kv.ns.delete([keys[1], keys[3]]) == 2
+        out_p, out_b = paged.forward(ids), blocks.forward(ids)
+        assert out_p.n_cached_tokens == out_b.n_cached_tokens == CHUNK   # only chunk 0 is a prefix now
+        _assert_same_cache_bits(out_p.past_key_values, out_b.past_key_values)
+        _assert_blocks_hold(paged, keys, out_p.past_key_values, [1, 3])
+        assert paged.ns.get_many(keys) == blocks.ns.get_many(keys)
+        assert paged.stats.stored_blocks == blocks.stats.stored_blocks == n_chunks + 2
+
+
+def test_paged_copies_and_per_block_copies_store_and_load_the_same_bytes(daemon, model):
+    # on CPU the paged copier runs its torch fallback: same bytes as the per-block memcpy path
+    _paged_vs_blocks(daemon, model, _prompt(100, seed=12))
+
+
+def test_a_full_hit_loads_the_same_bytes_both_ways(daemon, model):
+    _paged_vs_blocks(daemon, model, _prompt(96, seed=13))   # 6 full chunks: loads crop to 95 tokens
+
+
+def test_cpu_models_copy_per_block_by_default(daemon, model):
+    with daemon.client() as c:
+        assert KVTierCache(c, model, chunk_tokens=CHUNK).paged_copy is False
+
+
 def test_a_new_process_sees_the_same_keys_and_hits(daemon, model):
     ids = _prompt(64, seed=8)
     with daemon.client() as c:
@@ -301,6 +377,31 @@ def test_cuda_kernels_store_and_load_blocks_byte_for_byte(daemon):
         for layer, ref in zip(cache.layers, out.past_key_values.layers):
             assert torch.equal(layer.keys, ref.keys[:, :, :n_cached])
             assert torch.equal(layer.values, ref.values[:, :, :n_cached])
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_path_matches_per_block_copies_and_the_cpu_reference(daemon):
+    """The one-launch kernel path against per-block torch copies on the same GPU, then the
+    blocks the kernel stored read back by the CPU path: bit for bit everywhere."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from kvtierd.gpu import cuda
+    if not cuda.kernels_available():
+        pytest.skip("needs cupy for kvtierd's kernels")
+    model = _build_model().to("cuda")
+    ids = _prompt(100, seed=14).to("cuda")
+    with daemon.client() as c:
+        assert KVTierCache(c, model, chunk_tokens=CHUNK).paged_copy is True   # the default on a GPU
+    _paged_vs_blocks(daemon, model, ids)
+    with daemon.client() as c:
+        gpu = KVTierCache(c, model, chunk_tokens=CHUNK, cost=_always_load(), namespace="t/paged")
+        cpu = KVTierCache(c, _build_model(), chunk_tokens=CHUNK, cost=_always_load(), namespace="t/paged",
+                          model_id=gpu.model_id)
+        assert cpu.paged_copy is False and gpu.keys(ids) == cpu.keys(ids)
+        on_gpu, n = gpu.load(ids)
+        on_cpu, m = cpu.load(ids.cpu())
+        assert n == m == 96
+        _assert_same_cache_bits(on_gpu, on_cpu)
 
 
 # ------------------------------------------------------------------ cost model
