@@ -111,6 +111,8 @@ def main() -> int:
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 on CPU, bf16 on GPU)")
     ap.add_argument("--chunk-tokens", type=int, default=None)
     ap.add_argument("--hbm-bytes", default="0", help="daemon HBM tier size (GPU)")
+    ap.add_argument("--tier", choices=("host", "hbm"), default="host",
+                    help="where the integration stores blocks (hbm: needs --hbm-bytes and a GPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = ap.parse_args()
     if a.threads:
@@ -160,7 +162,7 @@ def main() -> int:
                              "--hbm-bytes", a.hbm_bytes]).start()
             try:
                 # KVTierCache closes first: it unpins the client's mapping before the client unmaps it
-                with Client(d.sock) as c, KVTierCache(c, model, chunk_tokens=geo.chunk_tokens, cost=forced,
+                with Client(d.sock) as c, KVTierCache(c, model, chunk_tokens=geo.chunk_tokens, cost=forced, tier=a.tier,
                                                       model_id=f"bench/{a.model}") as kv:
                     if device.type == "cuda":
                         kv.pin_host_tier()   # once per process, not part of any request
@@ -186,7 +188,7 @@ def main() -> int:
                     d.stop()
                     d.start()
                     with Client(d.sock) as c, KVTierCache(c, model, chunk_tokens=geo.chunk_tokens, cost=forced,
-                                                          model_id=f"bench/{a.model}") as kv:
+                                                          tier=a.tier, model_id=f"bench/{a.model}") as kv:
                         if device.type == "cuda":
                             kv.pin_host_tier()
                         for n in lengths:

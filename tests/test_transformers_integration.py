@@ -404,6 +404,40 @@ def test_cuda_kernel_path_matches_per_block_copies_and_the_cpu_reference(daemon)
         _assert_same_cache_bits(on_gpu, on_cpu)
 
 
+def test_the_hbm_tier_needs_a_gpu_model(daemon, model):
+    with daemon.client() as c:
+        with pytest.raises(ValueError, match="GPU"):
+            KVTierCache(c, model, chunk_tokens=CHUNK, tier="hbm")
+        with pytest.raises(ValueError, match="tier"):
+            KVTierCache(c, model, chunk_tokens=CHUNK, tier="disk")
+
+
+@pytest.mark.gpu
+def test_cuda_model_stores_to_and_loads_from_the_hbm_tier(start_daemon):
+    """With tier="hbm" blocks go into the daemon's GPU pool and come back device to device."""
+    from kvtierd.gpu import cuda
+    if not cuda.kernels_available():
+        pytest.skip("needs CUDA with cupy")
+    d = start_daemon("--hbm-bytes", "256MiB")
+    model = _build_model().to("cuda")
+    ids = _prompt(100).to("cuda")
+    with d.client() as c, KVTierCache(c, model, chunk_tokens=CHUNK, cost=_always_load(), tier="hbm") as kv:
+        first = kv.forward(ids)
+        assert kv.ns.lookup_tiers(kv.keys(ids)) == ["hbm"] * (100 // CHUNK)
+        out = kv.forward(ids)
+        assert out.n_cached_tokens == 96
+        for layer, ref in zip(out.past_key_values.layers, first.past_key_values.layers):
+            assert torch.equal(layer.keys[:, :, :96], ref.keys[:, :, :96])
+            assert torch.equal(layer.values[:, :, :96], ref.values[:, :, :96])
+        # A host reader of the same blocks gets them copied down by the daemon, byte for byte.
+        cpu_model = _build_model()
+        cpu_kv = KVTierCache(c, cpu_model, chunk_tokens=CHUNK, cost=_always_load(), model_id=kv.model_id)
+        cache, n = cpu_kv.load(ids.cpu())
+        assert n == 96
+        for layer, ref in zip(cache.layers, first.past_key_values.layers):
+            assert torch.equal(layer.keys, ref.keys[:, :, :96].cpu())
+
+
 # ------------------------------------------------------------------ cost model
 
 def test_cost_plan_takes_whole_host_prefix_when_cheaper():

@@ -223,10 +223,13 @@ class KVTierCache:
     def __init__(self, client: Any, model: Any, *, chunk_tokens: int | None = None,
                  tenant_salt: bytes | str = b"", model_id: str | None = None,
                  namespace: str | None = None, cost: CostModel | None = None, store: bool = True,
-                 paged_copy: bool | None = None):
+                 paged_copy: bool | None = None, tier: str = "host"):
         """paged_copy: move a request's blocks in one paged-copy launch (True) or one copy
         per block (False); None picks paged on a GPU with kvtierd's kernels, per block
-        elsewhere (see the module doc). Both give the same bytes."""
+        elsewhere (see the module doc). Both give the same bytes.
+        tier: where new blocks are stored and read from: "host" (the shared host tier)
+        or "hbm" (the daemon's GPU pool, opened by CUDA IPC: device-to-device copies;
+        needs the paged-copy path and a daemon with an HBM tier, else blocks go to host)."""
         import torch
 
         self.model = model
@@ -253,6 +256,11 @@ class KVTierCache:
 
             paged_copy = self.device.type == "cuda" and cuda.kernels_available()
         self.paged_copy = bool(paged_copy)
+        if tier not in ("host", "hbm"):
+            raise ValueError(f"tier must be 'host' or 'hbm', not {tier!r}")
+        if tier == "hbm" and not (self.paged_copy and self.device.type == "cuda"):
+            raise ValueError("the HBM tier needs a model on a GPU and kvtierd's paged-copy kernels (cupy)")
+        self.tier = tier
 
     # ------------------------------------------------------------- public API
 
@@ -357,14 +365,16 @@ class KVTierCache:
         if self.device.type == "cuda":
             self._host_region()   # page-locked once per process: the copies below are DMA
         t0 = time.perf_counter()
-        with self.ns.acquire(keys[: plan.load_blocks]) as lease:
+        # With tier="hbm" blocks are read where they are (HBM by IPC, host by DMA); a
+        # host reader gets HBM blocks copied down by the daemon first.
+        with self.ns.acquire(keys[: plan.load_blocks], tier="any" if self.tier == "hbm" else "host") as lease:
             n = lease.count
             if n < plan.load_blocks:
                 self.stats.lost_blocks += plan.load_blocks - n
             if n == 0:
                 return cache, 0, 0
             if self.paged_copy:
-                kv = self._read_paged(lease.offsets[:n])
+                kv = self._read_paged(lease.offsets[:n], lease.tiers[:n])
             else:
                 kv = self._read_blocks(lease.views[:n])
             if self.device.type == "cuda":
@@ -377,9 +387,9 @@ class KVTierCache:
         self.stats.hit_tokens += n_cached
         return cache, n_cached, n
 
-    def _read_paged(self, offsets: list[int]) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
-        """Leased slots (offsets into the host region) into new per-layer K, V of shape
-        [1, head, tokens, dim], contiguous, in one paged-copy launch (asynchronous on a GPU)."""
+    def _read_paged(self, offsets: list[int], tiers: list[str]) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+        """Leased slots into new per-layer K, V of shape [1, head, tokens, dim], contiguous,
+        in one paged-copy launch per tier the blocks sit in (asynchronous on a GPU)."""
         torch = self._torch
         g = self.geometry
         L, _, H, T, D = g.block_shape
@@ -389,7 +399,13 @@ class KVTierCache:
         # layer, and each layer's memory goes as soon as the forward has replaced it.
         layers = [torch.empty((2, H, n * T, D), dtype=g.dtype, device=self.device) for _ in range(L)]
         copier = self._copier([(t.view(2, H, n, T, D), 2) for t in layers])
-        copier.scatter(self._host_region(), offsets, np.arange(n))
+        if all(t == "host" for t in tiers):
+            copier.scatter(self._host_region(), offsets, np.arange(n))
+        else:
+            regions = self.client.worker_regions()
+            for tier in sorted(set(tiers)):
+                idx = [i for i, t in enumerate(tiers) if t == tier]
+                copier.scatter(regions.region(tier), [offsets[i] for i in idx], np.asarray(idx, dtype=np.int64))
         return [(t[0].unsqueeze(0), t[1].unsqueeze(0)) for t in layers]
 
     def _read_blocks(self, views: list[memoryview]) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
@@ -431,14 +447,14 @@ class KVTierCache:
         todo = keys[first:covered]
         if not todo:
             return
-        with self.ns.reserve(todo) as res:
+        with self.ns.reserve(todo, tier=self.tier) as res:
             if not res.index:
                 return
             chunks = [first + i for i in res.index]   # ascending, maybe with gaps (chunks already stored)
             layers = [_get_layer(cache, layer) for layer in range(g.layers)]
             self._check_layers(layers)
             if self.paged_copy:
-                self._write_paged(layers, chunks, res.offsets)
+                self._write_paged(layers, chunks, res.offsets, res.tier)
             else:
                 self._write_blocks(layers, chunks, res.views)
             if self.device.type == "cuda":
@@ -446,14 +462,15 @@ class KVTierCache:
             stored = len(res.index)
         self.stats.stored_blocks += stored
 
-    def _write_paged(self, layers: list, chunks: list[int], offsets: list[int]) -> None:
+    def _write_paged(self, layers: list, chunks: list[int], offsets: list[int], tier: str = "host") -> None:
         """The given chunks of the cache's own K/V into the reserved slots, one paged-copy launch."""
         _, _, H, T, D = self.geometry.block_shape
         hi = max(chunks) + 1
         # [head, chunk, token, dim] views of [1, head, seq, dim] (contiguous in seq after the
         # forward's torch.cat); reshape copies only a tensor with strides no view can describe.
         planes = [(t[0, :, :hi * T].reshape(H, hi, T, D), 1) for k, v in layers for t in (k, v)]
-        self._copier(planes).gather(np.asarray(chunks, dtype=np.int64), self._host_region(), offsets)
+        region = self._host_region() if tier == "host" else self.client.worker_regions().region(tier)
+        self._copier(planes).gather(np.asarray(chunks, dtype=np.int64), region, offsets)
 
     def _copier(self, planes: list[tuple["torch.Tensor", int]]) -> Any:
         """A PagedCopier over these planes (pages_per_block 1), checked against the block layout."""
