@@ -118,19 +118,20 @@ async def tier_throughput(args, state: Path, block: int, durability: str) -> tup
     mv = memoryview(region)
     per_region = region_bytes // block
     batch = max(1, (args.depth * args.io_mib * MiB) // block)   # one batch keeps every I/O slot busy
+
+    def items(s: int) -> list:
+        return [("bench", i.to_bytes(8, "little"), mv[(i % per_region) * block:(i % per_region + 1) * block])
+                for i in range(s, min(nblocks, s + batch))]
+
     t0 = time.perf_counter()
     for s in range(0, nblocks, batch):
-        items = [("bench", i.to_bytes(8, "little"), mv[(i % per_region) * block:(i % per_region + 1) * block])
-                 for i in range(s, min(nblocks, s + batch))]
-        res = await tier.write_batch(items)
+        res = await tier.write_batch(items(s))
         if not all(res):
             raise SystemExit(f"write_batch refused blocks at {s}: {tier.stats()}")
     w = nblocks * block / (time.perf_counter() - t0) / 1e9
     t0 = time.perf_counter()
     for s in range(0, nblocks, batch):
-        items = [("bench", i.to_bytes(8, "little"), mv[(i % per_region) * block:(i % per_region + 1) * block])
-                 for i in range(s, min(nblocks, s + batch))]
-        res = await tier.read_batch(items)
+        res = await tier.read_batch(items(s))
         if not all(res):
             raise SystemExit(f"read_batch missed blocks at {s}: {tier.stats()}")
     r = nblocks * block / (time.perf_counter() - t0) / 1e9

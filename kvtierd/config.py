@@ -246,12 +246,6 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
 
-    def socket_path(self) -> Path:
-        return Path(self.server.socket)
-
-    def state_dir(self) -> Path:
-        return Path(self.state.dir)
-
     def summary(self) -> str:
         return (f"socket={self.server.socket} state={self.state.dir} host={format_size(self.host.bytes)} "
                 f"disk={format_size(self.disk.bytes)} hbm={format_size(self.hbm.bytes)} "

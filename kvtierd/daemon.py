@@ -34,20 +34,6 @@ class StartupError(RuntimeError):
     """Start-up cannot go on; the message says why and what to do."""
 
 
-def _socket_in_use(path: Path) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(1.0)
-    try:
-        s.connect(str(path))
-        return True
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        return True   # e.g. timed out: something is there; do not steal it
-    finally:
-        s.close()
-
-
 class Daemon:
     def __init__(self, cfg: config_mod.Config, config_path: str | None = None,
                  overrides: dict | None = None):
@@ -80,17 +66,16 @@ class Daemon:
         if handed is not None:
             log.info("using the listening socket handed over by systemd")
             return handed
-        if self.sock_path.exists() or self.sock_path.is_symlink():
-            if _socket_in_use(self.sock_path):
-                raise StartupError(f"another process is serving on {self.sock_path}; "
-                                   f"stop it first or pick another --socket")
-            log.warning("replacing stale socket %s left by a daemon that did not exit cleanly", self.sock_path)
-            self.sock_path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(self.sock_path))
-        from kvtierd.access import apply_socket_mode
-        apply_socket_mode(self.sock_path, self.cfg.server.socket_mode, self.cfg.server.socket_group)
-        sock.listen(1024)
+        from kvtierd.access import AccessError, bind_unix_listener
+        stale = os.path.lexists(self.sock_path)
+        try:
+            # Replaces only a socket nobody listens on; mode and group are set before listen().
+            sock = bind_unix_listener(self.sock_path, self.cfg.server.socket_mode, self.cfg.server.socket_group,
+                                      backlog=1024)
+        except AccessError as e:
+            raise StartupError(f"{e}; stop it first or pick another --socket") from None
+        if stale:
+            log.warning("replaced stale socket %s left by a daemon that did not exit cleanly", self.sock_path)
         self.owns_socket = True
         return sock
 
@@ -113,7 +98,7 @@ class Daemon:
                                        max_namespaces=cfg.metrics.max_namespaces)
         server = self.server = Server(
             cfg, store, admit=self._admit, observe=self.metrics.observe_request,
-            may_open=self.policy.may_open, extra_stats=self._extra_stats,
+            refuse_open=self._refuse_open, extra_stats=self._extra_stats,
             hot=self.hot.top, record_reads=self.hot.record)
         # GPU set-up (pinning a large region takes seconds) happens before the socket
         # exists, so no client waits on a socket that listens but does not serve yet.
@@ -211,6 +196,12 @@ class Daemon:
             log.warning("refused connection from pid=%d uid=%d gid=%d: %s", conn.pid, conn.uid, conn.gid, reason)
             return reason
         return None
+
+    def _refuse_open(self, namespace: str, uid: int) -> str | None:
+        if self.policy.may_open(namespace, uid):
+            return None
+        log.warning("refused uid %d access to namespace %r", uid, namespace)
+        return self.policy.why_not(namespace, uid)
 
     def _extra_stats(self) -> dict:
         out = {}

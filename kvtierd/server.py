@@ -228,7 +228,7 @@ class Server:
 
     def __init__(self, cfg, store: Store, *, admit: Callable | None = None,
                  observe: Callable[[Op, str, float], None] | None = None,
-                 may_open: Callable[[str, int], bool] | None = None,
+                 refuse_open: Callable[[str, int], str | None] | None = None,
                  extra_stats: Callable[[], dict] | None = None,
                  hot: Callable[[str | None], dict] | None = None,
                  record_reads: Callable[[str, list], None] | None = None):
@@ -241,7 +241,7 @@ class Server:
         self._conn_ids = 0
         self._admit = admit
         self._observe = observe
-        self._may_open = may_open
+        self._refuse_open = refuse_open
         self._extra_stats = extra_stats
         self._hot = hot
         self._record_reads = record_reads
@@ -296,8 +296,9 @@ class Server:
         return {"time": time.time(), "draining": self.draining}
 
     def op_open(self, c: Connection, name: str, block_size: int, tokens_per_block: int = 0) -> dict:
-        if self._may_open and not self._may_open(name, c.uid):
-            raise ProtocolError(Code.DENIED, f"uid {c.uid} may not open namespace {name!r}")
+        refusal = self._refuse_open(name, c.uid) if self._refuse_open else None
+        if refusal:
+            raise ProtocolError(Code.DENIED, refusal)
         ns = self.store.open_namespace(name, block_size, tokens_per_block)
         c.namespaces.add(ns.id)
         return {"ns": ns.id, "block_size": ns.block_size, "slot_bytes": ns.slot_bytes}

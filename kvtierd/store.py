@@ -177,7 +177,6 @@ class Store:
         self._pressure = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
-        self._closing = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -204,7 +203,6 @@ class Store:
 
     async def close(self, flush: bool) -> None:
         """Stops background work; optionally writes the host tier down to disk first."""
-        self._closing = True
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -809,6 +807,7 @@ class Store:
             "leases": len(self.leases),
             "reservations": len(self.reservations),
             "lease_timeouts": self.counters.lease_timeouts,
+            "reservation_timeouts": self.counters.reservation_timeouts,
             "disk": self.disk.stats() if self.disk is not None else {},
             "errors": dict(self.counters.errors),
         }

@@ -90,12 +90,6 @@ class SlabAllocator:
         else:
             partial.add(slab.index)
 
-    def slab_of(self, offset: int) -> int:
-        return offset // self.slab_bytes
-
-    def has_room(self, slot_bytes: int) -> bool:
-        return bool(self._partial.get(slot_bytes)) or bool(self._free_slabs)
-
     def victim_slabs(self, exclude_slot_bytes: int) -> list[Slab]:
         """Slabs of other classes, emptiest first: the cheapest ones to empty for a starving class."""
         return sorted((s for s in self.slabs if s.slot_bytes and s.slot_bytes != exclude_slot_bytes),
