@@ -171,6 +171,8 @@ class ServerConfig:
     lease_timeout_s: float = opt(60.0, _num(float, 0.01), "a lease not released by then is revoked", live=True)
     reservation_timeout_s: float = opt(60.0, _num(float, 0.01), "an uncommitted reservation older than this is aborted", live=True)
     drain_timeout_s: float = opt(10.0, _num(float, 0), "on SIGTERM, how long in-flight work may take before exit")
+    max_namespaces: int = opt(4096, _num(int, 1), "namespaces the daemon holds at most; opening one more is refused (LIMIT)", live=True)
+    max_namespaces_per_uid: int = opt(256, _num(int, 1), "namespaces one uid may create at most (root is not limited)", live=True)
 
 
 @dataclass

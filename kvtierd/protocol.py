@@ -62,6 +62,7 @@ class Code(enum.IntEnum):
     DENIED = 13            # access control refused it
     SHUTTING_DOWN = 14
     INTERNAL = 15
+    LIMIT = 16             # a configured limit refused it (the message names the limit)
 
 
 class ProtocolError(Exception):
