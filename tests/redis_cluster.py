@@ -80,7 +80,7 @@ class RedisClusterProcesses:
             [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
              "--dir", str(d), "--save", "", "--appendonly", "no", "--protected-mode", "no",
-             "--logfile", str(d / "redis.log")],
+             "--repl-diskless-sync-delay", "0", "--logfile", str(d / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def _wait_answers(self, port: int, timeout: float = 10.0) -> None:
@@ -133,14 +133,22 @@ class RedisClusterProcesses:
                 return len(parts) > 8
         return False
 
-    def wait_ok(self, timeout: float = 30.0) -> None:
-        """Every running node reports cluster_state:ok and agrees on masters with slots."""
+    def _replicas_online(self, port: int) -> int:
+        return _cli(port, "INFO", "replication").count("state=online")
+
+    def wait_ok(self, timeout: float = 30.0, replicated: bool = True) -> None:
+        """Every running node reports cluster_state:ok, every slot range has a master, and (with
+        `replicated`, when enough nodes run) each master has its replicas in sync, so it can fail over."""
         deadline = time.monotonic() + timeout
+        want = len(self.ports) // (1 + self.replicas)
         while time.monotonic() < deadline:
             up = self.running()
-            if up and all(self.info(p).get("cluster_state") == "ok" for p in up) and \
-                    len(self.masters()) == len(self.ports) // (1 + self.replicas):
-                return
+            if up and all(self.info(p).get("cluster_state") == "ok" for p in up):
+                masters = self.masters()
+                synced = not replicated or len(up) < len(self.ports) or \
+                    all(self._replicas_online(m) >= self.replicas for m in masters)
+                if len(masters) == want and synced:
+                    return
             time.sleep(0.05)
         raise RuntimeError(f"cluster not ok after {timeout}s: " +
                            "; ".join(f"{p}: {self.info(p).get('cluster_state')}" for p in self.running()))
