@@ -1,0 +1,221 @@
+"""kvtierd's remote tier vs raw redis-py pipelines, to the same Redis Cluster in the same run.
+
+Starts a 3-master, 3-replica redis-server cluster on loopback (or uses --url),
+then for each block size moves --total bytes four ways, each a sequence of
+pipelined rounds of at most remote.pipeline_bytes (16 MiB):
+
+  raw put    redis-py asyncio RedisCluster pipelines of `SET key bytes PX ttl`
+  tier put   RemoteTier.offer() of every block, timed until every done() came back
+             (header with xxh3 of the payload; SET header + APPEND payload view)
+  raw get    pipelines of GET, the reply bytes kept
+  tier get   RemoteTier.fetch() into preallocated slot-sized buffers (header
+             and xxh3 checked, payload copied into the buffer)
+
+The raw rows are the ceiling: the same client library and round shape, no
+header, no checksum, no copy into a destination. `raw get+copy` adds the one
+copy into a buffer the consumer owns, which any reader of redis-py replies
+pays. Extra rows at 1 MiB compare the key layouts (every block its own hash
+slot vs one slot per namespace) and, at 4 MiB, the two write forms (APPEND of
+a memoryview vs SET of header + payload joined into new bytes).
+
+After one warm-up round, each figure is the median of --reps measurements,
+and each ratio the median of --reps paired ratios (a tier measurement over
+the raw one taken just before it, so a machine shared with other work skews
+both alike). `client CPU s/GB` is the benchmark process's CPU time per GB
+moved: the client-side cost, steadier than wall time on a loaded machine.
+Replicas receive every write, so put figures include replication load on the
+same machine.
+
+    python bench/remote.py [--sizes 256KiB,1MiB,4MiB] [--total 128MiB] [--reps 3] [--url redis://...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from redis.asyncio import RedisCluster  # noqa: E402
+from redis.backoff import NoBackoff  # noqa: E402
+from redis.retry import Retry  # noqa: E402
+
+from kvtierd.config import format_size, load, parse_size  # noqa: E402
+from kvtierd.remote import RemoteTier  # noqa: E402
+
+TTL_MS = 600_000
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+async def raw_client(url: str) -> RedisCluster:
+    rc = RedisCluster.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=30)
+    await rc.initialize()
+    return rc
+
+
+def rounds(n: int, per_round: int):
+    for i in range(0, n, per_round):
+        yield range(i, min(n, i + per_round))
+
+
+async def raw_put(rc, keys, blocks, per_round) -> float:
+    t0 = time.perf_counter()
+    for r in rounds(len(keys), per_round):
+        pipe = rc.pipeline(transaction=False)
+        for i in r:
+            pipe.execute_command("SET", keys[i], blocks[i], "PX", TTL_MS)
+        await pipe.execute()
+    return time.perf_counter() - t0
+
+
+async def raw_get(rc, keys, per_round, dests=None) -> float:
+    t0 = time.perf_counter()
+    for r in rounds(len(keys), per_round):
+        pipe = rc.pipeline(transaction=False)
+        for i in r:
+            pipe.execute_command("GET", keys[i])
+        values = await pipe.execute()
+        if dests is not None:
+            for i, v in zip(r, values):
+                dests[i][:] = v
+    return time.perf_counter() - t0
+
+
+async def tier_put(tier: RemoteTier, ns, keys, blocks) -> float:
+    left = len(keys)
+    finished = asyncio.Event()
+    failures = 0
+
+    def done(ok: bool) -> None:
+        nonlocal left, failures
+        left -= 1
+        failures += not ok
+        if left == 0:
+            finished.set()
+
+    t0 = time.perf_counter()
+    for k, b in zip(keys, blocks):
+        if not tier.offer(ns, k, memoryview(b), done):
+            raise RuntimeError("a write was dropped: raise remote.max_inflight_bytes")
+    await finished.wait()
+    dt = time.perf_counter() - t0
+    if failures:
+        raise RuntimeError(f"{failures} writes failed")
+    return dt
+
+
+async def tier_get(tier: RemoteTier, ns, size, keys, dests) -> float:
+    t0 = time.perf_counter()
+    ok = await tier.fetch(ns, size, keys, dests)
+    dt = time.perf_counter() - t0
+    if not all(ok):
+        raise RuntimeError(f"{ok.count(False)} blocks missed")
+    return dt
+
+
+async def timed(coro) -> tuple[float, float]:
+    """(wall seconds, client CPU seconds) of one measurement."""
+    c0 = time.process_time()
+    wall = await coro
+    return wall, time.process_time() - c0
+
+
+async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tuple]:
+    cfg = load(overrides={"remote.url": url, "remote.max_inflight_bytes": max(total, 1 << 20) * 2,
+                          "remote.op_timeout_s": 30, "remote.ttl_s": TTL_MS / 1000}).remote
+    per_bytes = cfg.pipeline_bytes
+    rc = await raw_client(url)
+    rows = []
+    tiers = {(lay, mode): RemoteTier(cfg, layout=lay, write_mode=mode)
+             for lay in ("spread", "namespace") for mode in ("append", "join")}
+    for t in tiers.values():
+        await t.start()
+    try:
+        for size in sizes:
+            n = max(1, total // size)
+            per_round = max(1, per_bytes // size)
+            blocks = [os.urandom(size) for _ in range(n)]
+            dests = [memoryview(bytearray(size)) for _ in range(n)]
+            moved = n * size
+            gb: dict[str, list[float]] = {}
+            cpu: dict[str, list[float]] = {}
+            ratios: dict[str, list[float]] = {}
+            variants = [("spread", "append")]
+            if size == 1 << 20:
+                variants.append(("namespace", "append"))
+            if size == 4 << 20:
+                variants.append(("spread", "join"))
+            for rep in range(reps + 1):            # rep 0 warms connections and server memory up
+                def record(name: str, wall_cpu: tuple[float, float]) -> float:
+                    if rep:
+                        gb.setdefault(name, []).append(gbps(moved, wall_cpu[0]))
+                        cpu.setdefault(name, []).append(wall_cpu[1] / (moved / 1e9))
+                    return gbps(moved, wall_cpu[0])
+                raw_keys = [b"raw:%d:%d:%d" % (size, rep, i) for i in range(n)]
+                keys = {v: [os.urandom(32) for _ in range(n)] for v in variants}
+                ns = {v: f"bench/{size}/{rep}/{v[0]}/{v[1]}" for v in variants}
+                # Paired: each tier figure right after the raw figure it is compared with.
+                raw_p = record("raw put", await timed(raw_put(rc, raw_keys, blocks, per_round)))
+                for v in variants:
+                    tag = "" if v == ("spread", "append") else f" [{v[0]}, {v[1]}]"
+                    tp = record("tier put" + tag, await timed(tier_put(tiers[v], ns[v], keys[v], blocks)))
+                    if rep:
+                        ratios.setdefault("put" + tag, []).append(tp / raw_p)
+                raw_g = record("raw get", await timed(raw_get(rc, raw_keys, per_round)))
+                record("raw get+copy", await timed(raw_get(rc, raw_keys, per_round, dests)))
+                for v in variants:
+                    tag = "" if v == ("spread", "append") else f" [{v[0]}, {v[1]}]"
+                    tg = record("tier get" + tag, await timed(tier_get(tiers[v], ns[v], size, keys[v], dests)))
+                    if rep:
+                        ratios.setdefault("get" + tag, []).append(tg / raw_g)
+                await rc.flushall(target_nodes=RedisCluster.PRIMARIES)
+            for name, vals in gb.items():
+                rows.append((format_size(size), name, statistics.median(vals), min(vals), max(vals),
+                             statistics.median(cpu[name])))
+            for name, vals in ratios.items():
+                rows.append((format_size(size), f"ratio tier/raw {name}", statistics.median(vals), min(vals),
+                             max(vals), None))
+    finally:
+        for t in tiers.values():
+            await t.close()
+        await rc.aclose()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="256KiB,1MiB,4MiB")
+    ap.add_argument("--total", default="128MiB", help="bytes moved per measurement")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--url", default="", help="an existing cluster (default: start one on loopback)")
+    a = ap.parse_args()
+    sizes = [parse_size(s) for s in a.sizes.split(",")]
+    total = parse_size(a.total)
+    print(f"# {platform.node()} {platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    if a.url:
+        rows = asyncio.run(measure(a.url, sizes, total, a.reps))
+    else:
+        from redis_cluster import RedisClusterProcesses
+        with tempfile.TemporaryDirectory() as tmp, RedisClusterProcesses(Path(tmp)) as cluster:
+            rows = asyncio.run(measure(cluster.url, sizes, total, a.reps))
+    print(f"| block | path | GB/s or ratio (median of {a.reps}) | min | max | client CPU s/GB |")
+    print("|---|---|---|---|---|---|")
+    for size, name, med, lo, hi, cpu in rows:
+        print(f"| {size} | {name} | {med:.3f} | {lo:.3f} | {hi:.3f} | {'' if cpu is None else f'{cpu:.2f}'} |")
+
+
+if __name__ == "__main__":
+    main()
