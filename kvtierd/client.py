@@ -212,7 +212,7 @@ class Namespace(_NamespaceBase):
         return self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)})["n"]
 
     def lookup_tiers(self, keys: list[bytes]) -> list[str]:
-        """The tier of each leading present key ('hbm', 'host' or 'disk')."""
+        """The tier of each leading present key ('hbm', 'host', 'disk' or 'remote')."""
         return _expand_runs(self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)})["runs"])
 
     def put_inline(self, keys: list[bytes], blocks: Sequence[Any]) -> int:

@@ -255,6 +255,8 @@ class Server:
             Op.STATS: (self.op_stats, False), Op.PREFETCH: (self.op_prefetch, False),
             Op.HOT: (self.op_hot, False),
         }
+        if getattr(store, "remote", None) is not None:     # a lookup then waits (bounded) on the remote for the chain's rest
+            self.handlers[Op.LOOKUP] = (self.op_lookup_remote, True)
 
     def next_conn_id(self) -> int:
         self._conn_ids += 1
@@ -317,6 +319,12 @@ class Server:
 
     def op_lookup(self, c: Connection, ns: int, keys: list) -> dict:
         runs = self.store.lookup(c.ns(ns), keys)
+        return {"n": sum(count for _, count in runs), "runs": runs}
+
+    async def op_lookup_remote(self, c: Connection, ns: int, keys: list) -> dict:
+        """LOOKUP with a remote tier: the local runs, then one remote round for the rest (within its budget)."""
+        space = c.ns(ns)
+        runs = await self.store.remote.extend_lookup(space, keys, self.store.lookup(space, keys))
         return {"n": sum(count for _, count in runs), "runs": runs}
 
     async def op_acquire(self, c: Connection, ns: int, keys: list, prefix: bool = True, tier: str = "host") -> dict:

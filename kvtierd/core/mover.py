@@ -152,6 +152,8 @@ class Mover:
                     continue
                 else:
                     evicted += not stored[i]
+                    if s.remote is not None:
+                        s.remote.leaving(e)             # write policy demote: offered before it goes
                     s.remove(e)
                 freed += s.settle(e)
             if evicted:

@@ -41,7 +41,7 @@ class Latency:
 @dataclass
 class Counters:
     lookup_keys: int = 0         # keys asked about by present()
-    lookup_found: int = 0        # of those, leading keys found intact-sized
+    lookup_found: int = 0        # of those, keys found with an intact block's length
     lookup_late: int = 0         # present() rounds that missed the latency budget (answered 0)
     lookup_shed: int = 0         # present() calls answered 0 because too many rounds were still out
     hits: int = 0                # blocks fetched and verified

@@ -3,6 +3,7 @@
     tier = RemoteTier(cfg.remote)
     await tier.start()                      # never raises for an unreachable remote
     n = await tier.present(ns, size, keys)  # leading keys present remotely (0 when down or late)
+    which = await tier.exists(ns, size, keys)      # the same, per key
     ok = await tier.fetch(ns, size, keys, dests)   # verified copies into the given slot views
     tier.offer(ns, key, view, done)         # queue an async write; False = dropped (counted)
     tier.stats()                            # plain dict for `kvtierd stats` and metrics.py
@@ -130,26 +131,35 @@ class RemoteTier:
 
     async def present(self, ns_name: str, block_size: int, keys: Sequence[bytes]) -> int:
         """How many leading keys are present remotely, within the lookup budget (0 when down or late)."""
+        found = await self.exists(ns_name, block_size, keys)
+        return found.index(False) if False in found else len(found)
+
+    async def exists(self, ns_name: str, block_size: int, keys: Sequence[bytes]) -> list[bool]:
+        """Whether each key is present remotely with the length of an intact block; all False when the
+        remote is down or the round misses the lookup budget. The same single round as present()."""
+        absent = [False] * len(keys)
         if not keys:
-            return 0
+            return absent
         self.c.lookup_keys += len(keys)
         if not self.available():
-            return 0
+            return absent
         if self._late >= MAX_LATE_ROUNDS:
             self.c.lookup_shed += 1
-            return 0
+            return absent
         names = self._ns(ns_name)
         t0 = time.perf_counter()
-        task = asyncio.ensure_future(self._present_round(names, block_size, keys, t0))
+        task = asyncio.ensure_future(self._exists_round(names, block_size, keys, t0))
         done, _ = await asyncio.wait((task,), timeout=self.cfg.lookup_budget_s)
         if not done:
             self.c.lookup_late += 1
             self._late += 1
             task.add_done_callback(self._late_done)
-            return 0
-        n = max(0, task.result())
-        self.c.lookup_found += n
-        return n
+            return absent
+        found = task.result()
+        if found is None:
+            return absent
+        self.c.lookup_found += sum(found)
+        return found
 
     async def fetch(self, ns_name: str, block_size: int, keys: Sequence[bytes],
                     dests: Sequence[memoryview]) -> list[bool]:
@@ -242,26 +252,21 @@ class RemoteTier:
             names = self._names[name] = NamespaceNames(name, self.layout)
         return names
 
-    async def _present_round(self, names: NamespaceNames, block_size: int, keys: Sequence[bytes],
-                             t0: float) -> int:
-        """Leading keys present, or -1 when the round failed."""
+    async def _exists_round(self, names: NamespaceNames, block_size: int, keys: Sequence[bytes],
+                            t0: float) -> list[bool] | None:
+        """Presence of each key, or None when the round failed."""
         lengths = await self._round([("STRLEN", names.key(k)) for k in keys])
         self.c.latency["lookup"].observe(time.perf_counter() - t0)
         if lengths is None:
-            return -1
-        n = 0
-        for key, length in zip(keys, lengths):
-            if length != value_size(key, block_size):
-                break
-            n += 1
-        return n
+            return None
+        return [length == value_size(key, block_size) for key, length in zip(keys, lengths)]
 
     def _late_done(self, task: asyncio.Task) -> None:
         self._late -= 1
         # A round that failed has told the breaker already. One that answered,
         # but after the budget, counts as a slow round: a remote always past the
         # budget would otherwise cost every lookup its whole budget.
-        if not task.cancelled() and task.exception() is None and task.result() >= 0:
+        if not task.cancelled() and task.exception() is None and task.result() is not None:
             if self.breaker.failure():
                 self._on_trip("lookups keep missing the %.1f ms budget" % (self.cfg.lookup_budget_s * 1e3))
 
