@@ -26,7 +26,21 @@ moved: the client-side cost, steadier than wall time on a loaded machine.
 Replicas receive every write, so put figures include replication load on the
 same machine.
 
+Time to first token (`--ttft`, on by default): a randomly initialised
+Llama-shaped model on CPU (bench/ttft.py's 'tiny' shape), two daemons with
+separate state sharing the cluster. Node A computes each prompt once (a miss:
+full prefill and store; the commit policy writes the blocks to the cluster);
+node B then answers the same prefix with a new suffix:
+
+  full     model(prompt, logits_to_keep=1) without kvtierd: recompute
+  remote   KVTierCache.forward on node B with the prefix only in the remote
+           tier: lookup (one remote round), acquire (the daemon pulls the
+           blocks into its host tier, verified), copy, suffix forward; before
+           each sample node B deletes its local copies, so each is a remote hit
+  host     the same prefix once node B holds it in its host tier
+
     python bench/remote.py [--sizes 256KiB,1MiB,4MiB] [--total 128MiB] [--reps 3] [--url redis://...]
+                           [--ttft-lengths 1024,2048,4096] [--no-throughput] [--no-ttft]
 """
 
 from __future__ import annotations
@@ -44,6 +58,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from redis.asyncio import RedisCluster  # noqa: E402
 from redis.backoff import NoBackoff  # noqa: E402
@@ -194,27 +209,111 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
     return rows
 
 
+def ttft(url: str, lengths: list[int], reps: int, suffix: int = 32) -> list[str]:
+    """TTFT of a remote hit against recompute, transformers integration on CPU (see the module docstring)."""
+    import statistics as st
+
+    import torch
+    from _daemon import Daemon
+    from ttft import build_model, timed
+
+    from kvtierd import Client
+    from kvtierd.integrations.cost import CostModel
+    from kvtierd.integrations.transformers import KVTierCache, model_geometry
+
+    device = torch.device("cpu")
+    model = build_model("tiny", device, torch.float32)
+    geo = model_geometry(model, None)
+    per_token = geo.block_bytes // geo.chunk_tokens
+    host_bytes = int(sum(lengths) * per_token * 1.5) + (64 << 20)
+    g = torch.Generator().manual_seed(1)
+    prefixes = {n: torch.randint(0, model.config.vocab_size, (1, n), generator=g) for n in lengths}
+
+    def prompt(n: int, rep: int):
+        gen = torch.Generator().manual_seed(1000 * n + rep)
+        return torch.cat([prefixes[n], torch.randint(0, model.config.vocab_size, (1, suffix), generator=gen)], 1)
+
+    forced = CostModel(device="cpu", prefill_token_s=1.0, learn=False)   # always load: measure the path
+    out = [f"# ttft: model 'tiny' {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params fp32, chunk "
+           f"{geo.chunk_tokens} tokens = {format_size(geo.block_bytes)} blocks, suffix {suffix}, median of {reps}, "
+           f"torch threads {torch.get_num_threads()}",
+           "| prefix | KV | full ms | remote hit ms | speedup | host hit ms | speedup |", "|---|---|---|---|---|---|---|"]
+    remote_args = ["--set", f"remote.url={url}", "--set", "remote.lookup_budget_s=1.0",
+                   "--host-bytes", str(host_bytes), "--disk-bytes", "0"]
+    with torch.no_grad(), tempfile.TemporaryDirectory(prefix="kvtierd-remote-ttft-") as td:
+        full = {}
+        for n in lengths:
+            model(prompt(n, 99)[:, :256], logits_to_keep=1)
+            full[n] = st.median(timed(device, lambda: model(prompt(n, r), logits_to_keep=1))[0] for r in range(reps))
+        (Path(td) / "a").mkdir()
+        (Path(td) / "b").mkdir()
+        a = Daemon(Path(td) / "a", remote_args).start()
+        b = Daemon(Path(td) / "b", remote_args).start()
+        try:
+            with Client(a.sock) as c, KVTierCache(c, model, cost=forced, model_id="bench/tiny") as kv:
+                for n in lengths:
+                    kv.forward(prompt(n, 0), logits_to_keep=1)        # a miss on node A: prefill and store
+                deadline = time.monotonic() + 120
+                while (r := c.stats()["remote"])["inflight_bytes"] or r["writes"] < sum(n // geo.chunk_tokens
+                                                                                        for n in lengths):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"node A's blocks did not reach the cluster: {r}")
+                    time.sleep(0.05)
+            with Client(b.sock) as c, KVTierCache(c, model, cost=forced, model_id="bench/tiny") as kv:
+                for n in lengths:
+                    keys = kv.keys(prefixes[n])
+                    remote, host = [], []
+                    for rep in range(1, reps + 1):
+                        kv.ns.delete(keys)                            # node B forgets: the next hit is remote
+                        assert kv.ns.lookup_tiers(keys) == ["remote"] * len(keys)
+                        dt, o = timed(device, lambda: kv.forward(prompt(n, rep), logits_to_keep=1))
+                        assert o.n_cached_tokens == n, (o.n_cached_tokens, n)
+                        remote.append(dt)
+                        dt, o = timed(device, lambda: kv.forward(prompt(n, 50 + rep), logits_to_keep=1))
+                        assert o.n_cached_tokens == n
+                        host.append(dt)
+                    rm, hm = st.median(remote), st.median(host)
+                    out.append(f"| {n} | {format_size(n * per_token)} | {full[n] * 1e3:.0f} | {rm * 1e3:.0f} | "
+                               f"{full[n] / rm:.1f}x | {hm * 1e3:.0f} | {full[n] / hm:.1f}x |")
+        finally:
+            a.stop()
+            b.stop()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="256KiB,1MiB,4MiB")
     ap.add_argument("--total", default="128MiB", help="bytes moved per measurement")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--url", default="", help="an existing cluster (default: start one on loopback)")
+    ap.add_argument("--ttft-lengths", default="1024,2048,4096", help="prefix lengths in tokens for the TTFT part")
+    ap.add_argument("--no-throughput", action="store_true")
+    ap.add_argument("--no-ttft", action="store_true")
     a = ap.parse_args()
     sizes = [parse_size(s) for s in a.sizes.split(",")]
     total = parse_size(a.total)
     print(f"# {platform.node()} {platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    lengths = [int(x) for x in a.ttft_lengths.split(",")]
+
+    def run(url: str) -> tuple[list, list[str]]:
+        rows = [] if a.no_throughput else asyncio.run(measure(url, sizes, total, a.reps))
+        return rows, [] if a.no_ttft else ttft(url, lengths, a.reps)
+
     if a.url:
-        rows = asyncio.run(measure(a.url, sizes, total, a.reps))
+        rows, ttft_rows = run(a.url)
     else:
         from redis_cluster import RedisClusterProcesses
         with tempfile.TemporaryDirectory() as tmp, RedisClusterProcesses(Path(tmp)) as cluster:
-            rows = asyncio.run(measure(cluster.url, sizes, total, a.reps))
-    print(f"| block | path | GB/s or ratio (median of {a.reps}) | min | max | client CPU s/GB |")
-    print("|---|---|---|---|---|---|")
-    for size, name, med, lo, hi, cpu in rows:
-        print(f"| {size} | {name} | {med:.3f} | {lo:.3f} | {hi:.3f} | {'' if cpu is None else f'{cpu:.2f}'} |")
+            rows, ttft_rows = run(cluster.url)
+    if rows:
+        print(f"| block | path | GB/s or ratio (median of {a.reps}) | min | max | client CPU s/GB |")
+        print("|---|---|---|---|---|---|")
+        for size, name, med, lo, hi, cpu in rows:
+            print(f"| {size} | {name} | {med:.3f} | {lo:.3f} | {hi:.3f} | {'' if cpu is None else f'{cpu:.2f}'} |")
+    for line in ttft_rows:
+        print(line)
 
 
 if __name__ == "__main__":
