@@ -237,7 +237,8 @@ def ttft(url: str, lengths: list[int], reps: int, suffix: int = 32) -> list[str]
     out = [f"# ttft: model 'tiny' {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params fp32, chunk "
            f"{geo.chunk_tokens} tokens = {format_size(geo.block_bytes)} blocks, suffix {suffix}, median of {reps}, "
            f"torch threads {torch.get_num_threads()}",
-           "| prefix | KV | full ms | remote hit ms | speedup | host hit ms | speedup |", "|---|---|---|---|---|---|---|"]
+           "| prefix | KV | full ms | remote hit ms | speedup | host hit ms | speedup |",
+           "|---|---|---|---|---|---|---|"]
     remote_args = ["--set", f"remote.url={url}", "--set", "remote.lookup_budget_s=1.0",
                    "--host-bytes", str(host_bytes), "--disk-bytes", "0"]
     with torch.no_grad(), tempfile.TemporaryDirectory(prefix="kvtierd-remote-ttft-") as td:

@@ -93,7 +93,8 @@ class Daemon:
         disk = self._build_disk()
         self.store = store = Store(cfg, disk)
         if cfg.remote.url:
-            from kvtierd.remote import RemoteTier     # redis-py is imported only with a remote tier
+            # redis-py is imported only with a remote tier
+            from kvtierd.remote import RemoteTier
             store.attach_remote(RemoteTier(cfg.remote))
         self.policy = access.AccessPolicy(cfg.access)
         self.hot = hotkeys.HotKeys(cfg.metrics.hot_keys, cfg.metrics.hot_window_s)

@@ -255,7 +255,8 @@ class Server:
             Op.STATS: (self.op_stats, False), Op.PREFETCH: (self.op_prefetch, False),
             Op.HOT: (self.op_hot, False),
         }
-        if getattr(store, "remote", None) is not None:     # a lookup then waits (bounded) on the remote for the chain's rest
+        # With a remote tier a lookup may wait (bounded by remote.lookup_budget_s) for the chain's rest.
+        if getattr(store, "remote", None) is not None:
             self.handlers[Op.LOOKUP] = (self.op_lookup_remote, True)
 
     def next_conn_id(self) -> int:

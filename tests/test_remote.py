@@ -10,13 +10,16 @@ import time
 
 import pytest
 import redis
-from redis_cluster import REDIS_SERVER, fresh_cluster, free_ports, needs_redis, redis_cluster  # noqa: F401
+import redis_cluster as cluster_fixtures
+from redis_cluster import REDIS_SERVER, free_ports, needs_redis
 
 from kvtierd.config import load
 from kvtierd.remote import RemoteTier
 from kvtierd.remote.values import NamespaceNames
 
 pytestmark = needs_redis
+redis_cluster = cluster_fixtures.redis_cluster      # the fixtures, by the names tests ask for
+fresh_cluster = cluster_fixtures.fresh_cluster
 
 KIB, MIB = 1 << 10, 1 << 20
 

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 
-from redis_cluster import fresh_cluster, needs_redis, redis_cluster  # noqa: F401
-
+import redis_cluster as cluster_fixtures
 from conftest import ROOT
+from redis_cluster import needs_redis
 
 pytestmark = needs_redis
+redis_cluster = cluster_fixtures.redis_cluster      # the fixtures, by the names tests ask for
+fresh_cluster = cluster_fixtures.fresh_cluster
 
 BLOCK = 256 << 10
 
