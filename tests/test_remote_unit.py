@@ -137,3 +137,19 @@ def test_remote_stats_become_prometheus_metrics():
     assert samples[("kvtierd_remote_up", ())] == 0           # never started
     assert samples[("kvtierd_remote_round_duration_seconds_bucket", (("le", "0.005"), ("op", "fetch")))] == 1
     assert samples[("kvtierd_remote_round_duration_seconds_count", (("op", "fetch"),))] == 1
+
+
+def test_the_cost_model_knows_and_learns_the_remote_tier_rate():
+    from kvtierd.integrations.cost import CostModel
+
+    assert CostModel(device="cpu").load_rates["remote"] > 0          # a prior: lookups may report "remote"
+    cm = CostModel(load_rates={"host": 10e9, "remote": 1e6}, prefill_token_s=1e-4, learn=False)
+    plan = cm.plan(["host"] * 4 + ["remote"] * 4, 1 << 20, 256)
+    assert plan.load_blocks == 4                                     # a slow remote tail is recomputed
+    fast = CostModel(load_rates={"host": 10e9, "remote": 5e9}, prefill_token_s=1e-4, learn=False)
+    assert fast.plan(["host"] * 4 + ["remote"] * 4, 1 << 20, 256).load_blocks == 8
+    learner = CostModel(device="cpu")
+    before = learner.load_rates["remote"]
+    for _ in range(20):
+        learner.observe_load(["remote"] * 8, 1 << 20, 8 * (1 << 20) / 2e9)   # 2 GB/s measured
+    assert learner.load_rates["remote"] > 2 * before

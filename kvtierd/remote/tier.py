@@ -317,8 +317,7 @@ class RemoteTier:
         self._tripped.set()
 
     async def _connect(self) -> None:
-        remote = await asyncio.wait_for(connect(self.cfg, self._seeds),
-                                        self.cfg.connect_timeout_s + 2 * self.cfg.op_timeout_s)
+        remote = await _bounded(connect(self.cfg, self._seeds), self.cfg.connect_timeout_s + 2 * self.cfg.op_timeout_s)
         old, self._remote = self._remote, remote
         self._seeds = remote.nodes()
         if old is not None:
@@ -333,7 +332,7 @@ class RemoteTier:
             if self._remote is not None:
                 self._seeds = list(dict.fromkeys(self._seeds + self._remote.nodes()))
             await self._connect()
-            await asyncio.wait_for(self._remote.probe(), self.cfg.op_timeout_s * 2)
+            await _bounded(self._remote.probe(), self.cfg.op_timeout_s * 2)
             return True
         except Exception as e:
             log.debug("remote probe failed: %s", e)
@@ -413,3 +412,11 @@ class RemoteTier:
         if self.write_mode == "append":
             return replies[1] == header_size(w.key) + w.nbytes
         return bool(replies[0])
+
+
+async def _bounded(coro: Any, timeout: float) -> Any:
+    """wait_for, with the inner task's outcome always retrieved: a probe cancelled at close() just as its
+    connection attempt fails must not log 'Task exception was never retrieved'."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return await asyncio.wait_for(task, timeout)
