@@ -14,15 +14,17 @@ pipelined rounds of at most remote.pipeline_bytes (16 MiB):
 The raw rows are the ceiling: the same client library and round shape, no
 header, no checksum, no copy into a destination. `raw get+copy` adds the one
 copy into a buffer the consumer owns, which any reader of redis-py replies
-pays. Extra rows at 1 MiB compare the key layouts (every block its own hash
-slot vs one slot per namespace) and, at 4 MiB, the two write forms (APPEND of
-a memoryview vs SET of header + payload joined into new bytes).
+pays. At 1 MiB the tier also runs with the other key layout (one hash slot
+per namespace instead of one per block); at 4 MiB two raw rows show what a
+one-value format (header and payload in one string) would cost: SET of a
+joined copy, or SET header + APPEND payload.
 
 After one warm-up round, each figure is the median of --reps measurements,
 and each ratio the median of --reps paired ratios (a tier measurement over
 the raw one taken just before it, so a machine shared with other work skews
 both alike). `client CPU s/GB` is the benchmark process's CPU time per GB
-moved: the client-side cost, steadier than wall time on a loaded machine.
+moved, `cluster CPU s/GB` that of all six redis-server processes (INFO cpu):
+on a loaded machine both are steadier than wall time.
 Replicas receive every write, so put figures include replication load on the
 same machine.
 
@@ -140,11 +142,35 @@ async def tier_get(tier: RemoteTier, ns, size, keys, dests) -> float:
     return dt
 
 
-async def timed(coro) -> tuple[float, float]:
-    """(wall seconds, client CPU seconds) of one measurement."""
+async def server_cpu(rc) -> float:
+    """CPU seconds every redis-server of the cluster (masters and replicas) has used so far."""
+    info = await rc.info("cpu", target_nodes=RedisCluster.ALL_NODES)
+    return sum(n["used_cpu_sys"] + n["used_cpu_user"] for n in info.values())
+
+
+async def timed(coro, rc) -> tuple[float, float, float]:
+    """(wall seconds, client CPU seconds, cluster CPU seconds) of one measurement."""
+    s0 = await server_cpu(rc)
     c0 = time.process_time()
     wall = await coro
-    return wall, time.process_time() - c0
+    c1 = time.process_time()
+    return wall, c1 - c0, await server_cpu(rc) - s0
+
+
+async def raw_put_one_value(rc, keys, blocks, per_round, append: bool) -> float:
+    """The one-value formats kvtierd does not use: SET header+payload joined, or SET header + APPEND payload."""
+    head = bytes(72)
+    t0 = time.perf_counter()
+    for r in rounds(len(keys), per_round):
+        pipe = rc.pipeline(transaction=False)
+        for i in r:
+            if append:
+                pipe.execute_command("SET", keys[i], head, "PX", TTL_MS)
+                pipe.execute_command("APPEND", keys[i], memoryview(blocks[i]))
+            else:
+                pipe.execute_command("SET", keys[i], head + memoryview(blocks[i]), "PX", TTL_MS)
+        await pipe.execute()
+    return time.perf_counter() - t0
 
 
 async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tuple]:
@@ -153,8 +179,7 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
     per_bytes = cfg.pipeline_bytes
     rc = await raw_client(url)
     rows = []
-    tiers = {(lay, mode): RemoteTier(cfg, layout=lay, write_mode=mode)
-             for lay in ("spread", "namespace") for mode in ("append", "join")}
+    tiers = {lay: RemoteTier(cfg, layout=lay) for lay in ("spread", "namespace")}
     for t in tiers.values():
         await t.start()
     try:
@@ -166,42 +191,47 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
             moved = n * size
             gb: dict[str, list[float]] = {}
             cpu: dict[str, list[float]] = {}
+            scpu: dict[str, list[float]] = {}
             ratios: dict[str, list[float]] = {}
-            variants = [("spread", "append")]
-            if size == 1 << 20:
-                variants.append(("namespace", "append"))
-            if size == 4 << 20:
-                variants.append(("spread", "join"))
+            layouts = ["spread", "namespace"] if size == 1 << 20 else ["spread"]
             for rep in range(reps + 1):            # rep 0 warms connections and server memory up
-                def record(name: str, wall_cpu: tuple[float, float]) -> float:
+                def record(name: str, t: tuple[float, float, float]) -> float:
                     if rep:
-                        gb.setdefault(name, []).append(gbps(moved, wall_cpu[0]))
-                        cpu.setdefault(name, []).append(wall_cpu[1] / (moved / 1e9))
-                    return gbps(moved, wall_cpu[0])
+                        gb.setdefault(name, []).append(gbps(moved, t[0]))
+                        cpu.setdefault(name, []).append(t[1] / (moved / 1e9))
+                        scpu.setdefault(name, []).append(t[2] / (moved / 1e9))
+                    return gbps(moved, t[0])
                 raw_keys = [b"raw:%d:%d:%d" % (size, rep, i) for i in range(n)]
-                keys = {v: [os.urandom(32) for _ in range(n)] for v in variants}
-                ns = {v: f"bench/{size}/{rep}/{v[0]}/{v[1]}" for v in variants}
+                keys = {lay: [os.urandom(32) for _ in range(n)] for lay in layouts}
+                ns = {lay: f"bench/{size}/{rep}/{lay}" for lay in layouts}
                 # Paired: each tier figure right after the raw figure it is compared with.
-                raw_p = record("raw put", await timed(raw_put(rc, raw_keys, blocks, per_round)))
-                for v in variants:
-                    tag = "" if v == ("spread", "append") else f" [{v[0]}, {v[1]}]"
-                    tp = record("tier put" + tag, await timed(tier_put(tiers[v], ns[v], keys[v], blocks)))
+                raw_p = record("raw put", await timed(raw_put(rc, raw_keys, blocks, per_round), rc))
+                for lay in layouts:
+                    tag = "" if lay == "spread" else " [one slot per namespace]"
+                    tp = record("tier put" + tag, await timed(tier_put(tiers[lay], ns[lay], keys[lay], blocks), rc))
                     if rep:
                         ratios.setdefault("put" + tag, []).append(tp / raw_p)
-                raw_g = record("raw get", await timed(raw_get(rc, raw_keys, per_round)))
-                record("raw get+copy", await timed(raw_get(rc, raw_keys, per_round, dests)))
-                for v in variants:
-                    tag = "" if v == ("spread", "append") else f" [{v[0]}, {v[1]}]"
-                    tg = record("tier get" + tag, await timed(tier_get(tiers[v], ns[v], size, keys[v], dests)))
+                if size == 4 << 20:
+                    for append in (False, True):
+                        alt = [b"alt:%d:%d:%d:%d" % (size, rep, append, i) for i in range(n)]
+                        name = "raw put, one value: " + ("SET header + APPEND payload" if append
+                                                         else "SET header+payload joined")
+                        record(name, await timed(raw_put_one_value(rc, alt, blocks, per_round, append), rc))
+                raw_g = record("raw get", await timed(raw_get(rc, raw_keys, per_round), rc))
+                record("raw get+copy", await timed(raw_get(rc, raw_keys, per_round, dests), rc))
+                for lay in layouts:
+                    tag = "" if lay == "spread" else " [one slot per namespace]"
+                    tg = record("tier get" + tag,
+                                await timed(tier_get(tiers[lay], ns[lay], size, keys[lay], dests), rc))
                     if rep:
                         ratios.setdefault("get" + tag, []).append(tg / raw_g)
                 await rc.flushall(target_nodes=RedisCluster.PRIMARIES)
             for name, vals in gb.items():
                 rows.append((format_size(size), name, statistics.median(vals), min(vals), max(vals),
-                             statistics.median(cpu[name])))
+                             statistics.median(cpu[name]), statistics.median(scpu[name])))
             for name, vals in ratios.items():
                 rows.append((format_size(size), f"ratio tier/raw {name}", statistics.median(vals), min(vals),
-                             max(vals), None))
+                             max(vals), None, None))
     finally:
         for t in tiers.values():
             await t.close()
@@ -309,10 +339,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp, RedisClusterProcesses(Path(tmp)) as cluster:
             rows, ttft_rows = run(cluster.url)
     if rows:
-        print(f"| block | path | GB/s or ratio (median of {a.reps}) | min | max | client CPU s/GB |")
-        print("|---|---|---|---|---|---|")
-        for size, name, med, lo, hi, cpu in rows:
-            print(f"| {size} | {name} | {med:.3f} | {lo:.3f} | {hi:.3f} | {'' if cpu is None else f'{cpu:.2f}'} |")
+        print(f"| block | path | GB/s or ratio (median of {a.reps}) | min | max | client CPU s/GB | "
+              f"cluster CPU s/GB |")
+        print("|---|---|---|---|---|---|---|")
+        for size, name, med, lo, hi, cpu, scpu in rows:
+            extra = "| |" if cpu is None else f"| {cpu:.2f} | {scpu:.2f} |"
+            print(f"| {size} | {name} | {med:.3f} | {lo:.3f} | {hi:.3f} {extra}")
     for line in ttft_rows:
         print(line)
 

@@ -119,15 +119,14 @@ def test_a_value_changed_in_redis_is_a_miss_never_wrong_bytes(redis_cluster):
             names = NamespaceNames(ns)
             rc = redis.RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0])
             try:
-                good = rc.get(names.key(keys[0]))
-                flipped = bytearray(good)
+                flipped = bytearray(rc.get(names.key(keys[1])))
                 flipped[-1] ^= 1
-                rc.set(names.key(keys[1]), bytes(flipped))                   # one payload bit flipped
-                rc.set(names.key(keys[2]), good)                             # another key's intact value
-                rc.set(names.key(keys[3]), os.urandom(len(good)))            # noise of the right length
-                rc.set(names.key(keys[4]), good[: len(good) // 2])           # truncated
+                rc.set(names.key(keys[1]), bytes(flipped))                        # one payload bit flipped
+                rc.set(names.key(keys[2]), blocks[0])                             # another block's payload
+                rc.set(names.header_key(keys[3]), rc.get(names.header_key(keys[0])))  # another block's header
+                rc.set(names.key(keys[4]), blocks[4][: size // 2])                # truncated
                 other = NamespaceNames("tamper-other")
-                rc.set(names.key(keys[5]), other.header(keys[5], blocks[5]) + blocks[5])  # foreign namespace
+                rc.set(names.header_key(keys[5]), other.header(keys[5], blocks[5]))  # a foreign namespace's
             finally:
                 rc.close()
             got = await get_all(tier, ns, size, keys)

@@ -22,21 +22,25 @@ class Clock:
         return self.t
 
 
-def test_a_value_verifies_only_for_its_namespace_key_and_block_size():
+def test_a_block_verifies_only_for_its_namespace_key_and_block_size():
     ns = NamespaceNames("llama/bf16/tenant-a")
     key, payload = os.urandom(32), os.urandom(4096)
-    value = ns.header(key, payload) + payload
-    assert len(value) == FIXED_SIZE + 32 + 4096
-    assert bytes(ns.verify(key, 4096, value)) == payload
-    assert ns.verify(os.urandom(32), 4096, value) is None                        # another key
-    assert NamespaceNames("llama/bf16/tenant-b").verify(key, 4096, value) is None  # another namespace
-    assert ns.verify(key, 2048, value) is None                                   # another block size
-    assert ns.verify(key, 4096, value[:-1]) is None                              # truncated
-    assert ns.verify(key, 4096, None) is None
-    for pos in (0, 4, 5, 8, 24, 32, FIXED_SIZE + 3, len(value) - 1):            # every field, and the payload
-        bad = bytearray(value)
+    header = ns.header(key, payload)
+    assert len(header) == FIXED_SIZE + 32
+    assert ns.verify(key, 4096, header, payload) == payload
+    assert ns.verify(os.urandom(32), 4096, header, payload) is None                        # another key
+    assert NamespaceNames("llama/bf16/tenant-b").verify(key, 4096, header, payload) is None  # another namespace
+    assert ns.verify(key, 2048, header, payload) is None                                   # another block size
+    assert ns.verify(key, 4096, header, payload[:-1]) is None                              # truncated
+    assert ns.verify(key, 4096, None, payload) is None and ns.verify(key, 4096, header, None) is None
+    for pos in (0, 4, 5, 8, 24, 32, FIXED_SIZE + 3):                                      # every header field
+        bad = bytearray(header)
         bad[pos] ^= 0x40
-        assert ns.verify(key, 4096, bytes(bad)) is None, pos
+        assert ns.verify(key, 4096, bytes(bad), payload) is None, pos
+    bad = bytearray(payload)
+    bad[1234] ^= 1
+    assert ns.verify(key, 4096, header, bytes(bad)) is None                                # the payload
+    assert key_slot(ns.key(key)) == key_slot(ns.header_key(key))                          # one node, one round
 
 
 def test_remote_names_keep_namespaces_apart_and_spread_a_chain_over_the_slots():

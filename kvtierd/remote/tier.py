@@ -12,15 +12,15 @@
 Contract with the caller (all calls on the event loop thread):
 
 * `present(ns_name, block_size, keys) -> int`: one pipelined round of STRLEN
-  (one round trip per node, in parallel), inside `lookup_budget_s`. A value
-  whose length is not exactly that of an intact block of this namespace
-  counts as absent. A round that misses the budget answers 0 and finishes in
+  of each block's payload and header (one round trip per node, in parallel),
+  inside `lookup_budget_s`. A block whose strings do not have the lengths of
+  an intact block of this namespace counts as absent. A round that misses the budget answers 0 and finishes in
   the background (so its connection is not torn down), and at most
   MAX_LATE_ROUNDS such rounds may be out: beyond that present() answers 0 at
   once. It is a hint: fetch() is the truth.
-* `fetch(ns_name, block_size, keys, dests) -> list[bool]`: GETs in rounds of
-  at most `pipeline_bytes`; each value is checked (values.py) and its payload
-  copied into `dests[i]` (writable, exactly block_size bytes). False means
+* `fetch(ns_name, block_size, keys, dests) -> list[bool]`: GETs of payload and
+  header in rounds of at most `pipeline_bytes`; each block is checked
+  (values.py) and its payload copied into `dests[i]` (writable, exactly block_size bytes). False means
   dests[i] may hold anything and must not be served. A failed round makes
   the rest of the call misses.
 * `offer(ns_name, key, view, done) -> bool`: see writer.py. True: `view`
@@ -32,13 +32,11 @@ Contract with the caller (all calls on the event loop thread):
   dropped writes and counters, never exceptions. Bad arguments (a dest of the
   wrong size) are the caller's bug and raise ValueError.
 
-Writes are `SET key header PX ttl` then `APPEND key payload` in one pipeline:
-the payload goes from the caller's memoryview to the socket with no copy
-(redis-py sends memoryview arguments as they are), where one `SET` of
-header + payload would first copy the block into a new bytes object. Between
-the two commands a reader sees a header without its payload, which is a miss;
-the TTL set by SET holds for the appended value. bench/remote.py measures
-both ways (`write_mode="join"` is the one-command form).
+Writes are `SET payload-key view PX ttl` and `SET header-key header PX ttl`
+in one pipeline (values.py says why two strings): the payload goes from the
+caller's memoryview to the socket with no copy. A reader between the two
+sees a payload without its header, or an old header with a new payload: a
+miss either way.
 """
 
 from __future__ import annotations
@@ -52,26 +50,21 @@ from kvtierd.config import RemoteConfig
 from kvtierd.remote.breaker import CLOSED, CircuitBreaker
 from kvtierd.remote.connection import Remote, connect, redact
 from kvtierd.remote.stats import Counters
-from kvtierd.remote.values import FIXED_SIZE, MAX_KEY, NamespaceNames, header_size, value_size
+from kvtierd.remote.values import FIXED_SIZE, MAX_KEY, NamespaceNames, header_size
 from kvtierd.remote.writer import Budget, Write, WriteQueue
 
 log = logging.getLogger("kvtierd.remote")
 
 MAX_LATE_ROUNDS = 32       # lookup rounds past their budget that may still be out
 MAX_NAMES = 4096           # namespace name cache entries (the store bounds namespaces far below)
-WRITE_MODES = ("append", "join")
 
 
 class RemoteTier:
-    def __init__(self, cfg: RemoteConfig, layout: str = "spread", write_mode: str = "append",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cfg: RemoteConfig, layout: str = "spread", clock: Callable[[], float] = time.monotonic) -> None:
         if not cfg.url:
             raise ValueError("remote.url is empty: there is no remote tier to start")
-        if write_mode not in WRITE_MODES:
-            raise ValueError(f"write_mode must be one of {WRITE_MODES}")
         self.cfg = cfg
         self.layout = layout
-        self.write_mode = write_mode
         self.breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_open_s, clock)
         self.queue = WriteQueue(cfg.max_inflight_bytes, cfg.pipeline_bytes, Budget(cfg.bytes, cfg.ttl_s, clock))
         self.c = Counters()
@@ -180,14 +173,20 @@ class RemoteTier:
         for start in range(0, len(keys), per_round):
             chunk = keys[start:start + per_round]
             t0 = time.perf_counter()
-            values = await self._round([("GET", names.key(k)) for k in chunk])
+            cmds: list[tuple] = []
+            for k in chunk:
+                cmds.append(("GET", names.key(k)))
+                cmds.append(("GET", names.header_key(k)))
+            values = await self._round(cmds)
             self.c.latency["fetch"].observe(time.perf_counter() - t0)
             if values is None:
                 break
-            for i, (key, value) in enumerate(zip(chunk, values)):
-                if value is None or isinstance(value, Exception):
+            for i, key in enumerate(chunk):
+                payload, header = values[2 * i], values[2 * i + 1]
+                if payload is None or header is None or isinstance(payload, Exception) \
+                        or isinstance(header, Exception):
                     continue
-                payload = names.verify(key, block_size, value)
+                payload = names.verify(key, block_size, header, payload)
                 if payload is None:
                     self.c.corrupt += 1
                     continue
@@ -255,11 +254,15 @@ class RemoteTier:
     async def _exists_round(self, names: NamespaceNames, block_size: int, keys: Sequence[bytes],
                             t0: float) -> list[bool] | None:
         """Presence of each key, or None when the round failed."""
-        lengths = await self._round([("STRLEN", names.key(k)) for k in keys])
+        cmds: list[tuple] = []
+        for k in keys:
+            cmds.append(("STRLEN", names.key(k)))
+            cmds.append(("STRLEN", names.header_key(k)))
+        lengths = await self._round(cmds)
         self.c.latency["lookup"].observe(time.perf_counter() - t0)
         if lengths is None:
             return None
-        return [length == value_size(key, block_size) for key, length in zip(keys, lengths)]
+        return [lengths[2 * i] == block_size and lengths[2 * i + 1] == header_size(k) for i, k in enumerate(keys)]
 
     def _late_done(self, task: asyncio.Task) -> None:
         self._late -= 1
@@ -374,13 +377,8 @@ class RemoteTier:
         px = ("PX", self._ttl_ms) if self._ttl_ms > 0 else ()
         cmds: list[tuple] = []
         for w in batch:
-            rkey = w.names.key(w.key)
-            head = w.names.header(w.key, w.view)
-            if self.write_mode == "append":
-                cmds.append(("SET", rkey, head, *px))
-                cmds.append(("APPEND", rkey, w.view))
-            else:
-                cmds.append(("SET", rkey, head + w.view, *px))
+            cmds.append(("SET", w.names.key(w.key), w.view, *px))
+            cmds.append(("SET", w.names.header_key(w.key), w.names.header(w.key, w.view), *px))
         return cmds
 
     async def _writer(self) -> None:
@@ -401,17 +399,14 @@ class RemoteTier:
             t0 = time.perf_counter()
             results = await self._round(self._commands(batch))
             self.c.latency["write"].observe(time.perf_counter() - t0)
-            step = 2 if self.write_mode == "append" else 1
             for i, w in enumerate(batch):
-                ok = results is not None and self._written(results[i * step:(i + 1) * step], w)
+                ok = results is not None and _set_ok(results[2 * i]) and _set_ok(results[2 * i + 1])
                 self._finish(w, ok)
 
-    def _written(self, replies: list[Any], w: Write) -> bool:
-        if any(isinstance(r, Exception) for r in replies):
-            return False
-        if self.write_mode == "append":
-            return replies[1] == header_size(w.key) + w.nbytes
-        return bool(replies[0])
+
+def _set_ok(reply: Any) -> bool:
+    """A SET reply that says the value was stored (redis-py parses OK to True)."""
+    return reply is True or reply == b"OK"
 
 
 async def _bounded(coro: Any, timeout: float) -> Any:

@@ -17,20 +17,33 @@ namespace, puts a namespace in a single slot: one node, one round, but one
 single-threaded Redis process serves all of that namespace's bytes
 (bench/remote.py measures both; `layout="namespace"` selects it).
 
-Values. A value is a header, then the payload:
+Values. A block is two Redis strings in the same hash slot (same tag):
 
-    offset 0   magic b"KVRB", format version (u8), key length (u8), 2 bytes zero
-    offset 8   namespace digest (16 bytes)
-    offset 24  payload length (u64 LE), xxh3_64 of the payload (u64 LE)
-    offset 40  the key (key length bytes)
-    then       the payload
+    kvtierd:<ns>:{<K as hex>}     the payload, exactly as the client stored it
+    kvtierd:<ns>:{<K as hex>}:h   its header:
+        offset 0   magic b"KVRB", format version (u8), key length (u8), 2 bytes zero
+        offset 8   namespace digest (16 bytes)
+        offset 24  payload length (u64 LE), xxh3_64 of the payload (u64 LE)
+        offset 40  the key (key length bytes)
 
-A reader accepts a value only if every header field matches what it asked
-for (magic, version, this namespace, this key, this namespace's block size)
-and the payload's xxh3 matches: a truncated value, a value written by another
-program or another format version, or one overwritten by hand is a miss,
-never wrong bytes. xxh3 catches accidents, not forgery: whoever may write to
-the Redis cluster is trusted as much as the daemons that share it.
+A reader accepts a block only if the header matches what it asked for (magic,
+version, this namespace, this key, this namespace's block size) and the
+payload's length and xxh3 match the header: a truncated payload, a header or
+payload written by another program or format version, one of the two missing
+(evicted, not yet written), or a payload of one write paired with the header
+of another is a miss, never wrong bytes. xxh3 catches accidents, not forgery:
+whoever may write to the Redis cluster is trusted as much as the daemons that
+share it.
+
+Why two strings and not one value `header + payload`: the payload then goes
+from the host tier's memoryview to the socket untouched (redis-py sends a
+memoryview argument as it is) and Redis keeps a large SET argument as the
+string itself, so a write copies nothing on either side. One value costs a
+copy: joining header and payload into fresh bytes on the client (bench/remote.py:
++0.8 CPU s/GB at 4 MiB on a loaded 2-core VM, mostly page faults), or `SET
+header` + `APPEND payload`, which copies the payload again inside every
+master and replica (+0.5 CPU s/GB). The price of two strings is one more
+small command per block, in the same pipeline to the same node.
 """
 
 from __future__ import annotations
@@ -53,12 +66,8 @@ LAYOUTS = ("spread", "namespace")
 
 
 def header_size(key: bytes) -> int:
+    """Length of a block's header string: what STRLEN returns for an intact one."""
     return FIXED_SIZE + len(key)
-
-
-def value_size(key: bytes, block_size: int) -> int:
-    """Length of the whole value of a block: what STRLEN returns for an intact one."""
-    return FIXED_SIZE + len(key) + block_size
 
 
 class NamespaceNames:
@@ -78,27 +87,28 @@ class NamespaceNames:
             self._prefix, self._tag = PREFIX + b"{" + hexd + b"}:", False
 
     def key(self, key: bytes) -> bytes:
-        """The Redis key of block `key` of this namespace."""
+        """The Redis key of block `key`'s payload."""
         return self._prefix + key.hex().encode() + b"}" if self._tag else self._prefix + key.hex().encode()
 
+    def header_key(self, key: bytes) -> bytes:
+        """The Redis key of block `key`'s header (the same hash slot as its payload)."""
+        return self.key(key) + b":h"
+
     def header(self, key: bytes, payload: memoryview | bytes) -> bytes:
-        """The header of a value holding `payload` under `key`."""
+        """The header of `payload` stored under `key`."""
         if len(key) > MAX_KEY:
             raise ValueError(f"key of {len(key)} bytes; at most {MAX_KEY}")
         return _FIXED.pack(MAGIC, VERSION, len(key), 0, self.digest, len(payload), checksum(payload)) + key
 
-    def verify(self, key: bytes, block_size: int, value: bytes | None) -> memoryview | None:
-        """The payload of `value` if it is an intact block `key` of this namespace, else None."""
-        if value is None or len(value) != FIXED_SIZE + len(key) + block_size:
+    def verify(self, key: bytes, block_size: int, header: bytes | None, payload: bytes | None) -> bytes | None:
+        """`payload` if it and `header` are an intact block `key` of this namespace, else None."""
+        if header is None or payload is None or len(payload) != block_size \
+                or len(header) != FIXED_SIZE + len(key):
             return None
-        magic, version, klen, zero, digest, length, csum = _FIXED.unpack_from(value)
+        magic, version, klen, zero, digest, length, csum = _FIXED.unpack_from(header)
         if (magic != MAGIC or version != VERSION or klen != len(key) or zero or digest != self.digest
-                or length != block_size):
+                or length != block_size or header[FIXED_SIZE:] != key):
             return None
-        mv = memoryview(value)
-        if mv[FIXED_SIZE:FIXED_SIZE + klen] != key:
-            return None
-        payload = mv[FIXED_SIZE + klen:]
         if checksum(payload) != csum:
             return None
         return payload
