@@ -328,3 +328,28 @@ def test_unreachable_at_start_serves_misses_then_joins_when_the_cluster_appears(
         run(main())
     finally:
         cluster.stop()
+
+
+def test_a_full_cluster_refusing_writes_still_serves_reads(redis_cluster):
+    async def main():
+        # One failed round would open the breaker: refusals must not count as failures.
+        tier = RemoteTier(remote_cfg(redis_cluster.url, breaker_failures=1))
+        await tier.start()
+        keys = [b"full-%d" % i for i in range(4)]
+        blocks = [os.urandom(64 * KIB) for _ in keys]
+        masters = redis_cluster.masters()
+        try:
+            assert await put_all(tier, "full", keys, blocks) == [True] * 4
+            for p in masters:       # maxmemory far below what it holds, and no eviction: writes get OOM
+                redis.Redis(port=p).config_set("maxmemory-policy", "noeviction")
+                redis.Redis(port=p).config_set("maxmemory", "1")
+            more = [b"more-%d" % i for i in range(4)]
+            assert await put_all(tier, "full", more, blocks) == [False] * 4
+            s = tier.stats()
+            assert s["write_errors"] == 4 and s["state"] == "closed" and s["breaker_opens"] == 0
+            assert await get_all(tier, "full", 64 * KIB, keys) == blocks
+        finally:
+            for p in masters:
+                redis.Redis(port=p).config_set("maxmemory", "0")
+            await tier.close()
+    run(main())

@@ -46,6 +46,8 @@ import logging
 import time
 from typing import Any, Callable, Sequence
 
+from redis.exceptions import ClusterDownError, ResponseError
+
 from kvtierd.config import RemoteConfig
 from kvtierd.remote.breaker import CLOSED, CircuitBreaker
 from kvtierd.remote.connection import Remote, connect, redact
@@ -78,6 +80,7 @@ class RemoteTier:
         self._tasks: list[asyncio.Task] = []
         self._refresh: asyncio.Task | None = None
         self._ttl_ms = int(cfg.ttl_s * 1000)
+        self._refusal_logged = -60.0
 
     # ----------------------------------------------------------- lifecycle
 
@@ -222,7 +225,7 @@ class RemoteTier:
         remote = self._remote
         return {
             "url": redact(self.cfg.url),
-            "state": self.breaker.state if not self._closed else "closed-down",
+            "state": self.breaker.state if not self._closed else "stopped",
             "connected": remote is not None,
             "cluster": bool(remote and remote.cluster),
             "masters": remote.primaries() if remote is not None else 0,
@@ -288,12 +291,21 @@ class RemoteTier:
             self._failed(remote, f"{type(e).__name__}: {e}")
             return None
         errors = [r for r in results if isinstance(r, Exception)]
-        if errors:
-            # A refused command (OOM, READONLY during a failover, ACL) fails its
-            # keys only, but tells the breaker: a cluster refusing everything is down.
-            self._failed(remote, f"{len(errors)} of {len(results)} commands refused: {errors[0]}")
-        else:
+        if not errors:
             self.breaker.success()
+        elif any(not isinstance(r, ResponseError) or isinstance(r, ClusterDownError) for r in errors):
+            # A node unreachable or the cluster down: the breaker hears of it.
+            self._failed(remote, f"{len(errors)} of {len(results)} commands failed: {errors[0]}")
+        else:
+            # Refused commands (maxmemory with noeviction, ACL, READONLY in a failover) fail
+            # their keys only: a full cluster that refuses writes still serves reads.
+            self.c.errors += 1
+            self.breaker.success()
+            now = time.monotonic()
+            if now - self._refusal_logged >= 60.0:
+                self._refusal_logged = now
+                log.warning("the remote refused %d of %d commands: %s (logged once a minute)", len(errors),
+                            len(results), errors[0])
         return results
 
     def _failed(self, remote: Remote, why: str) -> None:
