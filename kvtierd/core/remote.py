@@ -14,7 +14,9 @@ call it at five places, each guarded by `store.remote is not None`:
            value's xxh3 by the remote tier, then checksummed for the host tier
            as any block), so a reader is only leased intact bytes
   commit   (write policy commit) every block committed to a host tier is
-           offered to the remote right away
+           offered to the remote right away; one committed to the HBM tier
+           when it first lands in a host tier (the remote is written from
+           host memory)
   demote   (write policy demote) a host block is offered when it leaves the
            host tier (written down to disk, or evicted)
   stats    the remote's figures under "remote", and a "remote" row in tiers
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvtierd.store")
 
 RECENT_PULLS = 65536     # (namespace, key) of blocks pulled from the remote: not offered back on demotion
+HBM_PENDING = 65536      # (namespace, key) of blocks committed to HBM, not yet offered
 
 
 class RemoteHooks:
@@ -58,6 +61,7 @@ class RemoteHooks:
         self.pulled = 0          # blocks fetched into the host tier
         self.offered = 0
         self._recent: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+        self._hbm_pending: OrderedDict[tuple[str, bytes], None] = OrderedDict()
 
     async def start(self) -> None:
         await self.tier.start()
@@ -137,7 +141,7 @@ class RemoteHooks:
                     move(e, READY)
                     s.count(e, 1)
                     pulled += 1
-                    self._remember(ns.name, e.key)
+                    _remember(self._recent, (ns.name, e.key), RECENT_PULLS)
                 elif e.state == LOADING:
                     s.remove(e)
                 s.settle(e)
@@ -153,8 +157,19 @@ class RemoteHooks:
         if self.policy != "commit":
             return
         for e in entries:
-            if e.state == READY and e.tier.region is not None:
+            if e.state != READY:
+                continue
+            if e.tier.region is not None:
                 self._offer(e)
+            else:
+                _remember(self._hbm_pending, (e.ns.name, e.key), HBM_PENDING)
+
+    def landed(self, e: Entry) -> None:
+        """A block just moved from HBM into a host tier: offer it if it was committed to HBM."""
+        item = (e.ns.name, e.key)
+        if self.policy == "commit" and item in self._hbm_pending:
+            del self._hbm_pending[item]
+            self._offer(e)
 
     def leaving(self, e: Entry) -> None:
         """Write policy demote: a host block is about to leave the host tier."""
@@ -180,11 +195,6 @@ class RemoteHooks:
         elif e.state == READY and e.leases == 0 and e.io == 0 and e not in e.tier.lru_of(e.ns.slot_bytes):
             s.idle_if_unused(e)          # it went idle while the write held it
 
-    def _remember(self, ns_name: str, key: bytes) -> None:
-        self._recent[(ns_name, key)] = None
-        if len(self._recent) > RECENT_PULLS:
-            self._recent.popitem(last=False)
-
     # ------------------------------------------------------------ stats
 
     def add_stats(self, out: dict[str, Any]) -> None:
@@ -193,3 +203,10 @@ class RemoteHooks:
         out.setdefault("tiers", {})["remote"] = {
             "capacity_bytes": r["budget_bytes"], "used_bytes": r["budget_used_bytes"],
             "hits": self.hits, "misses": self.misses, "served_blocks": self.pulled}
+
+
+def _remember(d: OrderedDict, item: tuple[str, bytes], cap: int) -> None:
+    """Adds to a bounded insertion-ordered set (the oldest fall out)."""
+    d[item] = None
+    if len(d) > cap:
+        d.popitem(last=False)
