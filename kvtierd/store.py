@@ -45,10 +45,11 @@ MOVE_BATCH_BYTES = 64 << 20   # one demotion round: enough to amortise an fdatas
 
 class Namespace:
     __slots__ = ("id", "name", "block_size", "slot_bytes", "tokens_per_block", "entries",
-                 "blocks", "hits", "misses", "tokens_served")
+                 "blocks", "hits", "misses", "tokens_served", "owner")
 
-    def __init__(self, ns_id: int, name: str, block_size: int, tokens_per_block: int):
+    def __init__(self, ns_id: int, name: str, block_size: int, tokens_per_block: int, owner: int = -1):
         self.id = ns_id
+        self.owner = owner          # uid that created it (interim: the core/ store replaces this)
         self.name = name
         self.block_size = block_size
         self.slot_bytes = slot_bytes_for(block_size)
@@ -125,6 +126,7 @@ class Reservation:
     entries: list[Entry]
     index: list[int]
     deadline: float
+    full: list[int] = field(default_factory=list)   # request indices that got no room
 
 
 @dataclass
@@ -177,6 +179,7 @@ class Store:
         self._pressure = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
+        self.on_revoke: Any = None      # server callback(owner, reason) when a handle times out
 
     # ------------------------------------------------------------ lifecycle
 
@@ -227,24 +230,50 @@ class Store:
 
     # ------------------------------------------------------------ namespaces
 
-    def open_namespace(self, name: str, block_size: int, tokens_per_block: int = 0) -> Namespace:
+    def open_namespace(self, name: str, block_size: int, tokens_per_block: int = 0, uid: int = -1) -> Namespace:
         ns = self.by_name.get(name)
         if ns is not None:
             if ns.block_size != block_size:
                 raise ProtocolError(Code.NAMESPACE_CONFLICT,
                                     f"namespace {name!r} exists with block size {ns.block_size}, not {block_size}")
-            if tokens_per_block:
+            if tokens_per_block and tokens_per_block != ns.tokens_per_block:
+                if uid not in (0, ns.owner):
+                    raise ProtocolError(Code.DENIED, f"only the owner of namespace {name!r} (uid {ns.owner}) or "
+                                                     f"root may change its tokens_per_block")
                 ns.tokens_per_block = tokens_per_block
             return ns
+        cfg = self.cfg.server
+        if len(self.namespaces) >= cfg.max_namespaces:
+            raise ProtocolError(Code.LIMIT, f"the daemon holds {len(self.namespaces)} namespaces "
+                                            f"(server.max_namespaces = {cfg.max_namespaces})")
+        if uid != 0 and sum(1 for x in self.namespaces.values() if x.owner == uid) >= cfg.max_namespaces_per_uid:
+            raise ProtocolError(Code.LIMIT, f"uid {uid} created server.max_namespaces_per_uid = "
+                                            f"{cfg.max_namespaces_per_uid} namespaces already")
         for tier in self.tiers:
             if slot_bytes_for(block_size) > tier.slots.slab_bytes:
                 raise ProtocolError(Code.BAD_ARGS, f"block size {block_size} exceeds the {tier.name} tier's slab "
                                                    f"size ({tier.slots.slab_bytes}); raise host.slab_bytes")
-        ns = Namespace(next(self._ids), name, block_size, tokens_per_block)
+        ns = Namespace(next(self._ids), name, block_size, tokens_per_block, uid)
         self.namespaces[ns.id] = ns
         self.by_name[name] = ns
         log.info("namespace %r opened (block size %d)", name, block_size)
         return ns
+
+    def drop_namespace(self, ns: Namespace, uid: int) -> int:
+        """Removes a namespace and its blocks (its owner or root); returns the blocks dropped."""
+        if uid not in (0, ns.owner):
+            raise ProtocolError(Code.DENIED, f"only the owner of namespace {ns.name!r} (uid {ns.owner}) or "
+                                             f"root may drop it")
+        n = 0
+        for e in list(ns.entries.values()):
+            if e.state != RESERVED:
+                self._remove(e)
+                n += 1
+        if self.disk is not None:
+            n += self.disk.delete_namespace(ns.name)
+        del self.namespaces[ns.id]
+        del self.by_name[ns.name]
+        return n
 
     def namespace(self, ns_id: int) -> Namespace:
         ns = self.namespaces.get(ns_id)
@@ -440,7 +469,7 @@ class Store:
         kept = fresh[:len(offsets)]
         rid = next(self._ids)
         res = Reservation(rid, owner, ns, kept, index[:len(kept)],
-                          time.monotonic() + self.cfg.server.reservation_timeout_s)
+                          time.monotonic() + self.cfg.server.reservation_timeout_s, index[len(kept):])
         self.reservations[rid] = res
         return res
 
@@ -778,10 +807,14 @@ class Store:
                 self.counters.lease_timeouts += 1
                 log.warning("lease %d timed out; revoked", lease.lid)
                 self._end_lease(lease)
+                if self.on_revoke is not None:
+                    self.on_revoke(lease.owner, f"lease {lease.lid} timed out (server.lease_timeout_s)")
             for res in [x for x in self.reservations.values() if x.deadline < now]:
                 self.counters.reservation_timeouts += 1
                 log.warning("reservation %d timed out; aborted", res.rid)
                 self._drop_reservation(res)
+                if self.on_revoke is not None:
+                    self.on_revoke(res.owner, f"reservation {res.rid} timed out (server.reservation_timeout_s)")
 
     # ------------------------------------------------------------ stats
 
