@@ -65,9 +65,9 @@ class FrameFuzzer:
         first = next(iter(self.spaces))
         name, size = self.spaces[first]
         self.sentinel_ns = first
-        got = self.call(Op.PUT, {"ns": first, "keys": SENTINELS, "data": [content(name, k, size) for k in SENTINELS]})
-        if got["n"] != len(SENTINELS):
-            raise Violation(f"sentinels not stored: {got}")
+        # Stored by the first fuzzer of a daemon; later ones find them there (a put skips stored keys).
+        self.call(Op.PUT, {"ns": first, "keys": SENTINELS, "data": [content(name, k, size) for k in SENTINELS]})
+        self.touch_sentinels()
 
     # ------------------------------------------------------------ wire
 
