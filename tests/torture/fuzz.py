@@ -17,7 +17,6 @@ import sys
 import time
 
 from _common import daemon, verdict, wait_for
-
 from fuzz_frames import FrameFuzzer, Violation, verify_stored
 
 
