@@ -50,6 +50,7 @@ class FrameFuzzer:
         self.codes: collections.Counter = collections.Counter()
         self.ops: collections.Counter = collections.Counter()
         self.served = 0
+        self.history: collections.deque = collections.deque(maxlen=2000)   # (request id, op, args, code)
         hello = self.call(Op.HELLO, {"version": PROTOCOL_VERSION, "client": "fuzz"})
         host = hello["host"]
         fd = os.open(host["path"], os.O_RDWR)
@@ -95,6 +96,7 @@ class FrameFuzzer:
             raise Violation(f"reply to request {rid} came back as {r[0]}: {r!r:.200}")
         code = Code(r[1])
         self.codes[code.name] += 1
+        self.history.append((rid, op, args, code.name))
         if code == Code.INTERNAL:
             raise Violation(f"INTERNAL for op {op} args {args!r:.300}: {r[2]}")
         return r
@@ -259,7 +261,7 @@ class FrameFuzzer:
             name, size = self.spaces[ns]
             for k, b in zip(keys, r[2]["blocks"]):
                 if b is not None:
-                    self.check(name, k, size, b)
+                    self.check(name, k, size, b, f"get #{r[0]}")
 
     def op_acquire(self, valid: bool) -> None:
         ns, keys = self.ns_id(), self.keys()
@@ -275,7 +277,7 @@ class FrameFuzzer:
             if off >= 0:
                 if tier != "host":
                     raise Violation(f"acquire for host readers leased {k!r} in {tier}")
-                self.check(name, k, size, self.mm[off:off + size])
+                self.check(name, k, size, self.mm[off:off + size], f"acquire #{r[0]}, host offset {off}")
         if self.rng.random() < 0.6:
             self.call(Op.RELEASE, {"lid": r[2]["lid"]})
         else:
@@ -328,10 +330,27 @@ class FrameFuzzer:
 
     # ------------------------------------------------------------ checks
 
-    def check(self, name: str, key: bytes, size: int, got) -> None:
+    def check(self, name: str, key: bytes, size: int, got, where: str = "get") -> None:
         self.served += 1
-        if bytes(got) != content(name, key, size):
-            raise Violation(f"served wrong bytes for {name}/{key!r}")
+        got = bytes(got)
+        if got != content(name, key, size):
+            raise Violation(f"served wrong bytes for {name}/{key!r} ({where}): {self.explain(got, key)}")
+
+    def explain(self, got: bytes, key: bytes) -> str:
+        """Whose bytes were served instead (a slot shared by two blocks shows up here), and what this
+        connection last did with the key."""
+        whose = "nobody's"
+        for name, size in SPACES:
+            for k in [b"k%d" % i for i in range(KEYS_PER_SPACE)] + SENTINELS:
+                c = content(name, k, size)
+                if got[:4096] == c[:4096] or (len(got) >= 32 and got[-32:] == c[len(got) - 32:len(got)]):
+                    whose = f"{name}/{k!r}'s"
+        if not got.strip(b"\0"):
+            whose = "zeros"
+        touching = [f"#{rid} {Op(op).name if op in Op._value2member_map_ else op} -> {code}"
+                    for rid, op, args, code in self.history
+                    if isinstance(args, dict) and isinstance(args.get("keys"), list) and key in args["keys"]]
+        return f"bytes are {whose}; last requests with this key: {', '.join(touching[-12:]) or 'none'}"
 
     def touch_sentinels(self) -> None:
         """Reads the sentinels (checked byte for byte): they stay warm, so only a bug can lose them."""
