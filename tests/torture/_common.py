@@ -8,6 +8,8 @@ line `VERDICT <name>: PASS|FAIL <figures>` and exits non-zero on failure.
 from __future__ import annotations
 
 import resource
+import socket
+import struct
 import sys
 import tempfile
 import time
@@ -63,3 +65,32 @@ def wait_for(condition, timeout: float, interval: float = 0.05):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def raw_stats(path: str, timeout: float = 10.0) -> dict:
+    """The daemon's stats over a bare socket: no shared-memory mapping, so it works whatever
+    happened to the region file."""
+    import msgpack
+
+    from kvtierd.protocol import PROTOCOL_VERSION, Op
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        buf = b""
+        for rid, op, args in ((1, Op.HELLO, {"version": PROTOCOL_VERSION}), (2, Op.STATS, {})):
+            body = msgpack.packb([rid, int(op), args], use_bin_type=True)
+            s.sendall(struct.pack("<I", len(body)) + body)
+        replies = []
+        while len(replies) < 2:
+            while len(buf) < 4 or len(buf) < 4 + struct.unpack_from("<I", buf)[0]:
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    raise ConnectionError("the daemon closed the connection")
+                buf += chunk
+            n = struct.unpack_from("<I", buf)[0]
+            replies.append(msgpack.unpackb(buf[4:4 + n], raw=False, strict_map_key=False))
+            buf = buf[4 + n:]
+    rid, code, result = replies[1]
+    if code != 0:
+        raise RuntimeError(f"stats refused: {result}")
+    return result

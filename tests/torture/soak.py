@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from _common import TESTS, daemon, memory, mib, verdict
+from _common import TESTS, daemon, memory, mib, raw_stats, verdict
 
 WORKER = str(TESTS / "load_worker.py")
 
@@ -61,8 +61,7 @@ def main() -> int:
             else:
                 ops += int(out.split()[1])
         if d.proc.poll() is None:
-            with d.client() as c:
-                s = c.stats()
+            s = raw_stats(d.socket)
             if s["errors"]:
                 problems.append(f"errors counted by the daemon: {s['errors']}")
             if s["leases"] or s["reservations"]:
