@@ -57,7 +57,7 @@ def main() -> int:
                 problems.append(f"client {p.pid} still running after the run")
             out = p.communicate()[0]
             if p.returncode != 0 or not out.startswith("ok"):
-                problems.append(f"client {p.pid} exited {p.returncode}: {out.strip()[-300:]}")
+                problems.append(f"client {p.pid} exited {p.returncode}: {(out.strip().splitlines() or [''])[-1][:300]}")
             else:
                 ops += int(out.split()[1])
         if d.proc.poll() is None:
