@@ -277,7 +277,7 @@ class FrameFuzzer:
         if r[1] == 0:
             ns, keys = sent["ns"], sent["keys"]
             name, size = self.spaces[ns]
-            for k, b in zip(keys, r[2]["blocks"]):
+            for k, b in self.aligned(keys, r[2]["blocks"], name, size):
                 if b is not None:
                     self.check(name, k, size, b, f"get #{r[0]}")
 
@@ -291,15 +291,24 @@ class FrameFuzzer:
             return
         ns, keys = sent["ns"], sent["keys"]
         name, size = self.spaces[ns]
-        for k, off, tier in zip(keys, r[2]["offsets"], r[2]["tiers"]):
-            if off >= 0:
+        blocks = [self.mm[off:off + size] if off >= 0 else None for off in r[2]["offsets"]]
+        for (k, b), off, tier in zip(self.aligned(keys, blocks, name, size), r[2]["offsets"], r[2]["tiers"]):
+            if b is not None:
                 if tier != "host":
                     raise Violation(f"acquire for host readers leased {k!r} in {tier}")
-                self.check(name, k, size, self.mm[off:off + size], f"acquire #{r[0]}, host offset {off}")
+                self.check(name, k, size, b, f"acquire #{r[0]}, host offset {off}")
         if self.rng.random() < 0.6:
             self.call(Op.RELEASE, {"lid": r[2]["lid"]})
         else:
             self.leases.append(r[2]["lid"])
+
+    def aligned(self, keys: list, blocks: list, name: str, size: int) -> list:
+        """(key, block) pairs of a reply. With duplicate keys in the request the daemon may answer per
+        distinct key, so each block is paired with whichever requested key its bytes belong to."""
+        if len(set(keys)) == len(keys):
+            return list(zip(keys, blocks))
+        by_seed = {content(name, k, 32): k for k in keys}
+        return [(by_seed.get(bytes(b[:32]), keys[0]) if b is not None else None, b) for b in blocks]
 
     def op_release(self, valid: bool) -> None:
         if valid and self.leases:
@@ -318,6 +327,11 @@ class FrameFuzzer:
         res = r[2]
         ns, keys = sent["ns"], sent["keys"]
         name, size = self.spaces[ns]
+        if len(set(keys)) != len(keys):
+            # Whether `index` counts positions before or after duplicates are dropped is the daemon's
+            # choice: write nothing, commit nothing.
+            self.call(Op.ABORT, {"rid": res["rid"]})
+            return
         # Write every reserved slot at once, as a client would before committing.
         for i, off in zip(res["index"], res["offsets"]):
             self.mm[off:off + size] = content(name, keys[i], size)
