@@ -19,6 +19,7 @@ import os
 import random
 import socket
 import struct
+import time
 
 import msgpack
 
@@ -50,6 +51,7 @@ class FrameFuzzer:
         self.codes: collections.Counter = collections.Counter()
         self.ops: collections.Counter = collections.Counter()
         self.served = 0
+        self.transient_misses = 0
         self.wrote: dict[bytes, str] = {}   # seed -> which block, by which request: to name stray bytes
         self.history: collections.deque = collections.deque(maxlen=2000)   # (request id, op, args, code)
         hello = self.call(Op.HELLO, {"version": PROTOCOL_VERSION, "client": "fuzz"})
@@ -394,13 +396,21 @@ class FrameFuzzer:
         return f"bytes are {whose}; last requests with this key: {', '.join(touching[-12:]) or 'none'}"
 
     def touch_sentinels(self) -> None:
-        """Reads the sentinels (checked byte for byte): they stay warm, so only a bug can lose them."""
+        """Reads the sentinels (checked byte for byte): they stay warm, so only a bug can lose them.
+        A miss that a retry within a second turns into a hit (the daemon had no room to read a disk
+        block up at that moment) is counted in `transient_misses`, not raised."""
         name, size = self.spaces[self.sentinel_ns]
-        blocks = self.call(Op.GET, {"ns": self.sentinel_ns, "keys": SENTINELS})["blocks"]
-        for k, b in zip(SENTINELS, blocks):
-            if b is None:
-                raise Violation(f"sentinel {k!r} lost during the run")
-            self.check(name, k, size, b)
+        for attempt in range(20):
+            blocks = self.call(Op.GET, {"ns": self.sentinel_ns, "keys": SENTINELS})["blocks"]
+            for k, b in zip(SENTINELS, blocks):
+                if b is not None:
+                    self.check(name, k, size, b, "sentinel get")
+            if all(b is not None for b in blocks):
+                self.transient_misses += attempt > 0
+                return
+            time.sleep(0.05)
+        lost = [k for k, b in zip(SENTINELS, blocks) if b is None]
+        raise Violation(f"sentinels {lost} lost during the run (missing for 1 s)")
 
     def quiesce(self) -> None:
         """Hands back every lease and reservation held, the way a client would."""

@@ -30,7 +30,7 @@ def main() -> int:
                 "--set", "disk.segment_bytes=16MiB"])
     codes: collections.Counter = collections.Counter()
     problems = []
-    served = checked = 0
+    served = checked = transient = 0
     t0 = time.monotonic()
     try:
         per = a.frames // a.connections
@@ -45,6 +45,7 @@ def main() -> int:
                 if fz is not None:
                     codes.update(fz.codes)
                     served += fz.served
+                    transient += fz.transient_misses
                     fz.close()
             if d.proc.poll() is not None:
                 problems.append(f"daemon exited with {d.proc.returncode}")
@@ -70,7 +71,8 @@ def main() -> int:
     frames = sum(codes.values())
     return verdict("fuzz", not problems,
                    f"{frames} frames in {time.monotonic() - t0:.0f} s, {codes['OK']} OK, {codes['INTERNAL']} INTERNAL, "
-                   f"{served} blocks served and checked, {checked} stored blocks exact after; log {d.log_path}")
+                   f"{served} blocks served and checked, {checked} stored blocks exact after, "
+                   f"{transient} times a sentinel read missed and a retry found it; log {d.log_path}")
 
 
 if __name__ == "__main__":
