@@ -39,11 +39,13 @@ Why two strings and not one value `header + payload`: the payload then goes
 from the host tier's memoryview to the socket untouched (redis-py sends a
 memoryview argument as it is) and Redis keeps a large SET argument as the
 string itself, so a write copies nothing on either side. One value costs a
-copy: joining header and payload into fresh bytes on the client (bench/remote.py:
-+0.8 CPU s/GB at 4 MiB on a loaded 2-core VM, mostly page faults), or `SET
-header` + `APPEND payload`, which copies the payload again inside every
-master and replica (+0.5 CPU s/GB). The price of two strings is one more
-small command per block, in the same pipeline to the same node.
+copy: joining header and payload into fresh bytes on the client (bench/remote.py,
+4 MiB blocks on a loaded 2-core VM: +0.07 to +1.0 client CPU s/GB, the high
+end when the allocator hands out cold pages), or `SET header` + `APPEND
+payload`, which copies the payload again inside every master and replica
+(+0.3 to +0.45 cluster CPU s/GB). At that size two strings cost the cluster
+what a plain SET of the block costs (within 0.07 s/GB); the price is one
+more small command per block, in the same pipeline to the same node.
 """
 
 from __future__ import annotations
