@@ -96,3 +96,24 @@ def test_a_block_committed_to_hbm_reaches_the_remote_when_it_lands_in_host(tmp_p
         finally:
             await store.close(flush=False)
     asyncio.run(go())
+
+
+def test_bytes_changed_in_a_slot_after_commit_reach_other_nodes_as_a_miss(tmp_path, redis_cluster):
+    async def go():
+        cfg = small_config(tmp_path, **{"remote.url": redis_cluster.url})
+        store = Store(cfg)
+        store.attach_remote(RemoteTier(cfg.remote))
+        await store.start()
+        try:
+            ns = store.open_namespace("tampered", BS)
+            res = await store.reserve(ns, [b"good", b"bad"], 1)
+            for e in res.entries:
+                store.view(e)[:] = os.urandom(BS)
+            good = bytes(store.view(res.entries[0]))
+            store.commit(res.rid, 1)                  # checksums taken; both offered
+            store.view(res.entries[1])[:8] = b"scribble"   # a client writes into its mapped slot afterwards
+            await until(lambda: store.stats()["remote"]["writes"] == 2, 30, "the writes")
+            assert await fetch(redis_cluster.url, "tampered", [b"good", b"bad"]) == [good, None]
+        finally:
+            await store.close(flush=False)
+    asyncio.run(go())

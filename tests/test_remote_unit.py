@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import xxhash
 from redis.crc import key_slot
 
 from kvtierd.config import ConfigError, load
@@ -27,7 +28,8 @@ def test_a_block_verifies_only_for_its_namespace_key_and_block_size():
     key, payload = os.urandom(32), os.urandom(4096)
     header = ns.header(key, payload)
     assert len(header) == FIXED_SIZE + 32
-    assert ns.verify(key, 4096, header, payload) == payload
+    assert ns.verify(key, 4096, header, payload) == xxhash.xxh3_64_intdigest(payload)
+    assert ns.header(key, payload, xxhash.xxh3_64_intdigest(payload)) == header
     assert ns.verify(os.urandom(32), 4096, header, payload) is None                        # another key
     assert NamespaceNames("llama/bf16/tenant-b").verify(key, 4096, header, payload) is None  # another namespace
     assert ns.verify(key, 2048, header, payload) is None                                   # another block size

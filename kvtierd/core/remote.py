@@ -123,10 +123,11 @@ class RemoteHooks:
                 e.offset = off
                 ns.host.owner[off] = e
             if placed:
+                # The remote tier hashed each block to verify it: that is its host checksum too.
+                fetched: list[int | None] = [None] * len(placed)
                 ok = await self.tier.fetch(ns.name, ns.block_size, [e.key for e in placed],
-                                           [s.view(e) for e in placed])
-            sums = await s.sums_for([(e.tier, e.offset, ns.block_size) if good else None
-                                     for e, good in zip(placed, ok)])
+                                           [s.view(e) for e in placed], sums=fetched)
+                sums = fetched if s.cfg.host.checksums else [None] * len(placed)
         except Exception:
             log.exception("pulling %d blocks of %s from the remote tier failed; they are misses", len(loads),
                           printable(ns.name))
@@ -181,7 +182,9 @@ class RemoteHooks:
 
     def _offer(self, e: Entry) -> None:
         e.io += 1
-        if self.tier.offer(e.ns.name, e.key, self.s.view(e), lambda ok, e=e: self._written(e)):
+        # The header carries the checksum taken at commit (None: host.checksums off, the tier hashes),
+        # so bytes a client changed in its mapped slot since then reach other nodes as a miss.
+        if self.tier.offer(e.ns.name, e.key, self.s.view(e), lambda ok, e=e: self._written(e), e.sum):
             self.offered += 1
         else:
             e.io -= 1            # dropped (counted by the tier); done() will not be called

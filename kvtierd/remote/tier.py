@@ -5,7 +5,7 @@
     n = await tier.present(ns, size, keys)  # leading keys present remotely (0 when down or late)
     which = await tier.exists(ns, size, keys)      # the same, per key
     ok = await tier.fetch(ns, size, keys, dests)   # verified copies into the given slot views
-    tier.offer(ns, key, view, done)         # queue an async write; False = dropped (counted)
+    tier.offer(ns, key, view, done, csum)   # queue an async write; False = dropped (counted)
     tier.stats()                            # plain dict for `kvtierd stats` and metrics.py
     await tier.close()
 
@@ -14,20 +14,25 @@ Contract with the caller (all calls on the event loop thread):
 * `present(ns_name, block_size, keys) -> int`: one pipelined round of STRLEN
   of each block's payload and header (one round trip per node, in parallel),
   inside `lookup_budget_s`. A block whose strings do not have the lengths of
-  an intact block of this namespace counts as absent. A round that misses the budget answers 0 and finishes in
-  the background (so its connection is not torn down), and at most
-  MAX_LATE_ROUNDS such rounds may be out: beyond that present() answers 0 at
-  once. It is a hint: fetch() is the truth.
-* `fetch(ns_name, block_size, keys, dests) -> list[bool]`: GETs of payload and
-  header in rounds of at most `pipeline_bytes`; each block is checked
-  (values.py) and its payload copied into `dests[i]` (writable, exactly block_size bytes). False means
-  dests[i] may hold anything and must not be served. A failed round makes
-  the rest of the call misses.
-* `offer(ns_name, key, view, done) -> bool`: see writer.py. True: `view`
-  must stay valid and unchanged until `done(ok)` is called (on the loop,
-  exactly once, also at close()). A slot reused too early can never become
-  wrong bytes for a reader, only a miss: the header holds the payload's
-  checksum, taken before the send.
+  an intact block of this namespace counts as absent. A round that misses
+  the budget answers 0 and finishes in the background (so its connection is
+  not torn down), and at most MAX_LATE_ROUNDS such rounds may be out: beyond
+  that present() answers 0 at once. It is a hint: fetch() is the truth.
+  `exists()` is the same round, answered per key.
+* `fetch(ns_name, block_size, keys, dests, sums=None) -> list[bool]`: GETs of
+  payload and header in rounds of at most `pipeline_bytes`; each block is
+  checked (values.py) and its payload copied into `dests[i]` (writable,
+  exactly block_size bytes). False means dests[i] may hold anything and must
+  not be served. A failed round makes the rest of the call misses. With
+  `sums` a list, sums[i] gets the xxh3_64 of each delivered block (computed
+  to verify it: the caller need not hash it again).
+* `offer(ns_name, key, view, done, csum=None) -> bool`: see writer.py. True:
+  `view` must stay valid and unchanged until `done(ok)` is called (on the
+  loop, exactly once, also at close()). `csum` is the block's xxh3_64 as the
+  caller knows it to be right (the store's checksum taken at commit); the
+  header carries it, so bytes changed behind the caller's back since then,
+  or a slot reused too early, reach a reader as a miss, never as wrong
+  bytes. Without it the writer hashes the view as it sends it.
 * Failures (a node down, a timeout, a failover, every node down) are misses,
   dropped writes and counters, never exceptions. Bad arguments (a dest of the
   wrong size) are the caller's bug and raise ValueError.
@@ -158,13 +163,15 @@ class RemoteTier:
         return found
 
     async def fetch(self, ns_name: str, block_size: int, keys: Sequence[bytes],
-                    dests: Sequence[memoryview]) -> list[bool]:
+                    dests: Sequence[memoryview], sums: list | None = None) -> list[bool]:
         """Copy the verified payload of each key into dests[i]; True where that worked."""
         if len(dests) != len(keys):
             raise ValueError(f"{len(keys)} keys but {len(dests)} destinations")
         for d in dests:
             if d.nbytes != block_size or d.readonly:
                 raise ValueError(f"destinations must be writable views of exactly {block_size} bytes")
+        if sums is not None and len(sums) != len(keys):
+            raise ValueError("sums must have one place per key")
         ok = [False] * len(keys)
         if not keys:
             return ok
@@ -189,12 +196,14 @@ class RemoteTier:
                 if payload is None or header is None or isinstance(payload, Exception) \
                         or isinstance(header, Exception):
                     continue
-                payload = names.verify(key, block_size, header, payload)
-                if payload is None:
+                csum = names.verify(key, block_size, header, payload)
+                if csum is None:
                     self.c.corrupt += 1
                     continue
                 dests[start + i][:] = payload
                 ok[start + i] = True
+                if sums is not None:
+                    sums[start + i] = csum
             if not self.available():
                 break
         hits = sum(ok)
@@ -203,7 +212,8 @@ class RemoteTier:
         self.c.read_bytes += hits * block_size
         return ok
 
-    def offer(self, ns_name: str, key: bytes, view: memoryview, done: Callable[[bool], None]) -> bool:
+    def offer(self, ns_name: str, key: bytes, view: memoryview, done: Callable[[bool], None],
+              csum: int | None = None) -> bool:
         """Queue an asynchronous write of `view` under `key`; False = dropped (counted), done not called."""
         if self._closed:
             self.c.dropped["closed"] += 1
@@ -213,7 +223,7 @@ class RemoteTier:
         if not self.available():
             self.c.dropped["down"] += 1
             return False
-        reason = self.queue.admit(Write(self._ns(ns_name), key, view, done))
+        reason = self.queue.admit(Write(self._ns(ns_name), key, view, done, csum))
         if reason is not None:
             self.c.dropped[reason] += 1
             return False
@@ -390,7 +400,7 @@ class RemoteTier:
         cmds: list[tuple] = []
         for w in batch:
             cmds.append(("SET", w.names.key(w.key), w.view, *px))
-            cmds.append(("SET", w.names.header_key(w.key), w.names.header(w.key, w.view), *px))
+            cmds.append(("SET", w.names.header_key(w.key), w.names.header(w.key, w.view, w.csum), *px))
         return cmds
 
     async def _writer(self) -> None:

@@ -96,14 +96,16 @@ class NamespaceNames:
         """The Redis key of block `key`'s header (the same hash slot as its payload)."""
         return self.key(key) + b":h"
 
-    def header(self, key: bytes, payload: memoryview | bytes) -> bytes:
-        """The header of `payload` stored under `key`."""
+    def header(self, key: bytes, payload: memoryview | bytes, csum: int | None = None) -> bytes:
+        """The header of `payload` stored under `key`; `csum` is its xxh3_64 when the caller has it."""
         if len(key) > MAX_KEY:
             raise ValueError(f"key of {len(key)} bytes; at most {MAX_KEY}")
-        return _FIXED.pack(MAGIC, VERSION, len(key), 0, self.digest, len(payload), checksum(payload)) + key
+        if csum is None:
+            csum = checksum(payload)
+        return _FIXED.pack(MAGIC, VERSION, len(key), 0, self.digest, len(payload), csum) + key
 
-    def verify(self, key: bytes, block_size: int, header: bytes | None, payload: bytes | None) -> bytes | None:
-        """`payload` if it and `header` are an intact block `key` of this namespace, else None."""
+    def verify(self, key: bytes, block_size: int, header: bytes | None, payload: bytes | None) -> int | None:
+        """The payload's xxh3_64 if it and `header` are an intact block `key` of this namespace, else None."""
         if header is None or payload is None or len(payload) != block_size \
                 or len(header) != FIXED_SIZE + len(key):
             return None
@@ -113,4 +115,4 @@ class NamespaceNames:
             return None
         if checksum(payload) != csum:
             return None
-        return payload
+        return csum

@@ -33,10 +33,11 @@ Done = Callable[[bool], None]
 
 
 class Write:
-    __slots__ = ("names", "key", "view", "done", "nbytes")
+    __slots__ = ("names", "key", "view", "done", "nbytes", "csum")
 
-    def __init__(self, names: NamespaceNames, key: bytes, view: memoryview, done: Done) -> None:
-        self.names, self.key, self.view, self.done = names, key, view, done
+    def __init__(self, names: NamespaceNames, key: bytes, view: memoryview, done: Done,
+                 csum: int | None = None) -> None:
+        self.names, self.key, self.view, self.done, self.csum = names, key, view, done, csum
         self.nbytes = len(view)
 
 
