@@ -6,7 +6,8 @@ pipelined rounds of at most remote.pipeline_bytes (16 MiB):
 
   raw put    redis-py asyncio RedisCluster pipelines of `SET key bytes PX ttl`
   tier put   RemoteTier.offer() of every block, timed until every done() came back
-             (header with xxh3 of the payload; SET header + APPEND payload view)
+             (SET of the payload view and of its header; the xxh3 in the header is
+             passed in, as the daemon passes the checksum it took at commit)
   raw get    pipelines of GET, the reply bytes kept
   tier get   RemoteTier.fetch() into preallocated slot-sized buffers (header
              and xxh3 checked, payload copied into the buffer)
@@ -17,7 +18,8 @@ copy into a buffer the consumer owns, which any reader of redis-py replies
 pays. At 1 MiB the tier also runs with the other key layout (one hash slot
 per namespace instead of one per block); at 4 MiB two raw rows show what a
 one-value format (header and payload in one string) would cost: SET of a
-joined copy, or SET header + APPEND payload.
+joined copy, or SET header + APPEND payload; and a tier row where the
+caller gives no checksum, so the tier hashes each block as it sends it.
 
 After one warm-up round, each figure is the median of --reps measurements,
 and each ratio the median of --reps paired ratios (a tier measurement over
@@ -62,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import xxhash  # noqa: E402
 from redis.asyncio import RedisCluster  # noqa: E402
 from redis.backoff import NoBackoff  # noqa: E402
 from redis.retry import Retry  # noqa: E402
@@ -110,7 +113,7 @@ async def raw_get(rc, keys, per_round, dests=None) -> float:
     return time.perf_counter() - t0
 
 
-async def tier_put(tier: RemoteTier, ns, keys, blocks) -> float:
+async def tier_put(tier: RemoteTier, ns, keys, blocks, sums=None) -> float:
     left = len(keys)
     finished = asyncio.Event()
     failures = 0
@@ -123,8 +126,8 @@ async def tier_put(tier: RemoteTier, ns, keys, blocks) -> float:
             finished.set()
 
     t0 = time.perf_counter()
-    for k, b in zip(keys, blocks):
-        if not tier.offer(ns, k, memoryview(b), done):
+    for i, (k, b) in enumerate(zip(keys, blocks)):
+        if not tier.offer(ns, k, memoryview(b), done, None if sums is None else sums[i]):
             raise RuntimeError("a write was dropped: raise remote.max_inflight_bytes")
     await finished.wait()
     dt = time.perf_counter() - t0
@@ -187,6 +190,8 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
             n = max(1, total // size)
             per_round = max(1, per_bytes // size)
             blocks = [os.urandom(size) for _ in range(n)]
+            # The daemon offers blocks with the checksum it took at commit (host.checksums): not timed here.
+            sums = [xxhash.xxh3_64_intdigest(b) for b in blocks]
             dests = [memoryview(bytearray(size)) for _ in range(n)]
             moved = n * size
             gb: dict[str, list[float]] = {}
@@ -208,10 +213,14 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
                 raw_p = record("raw put", await timed(raw_put(rc, raw_keys, blocks, per_round), rc))
                 for lay in layouts:
                     tag = "" if lay == "spread" else " [one slot per namespace]"
-                    tp = record("tier put" + tag, await timed(tier_put(tiers[lay], ns[lay], keys[lay], blocks), rc))
+                    tp = record("tier put" + tag,
+                                await timed(tier_put(tiers[lay], ns[lay], keys[lay], blocks, sums), rc))
                     if rep:
                         ratios.setdefault("put" + tag, []).append(tp / raw_p)
                 if size == 4 << 20:
+                    hashed = [os.urandom(32) for _ in range(n)]
+                    record("tier put, no checksum given (the tier hashes)",
+                           await timed(tier_put(tiers["spread"], ns["spread"], hashed, blocks), rc))
                     for append in (False, True):
                         alt = [b"alt:%d:%d:%d:%d" % (size, rep, append, i) for i in range(n)]
                         name = "raw put, one value: " + ("SET header + APPEND payload" if append
