@@ -159,3 +159,10 @@ def test_the_cost_model_knows_and_learns_the_remote_tier_rate():
     for _ in range(20):
         learner.observe_load(["remote"] * 8, 1 << 20, 8 * (1 << 20) / 2e9)   # 2 GB/s measured
     assert learner.load_rates["remote"] > 2 * before
+
+
+def test_replies_are_parsed_by_hiredis():
+    # hiredis is a daemon dependency: without it redis-py falls back to a Python parser several times slower.
+    from redis.asyncio.connection import DefaultParser
+
+    assert DefaultParser.__name__ == "_AsyncHiredisParser"
