@@ -15,8 +15,8 @@ pipelined rounds of at most remote.pipeline_bytes (16 MiB):
 The raw rows are the ceiling: the same client library and round shape, no
 header, no checksum, no copy into a destination. `raw get+copy` adds the one
 copy into a buffer the consumer owns, which any reader of redis-py replies
-pays. At 1 MiB the tier also runs with the other key layout (one hash slot
-per namespace instead of one per block); at 4 MiB two raw rows show what a
+pays. At 1 MiB the tier also runs with the other key layouts (one hash slot
+per namespace, one per block: values.py); at 4 MiB two raw rows show what a
 one-value format (header and payload in one string) would cost: SET of a
 joined copy, or SET header + APPEND payload; and a tier row where the
 caller gives no checksum, so the tier hashes each block as it sends it.
@@ -29,6 +29,9 @@ moved, `cluster CPU s/GB` that of all six redis-server processes (INFO cpu):
 on a loaded machine both are steadier than wall time.
 Replicas receive every write, so put figures include replication load on the
 same machine.
+
+Lookup rows: present() of a 64-key chain, per key layout, milliseconds per
+call (wall) and client CPU milliseconds per call (in the CPU s/GB column).
 
 Time to first token (`--ttft`, on by default): a randomly initialised
 Llama-shaped model on CPU (bench/ttft.py's 'tiny' shape), two daemons with
@@ -71,6 +74,7 @@ from redis.retry import Retry  # noqa: E402
 
 from kvtierd.config import format_size, load, parse_size  # noqa: E402
 from kvtierd.remote import RemoteTier  # noqa: E402
+from kvtierd.remote.values import BUCKETS  # noqa: E402
 
 TTL_MS = 600_000
 
@@ -178,11 +182,12 @@ async def raw_put_one_value(rc, keys, blocks, per_round, append: bool) -> float:
 
 async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tuple]:
     cfg = load(overrides={"remote.url": url, "remote.max_inflight_bytes": max(total, 1 << 20) * 2,
-                          "remote.op_timeout_s": 30, "remote.ttl_s": TTL_MS / 1000}).remote
+                          "remote.op_timeout_s": 30, "remote.ttl_s": TTL_MS / 1000,
+                          "remote.lookup_budget_s": 5.0}).remote
     per_bytes = cfg.pipeline_bytes
     rc = await raw_client(url)
     rows = []
-    tiers = {lay: RemoteTier(cfg, layout=lay) for lay in ("spread", "namespace")}
+    tiers = {b: RemoteTier(cfg, buckets=b) for b in (BUCKETS, 1, 0)}
     for t in tiers.values():
         await t.start()
     try:
@@ -198,7 +203,7 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
             cpu: dict[str, list[float]] = {}
             scpu: dict[str, list[float]] = {}
             ratios: dict[str, list[float]] = {}
-            layouts = ["spread", "namespace"] if size == 1 << 20 else ["spread"]
+            layouts = [BUCKETS, 1, 0] if size == 1 << 20 else [BUCKETS]
             for rep in range(reps + 1):            # rep 0 warms connections and server memory up
                 def record(name: str, t: tuple[float, float, float]) -> float:
                     if rep:
@@ -209,10 +214,11 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
                 raw_keys = [b"raw:%d:%d:%d" % (size, rep, i) for i in range(n)]
                 keys = {lay: [os.urandom(32) for _ in range(n)] for lay in layouts}
                 ns = {lay: f"bench/{size}/{rep}/{lay}" for lay in layouts}
+                tags = {BUCKETS: "", 1: " [one slot per namespace]", 0: " [one slot per block]"}
                 # Paired: each tier figure right after the raw figure it is compared with.
                 raw_p = record("raw put", await timed(raw_put(rc, raw_keys, blocks, per_round), rc))
                 for lay in layouts:
-                    tag = "" if lay == "spread" else " [one slot per namespace]"
+                    tag = tags[lay]
                     tp = record("tier put" + tag,
                                 await timed(tier_put(tiers[lay], ns[lay], keys[lay], blocks, sums), rc))
                     if rep:
@@ -220,7 +226,7 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
                 if size == 4 << 20:
                     hashed = [os.urandom(32) for _ in range(n)]
                     record("tier put, no checksum given (the tier hashes)",
-                           await timed(tier_put(tiers["spread"], ns["spread"], hashed, blocks), rc))
+                           await timed(tier_put(tiers[BUCKETS], ns[BUCKETS], hashed, blocks), rc))
                     for append in (False, True):
                         alt = [b"alt:%d:%d:%d:%d" % (size, rep, append, i) for i in range(n)]
                         name = "raw put, one value: " + ("SET header + APPEND payload" if append
@@ -229,7 +235,7 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
                 raw_g = record("raw get", await timed(raw_get(rc, raw_keys, per_round), rc))
                 record("raw get+copy", await timed(raw_get(rc, raw_keys, per_round, dests), rc))
                 for lay in layouts:
-                    tag = "" if lay == "spread" else " [one slot per namespace]"
+                    tag = tags[lay]
                     tg = record("tier get" + tag,
                                 await timed(tier_get(tiers[lay], ns[lay], size, keys[lay], dests), rc))
                     if rep:
@@ -241,10 +247,34 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
             for name, vals in ratios.items():
                 rows.append((format_size(size), f"ratio tier/raw {name}", statistics.median(vals), min(vals),
                              max(vals), None, None))
+        rows.extend(await lookup_latency(tiers, reps))
     finally:
         for t in tiers.values():
             await t.close()
         await rc.aclose()
+    return rows
+
+
+async def lookup_latency(tiers: dict, reps: int, chain: int = 64, calls: int = 200) -> list[tuple]:
+    """present() of a 64-key chain that is all there, per key layout: wall ms and client CPU ms per call."""
+    rows = []
+    for b, tier in tiers.items():
+        ns = f"bench/lookup/{b}"
+        keys = [os.urandom(32) for _ in range(chain)]
+        await tier_put(tier, ns, keys, [os.urandom(4096) for _ in keys])
+        walls, cpus = [], []
+        for rep in range(reps + 1):
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(calls):
+                if await tier.present(ns, 4096, keys) != chain:
+                    raise RuntimeError("lookup missed (raise remote.lookup_budget_s?)")
+            if rep:
+                walls.append((time.perf_counter() - t0) / calls * 1e3)
+                cpus.append((time.process_time() - c0) / calls * 1e3)
+        name = {BUCKETS: f"{BUCKETS} slots per namespace (default)", 1: "one slot per namespace",
+                0: "one slot per block"}[b]
+        rows.append(("lookup", f"present(), 64-key chain, {name}: ms per call", statistics.median(walls),
+                     min(walls), max(walls), statistics.median(cpus), None))
     return rows
 
 
@@ -352,7 +382,7 @@ def main() -> None:
               f"cluster CPU s/GB |")
         print("|---|---|---|---|---|---|---|")
         for size, name, med, lo, hi, cpu, scpu in rows:
-            extra = "| |" if cpu is None else f"| {cpu:.2f} | {scpu:.2f} |"
+            extra = "| |" if cpu is None else f"| {cpu:.2f} | {'' if scpu is None else f'{scpu:.2f}'} |"
             print(f"| {size} | {name} | {med:.3f} | {lo:.3f} | {hi:.3f} {extra}")
     for line in ttft_rows:
         print(line)

@@ -45,16 +45,19 @@ def test_a_block_verifies_only_for_its_namespace_key_and_block_size():
     assert key_slot(ns.key(key)) == key_slot(ns.header_key(key))                          # one node, one round
 
 
-def test_remote_names_keep_namespaces_apart_and_spread_a_chain_over_the_slots():
+def test_remote_names_keep_namespaces_apart_and_spread_a_namespace_over_16_slots():
     a, b = NamespaceNames("a"), NamespaceNames("b")
     key = b"\x7b\x7d{}"                       # braces in a key do not break the hash tag (hex)
     assert a.key(key) != b.key(key)
     keys = [os.urandom(32) for _ in range(300)]
     slots = {key_slot(a.key(k)) for k in keys}
-    # 3 masters split 16384 slots in thirds: a chain touches all of them.
-    assert len({s * 3 // 16384 for s in slots}) == 3 and len(slots) > 250
-    one = NamespaceNames("a", layout="namespace")
+    assert len(slots) == 16                    # at most 16 MGETs per lookup, 16 slots of load
+    assert len({s * 3 // 16384 for s in slots}) == 3     # 3 masters split the slots in thirds: all get some
+    assert all(key_slot(a.key(k)) == key_slot(a.header_key(k)) for k in keys)
+    one = NamespaceNames("a", buckets=1)
     assert len({key_slot(one.key(k)) for k in keys}) == 1
+    per_block = NamespaceNames("a", buckets=0)
+    assert len({key_slot(per_block.key(k)) for k in keys}) > 250
 
 
 def test_breaker_opens_after_a_run_of_failures_and_closes_after_a_good_probe():

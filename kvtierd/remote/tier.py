@@ -11,16 +11,17 @@
 
 Contract with the caller (all calls on the event loop thread):
 
-* `present(ns_name, block_size, keys) -> int`: one pipelined round of STRLEN
-  of each block's payload and header (one round trip per node, in parallel),
-  inside `lookup_budget_s`. A block whose strings do not have the lengths of
-  an intact block of this namespace counts as absent. A round that misses
+* `present(ns_name, block_size, keys) -> int`: one pipelined round, an MGET
+  of the headers per bucket (values.py; one round trip per node, nodes in
+  parallel), inside `lookup_budget_s`. A block without the header of an
+  intact block of this namespace counts as absent. A round that misses
   the budget answers 0 and finishes in the background (so its connection is
   not torn down), and at most MAX_LATE_ROUNDS such rounds may be out: beyond
   that present() answers 0 at once. It is a hint: fetch() is the truth.
   `exists()` is the same round, answered per key.
-* `fetch(ns_name, block_size, keys, dests, sums=None) -> list[bool]`: GETs of
-  payload and header in rounds of at most `pipeline_bytes`; each block is
+* `fetch(ns_name, block_size, keys, dests, sums=None) -> list[bool]`: an MGET
+  of payloads and headers per bucket, in rounds of at most `pipeline_bytes`;
+  each block is
   checked (values.py) and its payload copied into `dests[i]` (writable,
   exactly block_size bytes). False means dests[i] may hold anything and must
   not be served. A failed round makes the rest of the call misses. With
@@ -57,7 +58,7 @@ from kvtierd.config import RemoteConfig
 from kvtierd.remote.breaker import CLOSED, CircuitBreaker
 from kvtierd.remote.connection import Remote, connect, redact
 from kvtierd.remote.stats import Counters
-from kvtierd.remote.values import FIXED_SIZE, MAX_KEY, NamespaceNames, header_size
+from kvtierd.remote.values import BUCKETS, FIXED_SIZE, MAX_KEY, NamespaceNames
 from kvtierd.remote.writer import Budget, Write, WriteQueue
 
 log = logging.getLogger("kvtierd.remote")
@@ -67,11 +68,11 @@ MAX_NAMES = 4096           # namespace name cache entries (the store bounds name
 
 
 class RemoteTier:
-    def __init__(self, cfg: RemoteConfig, layout: str = "spread", clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cfg: RemoteConfig, buckets: int = BUCKETS, clock: Callable[[], float] = time.monotonic) -> None:
         if not cfg.url:
             raise ValueError("remote.url is empty: there is no remote tier to start")
         self.cfg = cfg
-        self.layout = layout
+        self.buckets = buckets                  # part of the format: bench/remote.py compares others
         self.breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_open_s, clock)
         self.queue = WriteQueue(cfg.max_inflight_bytes, cfg.pipeline_bytes, Budget(cfg.bytes, cfg.ttl_s, clock))
         self.c = Counters()
@@ -183,18 +184,21 @@ class RemoteTier:
         for start in range(0, len(keys), per_round):
             chunk = keys[start:start + per_round]
             t0 = time.perf_counter()
-            cmds: list[tuple] = []
-            for k in chunk:
-                cmds.append(("GET", names.key(k)))
-                cmds.append(("GET", names.header_key(k)))
-            values = await self._round(cmds)
+            groups = _by_bucket(names, chunk)
+            cmds = [("MGET", *[k for i in idx for k in (names.key(chunk[i]), names.header_key(chunk[i]))])
+                    for idx in groups]
+            replies = await self._round(cmds)
             self.c.latency["fetch"].observe(time.perf_counter() - t0)
-            if values is None:
+            if replies is None:
                 break
+            values: list[Any] = [None] * (2 * len(chunk))
+            for idx, reply in zip(groups, replies):
+                if isinstance(reply, list) and len(reply) == 2 * len(idx):
+                    for j, i in enumerate(idx):
+                        values[2 * i], values[2 * i + 1] = reply[2 * j], reply[2 * j + 1]
             for i, key in enumerate(chunk):
                 payload, header = values[2 * i], values[2 * i + 1]
-                if payload is None or header is None or isinstance(payload, Exception) \
-                        or isinstance(header, Exception):
+                if payload is None or header is None:
                     continue
                 csum = names.verify(key, block_size, header, payload)
                 if csum is None:
@@ -261,21 +265,23 @@ class RemoteTier:
         if names is None:
             if len(self._names) >= MAX_NAMES:
                 self._names.clear()
-            names = self._names[name] = NamespaceNames(name, self.layout)
+            names = self._names[name] = NamespaceNames(name, self.buckets)
         return names
 
     async def _exists_round(self, names: NamespaceNames, block_size: int, keys: Sequence[bytes],
                             t0: float) -> list[bool] | None:
         """Presence of each key, or None when the round failed."""
-        cmds: list[tuple] = []
-        for k in keys:
-            cmds.append(("STRLEN", names.key(k)))
-            cmds.append(("STRLEN", names.header_key(k)))
-        lengths = await self._round(cmds)
+        groups = _by_bucket(names, keys)
+        replies = await self._round([("MGET", *[names.header_key(keys[i]) for i in idx]) for idx in groups])
         self.c.latency["lookup"].observe(time.perf_counter() - t0)
-        if lengths is None:
+        if replies is None:
             return None
-        return [lengths[2 * i] == block_size and lengths[2 * i + 1] == header_size(k) for i, k in enumerate(keys)]
+        found = [False] * len(keys)
+        for idx, reply in zip(groups, replies):
+            if isinstance(reply, list) and len(reply) == len(idx):
+                for i, header in zip(idx, reply):
+                    found[i] = names.header_ok(keys[i], block_size, header) is not None
+        return found
 
     def _late_done(self, task: asyncio.Task) -> None:
         self._late -= 1
@@ -424,6 +430,16 @@ class RemoteTier:
             for i, w in enumerate(batch):
                 ok = results is not None and _set_ok(results[2 * i]) and _set_ok(results[2 * i + 1])
                 self._finish(w, ok)
+
+
+def _by_bucket(names: NamespaceNames, keys: Sequence[bytes]) -> list[list[int]]:
+    """Positions of `keys` grouped by hash slot bucket (one multi-key command each), in first-seen order."""
+    if names.buckets == 0:
+        return [[i] for i in range(len(keys))]
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(names.bucket(k), []).append(i)
+    return list(groups.values())
 
 
 def _set_ok(reply: Any) -> bool:

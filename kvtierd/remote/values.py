@@ -1,21 +1,31 @@
 """What kvtierd stores in Redis, and under which name.
 
-Names. A block of namespace N and key K lives at
+Names. Block K of namespace N lives at
 
-    kvtierd:<ns>:{<K as hex>}
+    kvtierd:{<ns>.<b>}:<K as hex>
 
-where <ns> is the hex of a 16-byte BLAKE2b digest of the namespace name. The
-namespace part keeps namespaces (and so tenants, whose salt is part of the
-namespace) in disjoint key spaces; BLAKE2b rather than xxh3 because a client
-picks its namespace names, and a crafted collision would be a way into
-another tenant's blocks. The hash tag `{...}` is the block key itself, so the
-blocks of one chain spread over every hash slot and every master: a lookup or
-a fetch of a chain costs one round trip per node, all nodes in parallel
-(redis-py's cluster pipeline groups commands by node), and the load of a hot
-namespace is shared by the whole cluster. The other layout, one tag per
-namespace, puts a namespace in a single slot: one node, one round, but one
-single-threaded Redis process serves all of that namespace's bytes
-(bench/remote.py measures both; `layout="namespace"` selects it).
+where <ns> is the hex of a 16-byte BLAKE2b digest of the namespace name and
+<b> one of BUCKETS (16) buckets, chosen by a hash of the key. The namespace
+part keeps namespaces (and so tenants, whose salt is part of the namespace)
+in disjoint key spaces; BLAKE2b rather than xxh3 because a client picks its
+namespace names, and a crafted collision would be a way into another
+tenant's blocks. The hash tag `{<ns>.<b>}` decides the hash slot, and it is
+a trade-off (bench/remote.py measures it):
+
+* one slot per block (the key in the tag) spreads a chain over every master,
+  but Redis refuses multi-key commands across slots, so a lookup of a
+  64-key chain is 64 commands, and redis-py's cluster pipeline spends tens
+  of microseconds of Python on each: milliseconds, over the lookup budget;
+* one slot per namespace lets a lookup be one MGET, but puts all of a
+  namespace's bytes on one single-threaded Redis process;
+* 16 buckets per namespace: a lookup or a fetch is at most 16 multi-key
+  commands (one MGET per bucket, all buckets of a node in one pipelined
+  round trip, the nodes in parallel), and one namespace's load spreads over
+  16 slots, so over up to 16 masters (many namespaces spread further).
+
+`NamespaceNames(name, buckets=...)` takes another count (1: one slot per
+namespace; 0: one slot per block), for the benchmark. The count is part of
+the format: daemons sharing a cluster must agree on it.
 
 Values. A block is two Redis strings in the same hash slot (same tag):
 
@@ -64,33 +74,39 @@ _FIXED = struct.Struct("<4sBBH16sQQ")   # magic, version, key_len, zero, ns dige
 FIXED_SIZE = _FIXED.size                # 40
 checksum = xxhash.xxh3_64_intdigest
 
-LAYOUTS = ("spread", "namespace")
+BUCKETS = 16
 
 
 def header_size(key: bytes) -> int:
-    """Length of a block's header string: what STRLEN returns for an intact one."""
+    """Length of a block's header string."""
     return FIXED_SIZE + len(key)
 
 
 class NamespaceNames:
     """The remote names and header digest of one namespace (computed once, reused per key)."""
 
-    __slots__ = ("name", "digest", "_prefix", "_tag")
+    __slots__ = ("name", "digest", "buckets", "_tags")
 
-    def __init__(self, name: str, layout: str = "spread") -> None:
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    def __init__(self, name: str, buckets: int = BUCKETS) -> None:
+        if not 0 <= buckets <= 4096:
+            raise ValueError(f"buckets must be 0 (a slot per block) to 4096, got {buckets}")
         self.name = name
         self.digest = hashlib.blake2b(name.encode("utf-8"), digest_size=16).digest()
+        self.buckets = buckets
         hexd = self.digest.hex().encode()
-        if layout == "spread":
-            self._prefix, self._tag = PREFIX + hexd + b":{", True
-        else:
-            self._prefix, self._tag = PREFIX + b"{" + hexd + b"}:", False
+        self._tags = [PREFIX + b"{" + hexd + b".%x}:" % b for b in range(max(buckets, 1))]
+
+    def bucket(self, key: bytes) -> int:
+        """Which bucket (so which hash slot) block `key` lives in; -1: a slot of its own."""
+        if self.buckets == 0:
+            return -1
+        return checksum(key) % self.buckets if self.buckets > 1 else 0
 
     def key(self, key: bytes) -> bytes:
         """The Redis key of block `key`'s payload."""
-        return self._prefix + key.hex().encode() + b"}" if self._tag else self._prefix + key.hex().encode()
+        if self.buckets == 0:
+            return PREFIX + self.digest.hex().encode() + b":{" + key.hex().encode() + b"}"
+        return self._tags[self.bucket(key)] + key.hex().encode()
 
     def header_key(self, key: bytes) -> bytes:
         """The Redis key of block `key`'s header (the same hash slot as its payload)."""
@@ -104,15 +120,22 @@ class NamespaceNames:
             csum = checksum(payload)
         return _FIXED.pack(MAGIC, VERSION, len(key), 0, self.digest, len(payload), csum) + key
 
-    def verify(self, key: bytes, block_size: int, header: bytes | None, payload: bytes | None) -> int | None:
-        """The payload's xxh3_64 if it and `header` are an intact block `key` of this namespace, else None."""
-        if header is None or payload is None or len(payload) != block_size \
-                or len(header) != FIXED_SIZE + len(key):
+    def header_ok(self, key: bytes, block_size: int, header: bytes | None) -> int | None:
+        """The payload checksum a header announces, if it is the header of block `key` of this namespace
+        with this block size; else None."""
+        if header is None or len(header) != FIXED_SIZE + len(key):
             return None
         magic, version, klen, zero, digest, length, csum = _FIXED.unpack_from(header)
         if (magic != MAGIC or version != VERSION or klen != len(key) or zero or digest != self.digest
                 or length != block_size or header[FIXED_SIZE:] != key):
             return None
-        if checksum(payload) != csum:
+        return csum
+
+    def verify(self, key: bytes, block_size: int, header: bytes | None, payload: bytes | None) -> int | None:
+        """The payload's xxh3_64 if it and `header` are an intact block `key` of this namespace, else None."""
+        if payload is None or len(payload) != block_size:
+            return None
+        csum = self.header_ok(key, block_size, header)
+        if csum is None or checksum(payload) != csum:
             return None
         return csum
