@@ -53,8 +53,8 @@ copy: joining header and payload into fresh bytes on the client (bench/remote.py
 4 MiB blocks on a loaded 2-core VM: +0.07 to +1.0 client CPU s/GB, the high
 end when the allocator hands out cold pages), or `SET header` + `APPEND
 payload`, which copies the payload again inside every master and replica
-(+0.3 to +0.45 cluster CPU s/GB). At that size two strings cost the cluster
-what a plain SET of the block costs (within 0.07 s/GB); the price is one
+(+0.2 to +0.45 cluster CPU s/GB). At that size two strings cost the cluster
+what a plain SET of the block costs (within 0.1 s/GB); the price is one
 more small command per block, in the same pipeline to the same node.
 """
 
