@@ -2,7 +2,7 @@
 
 The remote tier itself (kvtierd/remote/) knows Redis and nothing of the store;
 this module knows the store's entries and nothing of Redis. Store and mover
-call it at five places, each guarded by `store.remote is not None`:
+call it at these places (the server's LOOKUP too), each guarded by `store.remote is not None`:
 
   lookup   after the local chain ends, one present() round for the rest of
            the keys, within remote.lookup_budget_s; found keys are reported as

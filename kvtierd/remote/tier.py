@@ -21,9 +21,8 @@ Contract with the caller (all calls on the event loop thread):
   `exists()` is the same round, answered per key.
 * `fetch(ns_name, block_size, keys, dests, sums=None) -> list[bool]`: an MGET
   of payloads and headers per bucket, in rounds of at most `pipeline_bytes`;
-  each block is
-  checked (values.py) and its payload copied into `dests[i]` (writable,
-  exactly block_size bytes). False means dests[i] may hold anything and must
+  each block is checked (values.py) and its payload copied into `dests[i]`
+  (writable, exactly block_size bytes). False means dests[i] may hold anything and must
   not be served. A failed round makes the rest of the call misses. With
   `sums` a list, sums[i] gets the xxh3_64 of each delivered block (computed
   to verify it: the caller need not hash it again).
@@ -35,7 +34,9 @@ Contract with the caller (all calls on the event loop thread):
   or a slot reused too early, reach a reader as a miss, never as wrong
   bytes. Without it the writer hashes the view as it sends it.
 * Failures (a node down, a timeout, a failover, every node down) are misses,
-  dropped writes and counters, never exceptions. Bad arguments (a dest of the
+  dropped writes and counters, never exceptions; they feed the circuit
+  breaker (breaker.py). Commands the cluster refuses (maxmemory with
+  noeviction, ACL) fail their keys only and do not. Bad arguments (a dest of the
   wrong size) are the caller's bug and raise ValueError.
 
 Writes are `SET payload-key view PX ttl` and `SET header-key header PX ttl`
