@@ -54,7 +54,7 @@ from kvtierd.protocol import (
     reply_ok,
     unpack_body,
 )
-from kvtierd.store import Store
+from kvtierd.core.store import Store
 
 log = logging.getLogger("kvtierd.server")
 
@@ -85,6 +85,7 @@ class Connection(asyncio.BufferedProtocol):
         self.queued_bytes = 0
         self.busy = False
         self.closed = False
+        self.revoked = False                  # a handle timed out: fenced until the peer closes
         self.admitted = False
         self.paused_queue = False             # reading stopped: the request queue is full
         self.paused_write = False             # reading stopped: the peer does not read its replies
@@ -127,6 +128,21 @@ class Connection(asyncio.BufferedProtocol):
     def send(self, data: bytes) -> None:
         if not self.closed:
             self.transport.write(data)
+
+    def fence(self, message: str) -> None:
+        """A lease or reservation of this connection timed out. Its slots stay quarantined while the peer
+        may still write into them, so the daemon does not close the connection itself: it says why, shuts
+        its sending side (the peer reads the error, then end of file) and ignores further requests; the
+        slots are released when the peer closes its end or dies (connection_lost -> store.drop_owner)."""
+        if self.closed or self.revoked:
+            return
+        self.revoked = True
+        self.send(reply_error(0, Code.BAD_HANDLE, message))
+        try:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+        except (OSError, RuntimeError):
+            pass
 
     def close_with(self, code: Code, message: str) -> None:
         """An error frame saying why (request id 0), then close: the reply is written first."""
@@ -272,6 +288,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def frame(self, body: memoryview, nbytes: int) -> None:
         self.last_active = time.monotonic()
+        if self.revoked:
+            self.server.count_error("request_after_revocation")
+            return
         try:
             msg = unpack_body(body)
         except Exception:
@@ -451,11 +470,7 @@ class Server:
 
     def holds(self, conn_id: int) -> bool:
         """Whether a connection holds a lease or reservation (asked only when it has gone idle)."""
-        fn = getattr(self.store, "holds", None)
-        if fn is not None:
-            return fn(conn_id)
-        return any(x.owner == conn_id for x in self.store.leases.values()) or \
-            any(x.owner == conn_id for x in self.store.reservations.values())
+        return self.store.handles.holds_any(conn_id)
 
     def revoke(self, owner: int, reason: str) -> None:
         """The store revoked a lease or reservation of connection `owner` (it timed out):
@@ -465,7 +480,8 @@ class Server:
             return
         self.count_error("revoked")
         log.warning("closing the connection of uid=%d pid=%d: %s", conn.uid, conn.pid, reason)
-        conn.close_with(Code.BAD_HANDLE, f"{reason}; the connection is closed so the slots can be reused")
+        conn.fence(f"{reason}; this connection is revoked: close it (the client reconnects), and its slots "
+                   f"are reused once it is closed")
 
     def note_limit(self, reason: str, message: str) -> None:
         """A limit was hit: counted every time, logged at most once a second per reason
@@ -518,8 +534,7 @@ class Server:
     async def op_reserve(self, c: Connection, ns: int, keys: list, tier: str = "host") -> dict:
         res = await self.store.reserve(c.ns(ns), keys, c.id, "host" if tier == "any" else tier)
         return {"rid": res.rid, "index": res.index, "offsets": [e.offset for e in res.entries],
-                "tier": res.entries[0].tier.name if res.entries else tier,
-                "full": getattr(res, "full", None) or []}
+                "tier": res.entries[0].tier.name if res.entries else tier, "full": res.full}
 
     def op_commit(self, c: Connection, rid: int) -> dict:
         return {"n": self.store.commit(rid, c.id)}
@@ -555,10 +570,10 @@ class Server:
                 raise ProtocolError(Code.BAD_BLOCK, f"block of {len(b)} bytes in a namespace of "
                                                     f"block size {space.block_size}")
         res = await self.store.reserve(space, keys, c.id)
-        region = self.store.host_region
+        view = self.store.view
         for i, e in zip(res.index, res.entries):
-            region.slot(e.offset, space.block_size)[:] = data[i]
-        return {"n": self.store.commit(res.rid, c.id), "full": getattr(res, "full", None) or []}
+            view(e)[:] = data[i]
+        return {"n": self.store.commit(res.rid, c.id), "full": res.full}
 
     async def op_get(self, c: Connection, ns: int, keys: list) -> dict:
         space = c.ns(ns)
@@ -576,9 +591,8 @@ class Server:
                         f"the reply to this get ({found} blocks of {space.block_size} bytes) would be {size} "
                         f"bytes, over server.max_frame_bytes ({limit}); ask for at most "
                         f"{max(1, (limit - REPLY_OVERHEAD) // (per + 1))} keys per get_inline, or use get_many")
-            region = self.store.host_region
-            blocks = [bytes(region.slot(e.offset, space.block_size)) if e is not None else None
-                      for e in lease.entries]
+            view = self.store.view
+            blocks = [bytes(view(e)) if e is not None else None for e in lease.entries]
         finally:
             self.store.release(lease.lid, c.id)
         if self._record_reads:
