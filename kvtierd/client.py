@@ -518,6 +518,13 @@ class Client:
             self.sock.close()
             self.sock = None
 
+    def _lose(self, why: Exception) -> None:
+        """The connection is unusable; the next call reconnects. A revoked one (BAD_HANDLE) stays
+        open until then: its slots stay fenced while this process may still write through old views."""
+        self._broken = why
+        if getattr(why, "code", None) != Code.BAD_HANDLE:
+            self._close_socket()
+
     def _drop_connection(self) -> None:
         """Lets go of the socket and the old mappings (views still exported keep theirs alive)."""
         self._close_socket()
@@ -680,21 +687,21 @@ class Client:
             self._send_all(frame)
         except (BrokenPipeError, ConnectionResetError) as e:
             refusal = self._pending_error()
-            self._broken = refusal or ConnectionError(f"kvtierd closed the connection ({e.strerror})")
+            self._lose(refusal or ConnectionError(f"kvtierd closed the connection ({e.strerror})"))
             raise _Lost(self._broken, refusal is None or refusal.code in RETRY_CODES) from None
         while True:
             try:
                 rid, code, result = self._read_frame()
             except ConnectionError as e:
-                self._broken = ConnectionError(f"kvtierd closed the connection ({e})")
+                self._lose(ConnectionError(f"kvtierd closed the connection ({e})"))
                 raise _Lost(self._broken, True) from None
             except TimeoutError as e:
-                self._broken = e      # its reply may still come: this connection is out of step
+                self._lose(e)         # its reply may still come: this connection is out of step
                 raise
             if code != Code.OK:
                 err = KvtierdError(Code(code), result)
                 if rid == 0 and code in CLOSING_CODES:
-                    self._broken = err
+                    self._lose(err)
                     raise _Lost(err, code in RETRY_CODES)
                 raise err
             if rid == req_id:
@@ -945,6 +952,8 @@ class AsyncClient:
                         if code in CLOSING_CODES:
                             self._broken = err
                             self._fail_all(_Lost(err, code in RETRY_CODES))
+                            if code != Code.BAD_HANDLE:   # revoked: stay fenced until we reconnect or close
+                                self._writer.close()
                         else:
                             self._fail_all(err)
                     continue
