@@ -97,16 +97,17 @@ class _Lost(Exception):
         self.retry = retry
 
 
-def _stale(what: str, handle: int) -> ConnectionLost:
+def _stale(what: str, handle: int, why: Exception | None = None) -> ConnectionLost:
     kind, consequence = (("lease", "bytes read under it may not be what was stored; read them again")
                          if what == "lid" else
                          ("reservation", "its blocks were not stored; put them again"))
-    return ConnectionLost(Code.BAD_HANDLE, f"{kind} {handle} was lost with the connection to kvtierd "
-                                         f"(daemon restart, revocation or idle timeout); {consequence}")
+    cause = f" ({why})" if why is not None else " (daemon restart, revocation or idle timeout)"
+    return ConnectionLost(Code.BAD_HANDLE, f"{kind} {handle} was lost with the connection to kvtierd"
+                                           f"{cause}; {consequence}")
 
 
-def _stale_for(op: Op, args: dict) -> ConnectionLost:
-    return _stale("lid", args["lid"]) if op == Op.RELEASE else _stale("rid", args["rid"])
+def _stale_for(op: Op, args: dict, why: Exception | None = None) -> ConnectionLost:
+    return _stale("lid", args["lid"], why) if op == Op.RELEASE else _stale("rid", args["rid"], why)
 
 
 def _as_bytes_view(block: Any) -> memoryview:
@@ -712,7 +713,7 @@ class Client:
         lost during this request (never for a lease or reservation of the old connection)."""
         if self._broken is not None:
             if op in HANDLE_OPS:
-                raise _stale_for(op, args)
+                raise _stale_for(op, args, self._broken)
             if not self.reconnect_attempts:
                 raise ConnectionError(f"not connected to kvtierd: {self._broken}")
             self._reconnect()
@@ -720,7 +721,7 @@ class Client:
             return self._call_once(op, args)
         except _Lost as lost:
             if op in HANDLE_OPS:
-                raise _stale_for(op, args) from None
+                raise _stale_for(op, args, lost.error) from None
             if not lost.retry or not self.reconnect_attempts:
                 raise lost.error from None
         self._reconnect()
@@ -1052,7 +1053,7 @@ class AsyncClient:
         epoch = self._epoch
         if self._broken is not None:
             if op in HANDLE_OPS:
-                raise _stale_for(op, args)
+                raise _stale_for(op, args, self._broken)
             if not self.reconnect_attempts:
                 raise ConnectionError(f"not connected to kvtierd: {self._broken}")
             await self._reconnect(epoch)
@@ -1061,7 +1062,7 @@ class AsyncClient:
             return await self._call_once(op, args)
         except _Lost as lost:
             if op in HANDLE_OPS:
-                raise _stale_for(op, args) from None
+                raise _stale_for(op, args, lost.error) from None
             if not lost.retry or not self.reconnect_attempts:
                 raise lost.error from None
         await self._reconnect(epoch)

@@ -413,3 +413,17 @@ def test_printable_escapes_c0_del_and_c1():
     from kvtierd.logs import printable
     assert printable(EVIL) == "evil\\x1b[2J\\x9b31m\\x07\\x7fname"
     assert printable("llama-8b/bf16/tp0 é") == "llama-8b/bf16/tp0 é"
+
+
+def test_log_lines_escape_control_characters_in_text_and_json():
+    import logging
+
+    from kvtierd.logs import JsonFormatter, TextFormatter
+    record = logging.LogRecord("kvtierd.server", logging.WARNING, "", 0, "namespace %s dropped", (EVIL,), None)
+    record.ns = EVIL                                              # an extra= field
+    text = TextFormatter().format(record)
+    assert not [ch for ch in RAW_CONTROL + ["\n"] if ch in text], repr(text)
+    assert "evil\\x1b[2J" in text
+    line = JsonFormatter().format(record)
+    assert not [ch for ch in RAW_CONTROL + ["\n"] if ch in line], repr(line)
+    assert json.loads(line)["msg"] == f"namespace {EVIL} dropped" and json.loads(line)["ns"] == EVIL
