@@ -1050,6 +1050,10 @@ class AsyncClient:
 
     async def _call(self, op: Op, args: dict) -> dict:
         """See Client._call: the same reconnect rules."""
+        lock = self._reconnecting
+        if lock is not None and lock.locked():
+            async with lock:          # a reconnect is under way: wait until namespaces are reopened
+                pass
         epoch = self._epoch
         if self._broken is not None:
             if op in HANDLE_OPS:

@@ -182,8 +182,10 @@ class Connection(asyncio.BufferedProtocol):
         if quiet < idle:
             self._arm(idle - quiet)
             return
-        if self.busy or self.queue or self.server.holds(self.id):
-            self._arm(idle)          # a request in flight, or a lease or reservation: not idle
+        if self.busy or self.queue or self.revoked or self.server.holds(self.id):
+            # A request in flight, a lease or reservation, or fenced slots that must stay
+            # fenced until the peer itself closes: not idle.
+            self._arm(idle)
             return
         self.server.note_limit("idle_timeout", f"closed a connection of uid={self.uid} pid={self.pid}: "
                                                f"no request for {quiet:.0f} s")

@@ -236,12 +236,15 @@ def test_two_thousand_idle_connections_of_one_uid_do_not_lock_out_another(start_
     _raise_nofile(8192)
     uid = _unused_uid()
     d = start_daemon("--set", "server.socket_mode=0666", "--set", f"access.allowed_uids={uid}", tmp=open_dir)
+    before = _vm_rss(d.proc.pid)
     hog = subprocess.Popen([sys.executable, "-c", HOG, d.socket, str(uid), "2000"], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         words = hog.stdout.readline().split(maxsplit=4)
         assert words[:4] == ["held", "512", "refused", "1488"], words
         assert "max_connections_per_uid" in words[4] and str(uid) in words[4], words
+        grown = _vm_rss(d.proc.pid) - before                     # idle connections cost little memory
+        assert grown < 64 << 20, f"512 idle connections grew the daemon by {grown >> 20} MiB"
         with d.client(timeout=1.0) as c:                          # another uid (root), served within 1 s
             ns = c.namespace("other-uid", block_size=4096)
             ns.put_many([b"k"], [b"v" * 4096])
