@@ -14,7 +14,6 @@ import re
 import pwd
 import resource
 import shutil
-import socket
 import struct
 import subprocess
 import sys
