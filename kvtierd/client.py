@@ -45,6 +45,7 @@ from typing import Any, Generator, Sequence
 from kvtierd.config import default_socket_path
 from kvtierd.protocol import (
     HEADER,
+    MAX_KEY_BYTES,
     MAX_KEYS_PER_REQUEST,
     PROTOCOL_VERSION,
     Code,
@@ -165,6 +166,28 @@ def _inline_chunks(ns: "_NamespaceBase", keys: list[bytes]) -> range:
                                                  f"{ns.client.max_frame_bytes}); use put_many/get_many")
     per = min(MAX_KEYS_PER_REQUEST, _per_frame(ns, keys, ns.block_size + 8))
     return range(0, len(keys), per)
+
+
+def _fits_one_frame(ns: "_NamespaceBase", keys: list[bytes]) -> bool:
+    """The common case, checked in O(1): even keys of the largest size fit in one frame."""
+    return len(keys) <= MAX_KEYS_PER_REQUEST and \
+        len(keys) * (MAX_KEY_BYTES + 2) + FRAME_SLACK <= ns.client.max_frame_bytes
+
+
+def _keys_steps(ns: "_NamespaceBase", op: Op, keys: list[bytes]) -> Steps:
+    """LOOKUP, DELETE or PREFETCH over more keys than one frame carries: (summed n, runs).
+    A lookup stops at the first part with a miss, so n still counts leading keys."""
+    n, runs = 0, []
+    per = min(MAX_KEYS_PER_REQUEST, _per_frame(ns, keys, 0))
+    for s in range(0, len(keys), per):
+        part = keys[s:s + per]
+        r = yield op, {"ns": ns.id, "keys": part}
+        n += r["n"]
+        if op == Op.LOOKUP:
+            runs += r["runs"]
+            if r["n"] < len(part):
+                break
+    return n, runs
 
 
 def _put_steps(ns: "_NamespaceBase", keys: list[bytes], blocks: Sequence[Any]) -> Steps:
@@ -344,13 +367,19 @@ class Namespace(_NamespaceBase):
         """Copies blocks into the caller's writable buffers (no allocation); False for each miss."""
         return self.client._drive(_get_into_steps(self, list(keys), out))
 
+    def _keys_op(self, op: Op, keys: list[bytes]) -> tuple[int, list]:
+        if _fits_one_frame(self, keys):
+            r = self.client._call(op, {"ns": self.id, "keys": keys})
+            return r["n"], r.get("runs", [])
+        return self.client._drive(_keys_steps(self, op, keys))
+
     def lookup(self, keys: list[bytes]) -> int:
         """How many leading keys are present in some tier."""
-        return self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)})["n"]
+        return self._keys_op(Op.LOOKUP, list(keys))[0]
 
     def lookup_tiers(self, keys: list[bytes]) -> list[str]:
         """The tier of each leading present key ('hbm', 'host' or 'disk')."""
-        return _expand_runs(self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)})["runs"])
+        return _expand_runs(self._keys_op(Op.LOOKUP, list(keys))[1])
 
     def put_inline(self, keys: list[bytes], blocks: Sequence[Any]) -> int:
         """Like put_many, with the bytes in the request frames (no shared memory); split so
@@ -362,11 +391,11 @@ class Namespace(_NamespaceBase):
         return self.client._drive(_get_inline_steps(self, list(keys)))
 
     def delete(self, keys: list[bytes]) -> int:
-        return self.client._call(Op.DELETE, {"ns": self.id, "keys": list(keys)})["n"]
+        return self._keys_op(Op.DELETE, list(keys))[0]
 
     def prefetch(self, keys: list[bytes]) -> int:
         """Hint: bring disk blocks up to host in the background."""
-        return self.client._call(Op.PREFETCH, {"ns": self.id, "keys": list(keys)})["n"]
+        return self._keys_op(Op.PREFETCH, list(keys))[0]
 
     def drop(self) -> int:
         """Removes the namespace and all its blocks (its owner or root only); returns the blocks dropped."""
@@ -808,11 +837,17 @@ class AsyncNamespace(_NamespaceBase):
     async def get_into(self, keys: list[bytes], out: Sequence[Any]) -> list[bool]:
         return await self.client._drive(_get_into_steps(self, list(keys), out))
 
+    async def _keys_op(self, op: Op, keys: list[bytes]) -> tuple[int, list]:
+        if _fits_one_frame(self, keys):
+            r = await self.client._call(op, {"ns": self.id, "keys": keys})
+            return r["n"], r.get("runs", [])
+        return await self.client._drive(_keys_steps(self, op, keys))
+
     async def lookup(self, keys: list[bytes]) -> int:
-        return (await self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)}))["n"]
+        return (await self._keys_op(Op.LOOKUP, list(keys)))[0]
 
     async def lookup_tiers(self, keys: list[bytes]) -> list[str]:
-        return _expand_runs((await self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)}))["runs"])
+        return _expand_runs((await self._keys_op(Op.LOOKUP, list(keys)))[1])
 
     async def put_inline(self, keys: list[bytes], blocks: Sequence[Any]) -> int:
         """See Namespace.put_inline; raises StoreFull the same way."""
@@ -822,10 +857,10 @@ class AsyncNamespace(_NamespaceBase):
         return await self.client._drive(_get_inline_steps(self, list(keys)))
 
     async def delete(self, keys: list[bytes]) -> int:
-        return (await self.client._call(Op.DELETE, {"ns": self.id, "keys": list(keys)}))["n"]
+        return (await self._keys_op(Op.DELETE, list(keys)))[0]
 
     async def prefetch(self, keys: list[bytes]) -> int:
-        return (await self.client._call(Op.PREFETCH, {"ns": self.id, "keys": list(keys)}))["n"]
+        return (await self._keys_op(Op.PREFETCH, list(keys)))[0]
 
     async def drop(self) -> int:
         """See Namespace.drop."""

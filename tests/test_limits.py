@@ -102,6 +102,25 @@ def test_a_get_whose_reply_exceeds_max_frame_bytes_is_refused_and_the_client_spl
         assert c.stats()["leases"] == 0
 
 
+def test_every_client_call_splits_its_keys_to_fit_a_small_max_frame_bytes(start_daemon):
+    d = start_daemon("--set", "server.max_frame_bytes=8KiB")
+    keys = [b"%060d" % i for i in range(300)]             # 300 keys of 60 bytes: 18 KiB of keys
+    blocks = [block_for(k, 4096) for k in keys]
+    with d.client() as c:
+        ns = c.namespace("narrow", block_size=4096)
+        assert ns.put_many(keys, blocks) == 300
+        assert ns.lookup(keys) == 300 and ns.lookup_tiers(keys) == ["host"] * 300
+        assert ns.lookup(keys[:200] + [b"missing"] + keys[200:]) == 200
+        assert ns.get_many(keys) == blocks
+        out = [bytearray(4096) for _ in keys]
+        assert ns.get_into(keys, out) == [True] * 300 and out == blocks
+        assert ns.get_inline(keys[:5]) == blocks[:5]
+        assert ns.prefetch(keys) == 0                       # nothing on disk to bring up
+        assert ns.delete(keys) == 300
+        assert ns.lookup(keys) == 0
+        assert "frame_too_large" not in c.stats()["errors"]
+
+
 def test_a_frame_the_length_header_cannot_say_is_refused_not_a_struct_error(monkeypatch):
     monkeypatch.setattr(protocol, "MAX_WIRE_FRAME", 1000)     # stands for 4 GiB, which a test cannot allocate
     with pytest.raises(protocol.ProtocolError) as e:
