@@ -111,6 +111,23 @@ def _stale_for(op: Op, args: dict, why: Exception | None = None) -> ConnectionLo
     return _stale("lid", args["lid"], why) if op == Op.RELEASE else _stale("rid", args["rid"], why)
 
 
+def _first_error(data: bytes | bytearray) -> KvtierdError | None:
+    """The first error reply among the whole frames in `data` (what a closing daemon said)."""
+    pos = 0
+    while len(data) - pos >= 4:
+        (length,) = HEADER.unpack_from(data, pos)
+        if len(data) - pos - 4 < length:
+            break
+        try:
+            rid, code, result = unpack_body(memoryview(data)[pos + 4:pos + 4 + length])
+        except Exception:
+            return None
+        pos += 4 + length
+        if code != Code.OK:
+            return KvtierdError(Code(code), result)
+    return None
+
+
 def _as_bytes_view(block: Any) -> memoryview:
     mv = memoryview(block)
     if not mv.c_contiguous:
@@ -669,20 +686,7 @@ class Client:
             if not k:
                 break
             data += chunk[:k]
-        pos = 0
-        while len(data) - pos >= 4:
-            (length,) = HEADER.unpack_from(data, pos)
-            if len(data) - pos - 4 < length:
-                break
-            try:
-                msg = unpack_body(memoryview(data)[pos + 4:pos + 4 + length])
-                rid, code, result = msg
-            except Exception:
-                return None
-            pos += 4 + length
-            if code != Code.OK:
-                return KvtierdError(Code(code), result)
-        return None
+        return _first_error(data)
 
     def _read_frame(self) -> Any:
         """One reply, decoded. Small replies come from a reused buffer in one recv;
@@ -953,16 +957,32 @@ class AsyncClient:
         self._reconnecting: asyncio.Lock | None = None
 
     async def connect(self) -> "AsyncClient":
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
         try:
-            self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path, limit=1 << 26)
+            await loop.sock_connect(sock, self.socket_path)
         except OSError as e:
+            sock.close()
             raise ConnectionError(f"cannot reach kvtierd at {self.socket_path}: {e.strerror or e}; "
                                   f"is the daemon running?") from None
+        # Hello on the bare socket: a daemon that refuses us has already said why and closed,
+        # and a failed send must not hide that (a stream would drop what it had read).
+        req_id = next(self._ids)
+        try:
+            await loop.sock_sendall(sock, request(req_id, Op.HELLO, {
+                "version": PROTOCOL_VERSION, "client": self.name or "python", "pid": os.getpid()}))
+        except OSError as e:
+            refusal = await self._refusal_on(sock)
+            sock.close()
+            raise refusal or ConnectionError(f"kvtierd closed the connection ({e.strerror or e})") from None
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 26)
         self._broken = None
+        fut = loop.create_future()
+        self._waiting[req_id] = fut
         self._reader_task = asyncio.create_task(self._read_replies())
         try:
-            info = await self._call_once(Op.HELLO, {"version": PROTOCOL_VERSION, "client": self.name or "python",
-                                                    "pid": os.getpid()})
+            info = await fut
         except _Lost as lost:
             await self._drop_connection()
             raise lost.error from None
@@ -975,6 +995,21 @@ class AsyncClient:
         self.region = HostRegionMapping(host["path"], host["size"])
         self._epoch += 1
         return self
+
+    @staticmethod
+    async def _refusal_on(sock: socket.socket) -> KvtierdError | None:
+        """What the daemon wrote before it closed `sock` (read to the end, for at most 5 s)."""
+        loop = asyncio.get_running_loop()
+        data = bytearray()
+        try:
+            while len(data) < (1 << 20):
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), timeout=5.0)
+                if not chunk:
+                    break
+                data += chunk
+        except (OSError, asyncio.TimeoutError):
+            pass
+        return _first_error(data)
 
     async def _read_replies(self) -> None:
         try:

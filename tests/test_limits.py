@@ -282,6 +282,16 @@ def test_ping_prints_the_refusal_reason_not_broken_pipe(start_daemon):
     with d.client(), d.client():
         out = subprocess.run([sys.executable, "-m", "kvtierd", "ping", "--socket", d.socket],
                              capture_output=True, text=True, timeout=30, cwd=ROOT)
+        with pytest.raises(KvtierdError) as e:                   # the library says why too, sync and async
+            d.client()
+        assert e.value.code == Code.DENIED and "too many connections" in e.value.message
+
+        async def refused():
+            with pytest.raises(KvtierdError) as e:
+                await AsyncClient(d.socket).connect()
+            assert e.value.code == Code.DENIED and "too many connections" in e.value.message
+        import asyncio
+        asyncio.run(refused())
     assert out.returncode == 1
     assert "DENIED: too many connections (limit 2)" in out.stderr, out.stderr
     assert "Broken pipe" not in out.stderr
