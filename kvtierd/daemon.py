@@ -92,6 +92,10 @@ class Daemon:
         Path(cfg.state.dir).mkdir(parents=True, exist_ok=True, mode=0o750)
         disk = self._build_disk()
         self.store = store = Store(cfg, disk)
+        if cfg.remote.url:
+            # redis-py is imported only with a remote tier
+            from kvtierd.remote import RemoteTier
+            store.attach_remote(RemoteTier(cfg.remote))
         self.policy = access.AccessPolicy(cfg.access)
         self.hot = hotkeys.HotKeys(cfg.metrics.hot_keys, cfg.metrics.hot_window_s)
         self.metrics = metrics.Metrics(stats_fn=self._stats_for_metrics,
