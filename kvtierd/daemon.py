@@ -24,8 +24,8 @@ from pathlib import Path
 
 from kvtierd import __version__
 from kvtierd import config as config_mod
-from kvtierd.server import Connection, Server
 from kvtierd.core.store import Store
+from kvtierd.server import Connection, Server
 
 log = logging.getLogger("kvtierd")
 

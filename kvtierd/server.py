@@ -42,6 +42,7 @@ from types import CoroutineType
 from typing import Any, Callable
 
 from kvtierd import __version__
+from kvtierd.core.store import Store
 from kvtierd.logs import printable
 from kvtierd.protocol import (
     HEADER,
@@ -55,7 +56,6 @@ from kvtierd.protocol import (
     reply_ok,
     unpack_body,
 )
-from kvtierd.core.store import Store
 
 log = logging.getLogger("kvtierd.server")
 

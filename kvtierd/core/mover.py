@@ -21,7 +21,6 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from kvtierd.core import checksums
 from kvtierd.core.index import Entry, Namespace
 from kvtierd.core.lru import MemTier
 from kvtierd.core.states import DELETED, LOADING, MOVING, READY, move
