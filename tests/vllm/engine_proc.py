@@ -49,7 +49,7 @@ def main() -> None:
             break
         outs = []
         t = time.monotonic()
-        for p in req["prompts"]:
+        for i, p in enumerate(req["prompts"]):
             prompt = {"prompt_token_ids": p["ids"]}
             if p.get("salt"):
                 prompt["cache_salt"] = p["salt"]
@@ -61,6 +61,7 @@ def main() -> None:
             lps = [next(iter(d.values())).logprob if d else None for d in (c.logprobs or [])]
             outs.append({"tokens": list(c.token_ids), "logprobs": lps, "cached": o.num_cached_tokens or 0,
                          "seconds": time.monotonic() - t1})
+            reply({"progress": i + 1})
         reply({"outputs": outs, "seconds": time.monotonic() - t})
     reply({"bye": True})
 

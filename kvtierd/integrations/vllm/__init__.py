@@ -19,7 +19,7 @@ import vllm as _vllm
 if not check_version(_vllm.__version__):
     import logging
 
-    logging.getLogger("kvtierd.vllm").warning(
+    logging.getLogger("vllm.kvtierd").warning(
         "vLLM %s is outside kvtierd's tested range; running anyway because KVTIERD_VLLM_ALLOW_UNTESTED=1",
         _vllm.__version__)
 

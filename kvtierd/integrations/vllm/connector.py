@@ -33,7 +33,7 @@ from kvtierd.integrations.vllm.version import parse_version
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger("kvtierd.vllm")
+log = logging.getLogger("vllm.kvtierd")  # under vLLM's logger, so its handlers print it
 
 
 @dataclasses.dataclass

@@ -36,8 +36,8 @@ class LayoutError(ValueError):
 
 def find_page_dim(t: Any, num_blocks: int) -> tuple[Any, int]:
     """(tensor, dim) where dim indexes vLLM blocks; a dim of num_blocks*r kernel blocks is
-    unflattened to (num_blocks, r) first. Ambiguity (two dims of size num_blocks) is broken
-    by stride: pages are the outermost of the candidates."""
+    unflattened to (num_blocks, r) first. Two dims of size num_blocks are ambiguous (K/V
+    may come first or second): that raises rather than guess."""
     if num_blocks < 1:
         raise LayoutError(f"num_blocks must be positive, got {num_blocks}")
     cands = [d for d in range(t.dim()) if t.shape[d] == num_blocks]
@@ -50,11 +50,8 @@ def find_page_dim(t: Any, num_blocks: int) -> tuple[Any, int]:
                           f"{num_blocks} blocks")
     if len(cands) == 1:
         return t, cands[0]
-    strides = [t.stride(d) for d in cands]
-    best = max(strides)
-    if strides.count(best) != 1:
-        raise LayoutError(f"cannot tell which dim of shape {tuple(t.shape)}, strides {t.stride()} indexes blocks")
-    return t, cands[strides.index(best)]
+    raise LayoutError(f"cannot tell which dim of a KV cache tensor of shape {tuple(t.shape)} indexes the "
+                      f"{num_blocks} blocks (several have that size)")
 
 
 @dataclass

@@ -18,10 +18,14 @@ from typing import Any, Callable
 
 from kvtierd.client import Client, KvtierdError
 
-log = logging.getLogger("kvtierd.vllm")
+log = logging.getLogger("vllm.kvtierd")  # under vLLM's logger, so its handlers print it
 
 # What a daemon that died, restarted, hung or refused can raise through the client.
 DAEMON_ERRORS = (OSError, ConnectionError, TimeoutError, KvtierdError, EOFError, ValueError)
+
+
+class Unavailable(Exception):
+    """The daemon cannot be reached now (the link is backing off)."""
 
 
 class DaemonLink:
@@ -80,6 +84,23 @@ class DaemonLink:
                 return None
             self._namespaces[name] = ns
         return ns
+
+    def call(self, name: str, block_size: int, tokens_per_block: int, fn: Callable[[Any], Any]) -> Any:
+        """fn(namespace), retried once on a fresh connection when the old one turns out dead (the
+        daemon restarted since the last call). Raises Unavailable while the daemon is down, and
+        the daemon's error when the retry fails too (the link is then marked broken)."""
+        for attempt in (0, 1):
+            ns = self.namespace(name, block_size, tokens_per_block)
+            if ns is None:
+                raise Unavailable(f"kvtierd at {self.socket_path} is unreachable")
+            try:
+                return fn(ns)
+            except DAEMON_ERRORS as e:
+                dead = isinstance(e, (ConnectionError, BrokenPipeError)) and not isinstance(e, KvtierdError)
+                self.broken(e)
+                if attempt or not dead:
+                    raise
+        raise AssertionError("unreachable")
 
     def broken(self, err: BaseException | None = None) -> None:
         """Drops the connection after an error; the next get() reconnects (after the backoff)."""

@@ -21,11 +21,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvtierd.integrations.vllm.link import DAEMON_ERRORS, DaemonLink
+from kvtierd.integrations.vllm.link import DAEMON_ERRORS, DaemonLink, Unavailable
 from kvtierd.integrations.vllm.naming import NamespaceSpec, all_rank_namespaces, chunk_keys
 from kvtierd.integrations.vllm.plan import StepPlan, Transfer
 
-log = logging.getLogger("kvtierd.vllm")
+log = logging.getLogger("vllm.kvtierd")  # under vLLM's logger, so its handlers print it
 
 
 @dataclass
@@ -111,14 +111,14 @@ class SchedulerHalf:
         hits = len(keys)
         self.counters.lookups += 1
         for name in self.rank_names:
-            ns = self.link.namespace(name, self.spec.block_bytes, self.spec.chunk_tokens)
-            if ns is None:
-                return 0
+            want = keys[:hits]
             try:
-                hits = min(hits, ns.lookup(keys[:hits]))
-            except DAEMON_ERRORS as e:
+                hits = min(hits, self.link.call(name, self.spec.block_bytes, self.spec.chunk_tokens,
+                                                lambda ns: ns.lookup(want)))
+            except Unavailable:
+                return 0
+            except DAEMON_ERRORS:
                 self.counters.lookup_errors += 1
-                self.link.broken(e)
                 return 0
             if hits == 0:
                 break

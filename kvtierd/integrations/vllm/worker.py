@@ -36,11 +36,11 @@ from typing import Any
 import numpy as np
 
 from kvtierd.integrations.vllm.layout import BlockLayout, LayoutError
-from kvtierd.integrations.vllm.link import DAEMON_ERRORS, DaemonLink
+from kvtierd.integrations.vllm.link import DAEMON_ERRORS, DaemonLink, Unavailable
 from kvtierd.integrations.vllm.naming import rank_namespace
 from kvtierd.integrations.vllm.plan import StepPlan
 
-log = logging.getLogger("kvtierd.vllm")
+log = logging.getLogger("vllm.kvtierd")  # under vLLM's logger, so its handlers print it
 
 
 @dataclass
@@ -91,6 +91,7 @@ class WorkerHalf:
         self._leases: list[Any] = []
         self._layer_events: dict[str, Any] = {}
         self._res: Any = None
+        self._res_region: Any = None
         self._res_pages: np.ndarray | None = None
         self._res_offsets: np.ndarray | None = None
         self._res_reqs: set[str] = set()
@@ -119,7 +120,20 @@ class WorkerHalf:
             self.tier = "any" if self.layout.is_cuda else "host"
         log.info("kvtierd worker rank tp%d/%d pp%d/%d: %s", *self.rank, self.layout.describe())
 
-    def _namespace(self, plan: StepPlan) -> Any:
+    def _call(self, plan: StepPlan, fn: Any) -> tuple[Any, Any] | None:
+        """(fn(namespace), namespace) for this rank's namespace; None if off, down or failing."""
+        name = self._ns_name(plan)
+        if name is None:
+            return None
+        try:
+            return self.link.call(name, self.layout.block_bytes, plan.chunk_tokens, lambda ns: (fn(ns), ns))
+        except Unavailable:
+            return None
+        except DAEMON_ERRORS:
+            self.counters.daemon_errors += 1
+            return None
+
+    def _ns_name(self, plan: StepPlan) -> str | None:
         if self.disabled or self.layout is None:
             return None
         if plan.block_bytes and plan.block_bytes != self.layout.block_bytes:
@@ -127,8 +141,7 @@ class WorkerHalf:
                              f"{self.layout.block_bytes}-byte ones ({self.layout.describe()})")
             log.error("kvtierd connector disabled on this worker: %s", self.disabled)
             return None
-        name = rank_namespace(plan.namespace_base, *self.rank)
-        return self.link.namespace(name, self.layout.block_bytes, plan.chunk_tokens)
+        return rank_namespace(plan.namespace_base, *self.rank)
 
     def _fail(self, err: BaseException) -> None:
         self.counters.daemon_errors += 1
@@ -144,18 +157,13 @@ class WorkerHalf:
         if not plan.loads:
             return
         all_ids = [b for t in plan.loads for b in t.block_ids]
-        ns = self._namespace(plan)
-        if ns is None:
-            self._report(all_ids)
-            return
-        self._ns = ns
         keys = [k for t in plan.loads for k in t.keys]
-        try:
-            lease = ns.acquire(keys, prefix=False, tier=self.tier)
-        except DAEMON_ERRORS as e:
-            self._fail(e)
+        got = self._call(plan, lambda ns: ns.acquire(keys, prefix=False, tier=self.tier))
+        if got is None:
             self._report(all_ids)
             return
+        lease, ns = got
+        self._ns = ns
         self._leases.append(lease)
         g = self.group
         batches: dict[str, tuple[list[int], list[int]]] = {}   # tier -> (slot offsets, page ids)
@@ -245,10 +253,6 @@ class WorkerHalf:
 
     def _reserve(self) -> bool:
         plan = self._plan
-        ns = self._ns or self._namespace(plan)
-        if ns is None:
-            return False
-        self._ns = ns
         keys: list[bytes] = []
         pages: list[list[int]] = []
         owners: list[str] = []
@@ -262,11 +266,11 @@ class WorkerHalf:
                 keys.append(k)
                 pages.append(t.block_ids[i * g:(i + 1) * g])
                 owners.append(t.req_id)
-        try:
-            res = ns.reserve(keys, tier="host")
-        except DAEMON_ERRORS as e:
-            self._fail(e)
+        got = self._call(plan, lambda ns: ns.reserve(keys, tier="host"))
+        if got is None:
             return False
+        res, ns = got
+        self._ns = ns
         self._res = res
         self._res_reqs = {owners[i] for i in res.index}
         self._res_offsets = np.asarray(res.offsets, dtype=np.int64)
@@ -315,7 +319,14 @@ class WorkerHalf:
     def wait_save(self) -> None:
         if self._leases or self._layer_events:
             self._end_loads()
+        plan = self._plan
+        if (self._res is None and plan is not None and plan.saves and self.layout is not None
+                and not self.disabled and not self._saved_layers):
+            # vLLM handed over no layer (a backend without the per-layer hooks): save from the cache now
+            self._reserve()
         if self._res is not None and self.layout is not None:
+            if self.layout.is_cuda:
+                self.save_stream.wait_stream(self._torch.cuda.current_stream(self.layout.device))
             for lc in self.layout.layers:
                 if lc.name not in self._saved_layers and self._res is not None:
                     self._saved_layers.add(lc.name)
