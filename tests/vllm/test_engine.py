@@ -102,16 +102,18 @@ def test_a_removed_block_is_recomputed(engines):
 def test_tenants_never_share_blocks(engines):
     ids = prompt("tenants", 230)
     engines.a.generate([ids], salt="alice")
+    with engines.daemon.client() as c:
+        ns = vllm_namespace(c)
+        assert ns.lookup(block_keys(ids, "alice")) == full_chunks(len(ids))
+        assert ns.lookup(block_keys(ids, "bob")) == ns.lookup(block_keys(ids)) == 0
     other = engines.b.generate([ids + [9]], salt="bob")[0]
     assert other["cached"] == 0
+    assert same_output(other, engines.reference(ids + [9]))
     unsalted = engines.b.generate([ids + [10]])[0]
     assert unsalted["cached"] == 0
     same = engines.b.generate([ids + [11]], salt="alice")[0]
     assert same["cached"] == full_chunks(len(ids)) * BLOCK
-    with engines.daemon.client() as c:
-        ns = vllm_namespace(c)
-        assert ns.lookup(block_keys(ids, "alice")) == full_chunks(len(ids))
-        assert ns.lookup(block_keys(ids)) == 0
+    assert same_output(same, engines.reference(ids + [11]))
 
 
 def test_restart_on_the_same_state_dir_serves_from_disk_and_a_corrupt_block_is_recomputed(engines):

@@ -122,6 +122,10 @@ class KVTierConnector(KVConnectorBase_V1):
     """kvtierd as vLLM's KV connector (load with kv_connector_module_path="kvtierd.integrations.vllm")."""
 
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
+        import vllm
+
+        from kvtierd.integrations.vllm.version import check_version
+        check_version(vllm.__version__)      # also when this module is imported directly
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(getattr(self._kv_transfer_config, "kv_connector_extra_config", None) or {})
         self.cfg = ConnectorConfig.from_extra(extra)
