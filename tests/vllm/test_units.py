@@ -12,7 +12,6 @@ import dataclasses
 import os
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +20,6 @@ import torch
 from kvtierd.integrations.vllm.config import ConnectorConfig
 from kvtierd.integrations.vllm.layout import BlockLayout, LayoutError, find_page_dim
 from kvtierd.integrations.vllm.link import DaemonLink
-from kvtierd.integrations.vllm import naming
 from kvtierd.integrations.vllm.naming import (
     NamespaceSpec,
     all_rank_namespaces,
@@ -67,11 +65,8 @@ def test_tensor_parallel_ranks_have_distinct_namespaces():
 
 
 def test_namespace_names_are_equal_across_processes_and_hash_seeds():
-    path = Path(naming.__file__)          # loaded by path: the package itself would import vLLM (slow)
-    code = ("import importlib.util as u;"
-            f"s=u.spec_from_file_location('n', {str(path)!r}); m=u.module_from_spec(s); s.loader.exec_module(m);"
-            "print(m.NamespaceSpec('m','d','float32',(2,32,32),8192,2,'L',32,1,'sha256','s','0.32','cpu','t')"
-            ".base_name())")
+    code = ("from kvtierd.integrations.vllm.naming import NamespaceSpec as S;"
+            "print(S('m','d','float32',(2,32,32),8192,2,'L',32,1,'sha256','s','0.32','cpu','t').base_name())")
     names = {subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONHASHSEED=seed),
                             capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
              for seed in ("0", "1", "random")}
