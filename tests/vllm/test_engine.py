@@ -147,8 +147,12 @@ def test_restart_on_the_same_state_dir_serves_from_disk_and_a_corrupt_block_is_r
     assert out["cached"] == len(kept_keys) * BLOCK
     assert same_output(out, engines.reference(kept + [5, 6]))
     out = engines.b.generate([damaged + [5, 6]])[0]
-    assert out["cached"] <= 2 * BLOCK         # never past the damaged chunk
+    # The lookup still counted the damaged chunk (num_cached_tokens is fixed at scheduling); the
+    # load found it failed its checksum, reported it and the chunks after it, and vLLM recomputed them.
     assert same_output(out, engines.reference(damaged + [5, 6]))
+    assert "checksum mismatch" in engines.daemon.proc.log()
+    wait_until(lambda: logged_counter(engines, "load_errors") >= len(damaged_keys) - 2, 90,
+               "engine b to log its load errors", step=0.5)
 
 
 def test_daemon_killed_mid_serving_every_request_completes_correctly(engines):
@@ -186,3 +190,17 @@ def _stored(engines, ids) -> bool:
         ns = c.namespace(names[0], block_size=BLOCK_BYTES)
         return ns.lookup(block_keys(ids)) == full_chunks(len(ids))
 
+
+
+def logged_counter(engines, name: str, attempts=iter(range(10**6))) -> int:
+    """Sum of engine b's kvtierd_<name> in its 'KV Transfer metrics' log lines, after one more small
+    request (vLLM logs stats as it steps)."""
+    import re
+    engines.b.generate([prompt(f"stats-{next(attempts)}", 40)], max_tokens=2)
+    return sum(int(v) for v in re.findall(rf"kvtierd_{name}=(\d+)", engines.b.log_path.read_text()))
+
+
+def test_connector_counters_reach_vllms_stats_log(engines):
+    """KVTierStats travel through vLLM's connector stats hooks (worker -> scheduler -> logger)."""
+    wait_until(lambda: logged_counter(engines, "loaded_chunks") > 0 and logged_counter(engines, "hit_tokens") > 0,
+               90, "engine b's 'KV Transfer metrics' log line with kvtierd counters", step=0.5)
