@@ -114,7 +114,7 @@ class SchedulerHalf:
             want = keys[:hits]
             try:
                 hits = min(hits, self.link.call(name, self.spec.block_bytes, self.spec.chunk_tokens,
-                                                lambda ns: ns.lookup(want)))
+                                                lambda ns, want=want: ns.lookup(want)))
             except Unavailable:
                 return 0
             except DAEMON_ERRORS:

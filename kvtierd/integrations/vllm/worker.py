@@ -29,6 +29,7 @@ and the link reconnects later (kvtierd.integrations.vllm.link).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,13 +214,15 @@ class WorkerHalf:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.layout.device))
             self.load_stream.wait_event(ready)    # after block zeroing and earlier writes to these blocks
-        for lc in self.layout.layers:
-            for region, o, p in parts:
-                lc.copier.scatter(region, o + lc.offset, p, stream=self.load_stream)
-            if self.layout.is_cuda:
-                ev = torch.cuda.Event()
-                ev.record(self.load_stream)
-                self._layer_events[lc.name] = ev
+        # The torch fallback (a GPU without cupy) runs on the current stream: make it the load stream.
+        with torch.cuda.stream(self.load_stream) if self.layout.is_cuda else contextlib.nullcontext():
+            for lc in self.layout.layers:
+                for region, o, p in parts:
+                    lc.copier.scatter(region, o + lc.offset, p, stream=self.load_stream)
+                if self.layout.is_cuda:
+                    ev = torch.cuda.Event()
+                    ev.record(self.load_stream)
+                    self._layer_events[lc.name] = ev
 
     def wait_layer(self, layer_name: str) -> None:
         ev = self._layer_events.pop(layer_name, None)
@@ -301,8 +304,11 @@ class WorkerHalf:
                 written = torch.cuda.Event()
                 written.record(torch.cuda.current_stream(self.layout.device))   # attention wrote the pages
                 self.save_stream.wait_event(written)
-            lc.copier.gather(self._res_pages, self._res_region, self._res_offsets + lc.offset,
-                             stream=self.save_stream)
+                with torch.cuda.stream(self.save_stream):
+                    lc.copier.gather(self._res_pages, self._res_region, self._res_offsets + lc.offset,
+                                     stream=self.save_stream)
+            else:
+                lc.copier.gather(self._res_pages, self._res_region, self._res_offsets + lc.offset)
         except (RuntimeError, ValueError) as e:
             log.warning("kvtierd save of %s failed (%s); dropping this step's saves", lc.name, e)
             self._abort()
