@@ -172,6 +172,35 @@ def test_blocks_round_trip_layer_by_layer_for_each_layout(daemon, make):
             assert torch.equal(src[k].select(pd, a), dst[k].select(pd, b))
 
 
+@pytest.mark.parametrize("make", [cpu_cache, fa_cache, lambda s: fa_cache(s, hnd=True)],
+                         ids=["cpu", "flash-attn", "flash-attn-hnd"])
+def test_the_cpu_page_copies_write_the_paged_copiers_bytes(daemon, make):
+    src = {f"l{i}": make(20 + i) for i in range(2)}
+    layout = BlockLayout(src, NB, blocks_per_chunk=2)
+    with daemon.client() as c:
+        ns = c.namespace("cpu-vs-paged", block_size=layout.block_bytes)
+        region = c.worker_regions().region("host")
+        for key, cpu in ((b"paged", False), (b"cpu", True)):
+            with ns.reserve([key]) as res:
+                for lc in layout.layers:
+                    if cpu:
+                        lc.gather_cpu(region, res.offsets, [3, 8])
+                    else:
+                        lc.copier.gather([3, 8], region, [o + lc.offset for o in res.offsets])
+        paged, per_page = ns.get_many([b"paged", b"cpu"])
+        assert paged == per_page
+        dst = {k: torch.zeros_like(v) for k, v in src.items()}
+        with ns.acquire([b"cpu"]) as lease:
+            for lc in BlockLayout(dst, NB, blocks_per_chunk=2).layers:
+                lc.scatter_cpu(region, lease.offsets, [0, 1])
+                with pytest.raises(ValueError):
+                    lc.scatter_cpu(region, lease.offsets, [0, NB])     # a bad page id never writes
+    for k in src:
+        pd = 0 if src[k].shape[0] == NB else 1
+        assert torch.equal(src[k].select(pd, 3), dst[k].select(pd, 0))
+        assert torch.equal(src[k].select(pd, 8), dst[k].select(pd, 1))
+
+
 def test_physical_stride_order_does_not_change_block_bytes(daemon):
     nhd, hnd = fa_cache(3), fa_cache(3, hnd=True)
     assert torch.equal(nhd, hnd) and nhd.stride() != hnd.stride()

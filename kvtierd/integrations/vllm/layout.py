@@ -56,7 +56,13 @@ def find_page_dim(t: Any, num_blocks: int) -> tuple[Any, int]:
 
 @dataclass
 class LayerCopy:
-    """One layer's part of every block: a copier over its tensor and its byte offset in a block."""
+    """One layer's part of every block: a copier over its tensor and its byte offset in a block.
+
+    On a GPU `copier` moves a whole batch in one kernel launch. On CPU `gather_cpu` and
+    `scatter_cpu` copy page by page instead: one memcpy per page beats the paged copier's torch
+    fallback, whose index tensors are as large as the data (a 2K-token prefix of the vLLM
+    benchmark model loaded 8x faster). Both write the same bytes (tests/vllm/test_units.py).
+    """
 
     name: str
     copier: PagedCopier
@@ -64,6 +70,43 @@ class LayerCopy:
     nbytes: int          # bytes of this layer in one kvtierd block (G pages)
     page_shape: tuple[int, ...]
     page_bytes: int
+    tensor: Any = None   # the layer's tensor (kernel blocks grouped), pages along page_dim
+    page_dim: int = 0
+
+    def _slots(self, region: Any, offsets: Sequence[int], page_ids: Sequence[int]):
+        g, pb = self.nbytes // self.page_bytes, self.page_bytes
+        rt = region.tensor
+        if len(page_ids) != len(offsets) * g:
+            raise ValueError(f"{len(offsets)} slots need {len(offsets) * g} page ids, got {len(page_ids)}")
+        n = self.tensor.shape[self.page_dim]
+        ids = [int(p) for p in page_ids]
+        bases = [int(off) + self.offset for off in offsets]
+        # everything is checked before the first byte moves
+        if ids and (min(ids) < 0 or max(ids) >= n):
+            raise ValueError(f"page id out of range [0, {n})")
+        if bases and (min(bases) < self.offset or max(bases) + self.nbytes > rt.numel()):
+            raise ValueError(f"slot offset outside the region ({rt.numel()} bytes)")
+        pairs = []
+        for b, base in enumerate(bases):
+            for j in range(g):
+                page = self.tensor.select(self.page_dim, ids[b * g + j])
+                pairs.append((rt[base + j * pb: base + (j + 1) * pb], page))
+        return pairs
+
+    def gather_cpu(self, region: Any, offsets: Sequence[int], page_ids: Sequence[int]) -> None:
+        """Pages -> slots (bytes of each page in logical order)."""
+        import torch
+        for dst, page in self._slots(region, offsets, page_ids):
+            dst.copy_(page.contiguous().view(torch.uint8).reshape(-1))
+
+    def scatter_cpu(self, region: Any, offsets: Sequence[int], page_ids: Sequence[int]) -> None:
+        """Slots -> pages."""
+        import torch
+        for src, page in self._slots(region, offsets, page_ids):
+            if page.is_contiguous():
+                page.view(torch.uint8).reshape(-1).copy_(src)
+            else:
+                page.copy_(src.clone().view(page.dtype).view(page.shape))
 
 
 class BlockLayout:
@@ -91,7 +134,7 @@ class BlockLayout:
             layout = PagedLayout([(view, pd)], pages_per_block=blocks_per_chunk)
             plane = layout.planes[0]
             self.layers.append(LayerCopy(name, PagedCopier(layout, backend=backend), off, layout.block_bytes,
-                                         plane.inner_shape, plane.page_bytes))
+                                         plane.inner_shape, plane.page_bytes, view, pd))
             off += layout.block_bytes
             dtypes.add(str(t.dtype).removeprefix("torch."))
         self.block_bytes = off

@@ -218,7 +218,10 @@ class WorkerHalf:
         with torch.cuda.stream(self.load_stream) if self.layout.is_cuda else contextlib.nullcontext():
             for lc in self.layout.layers:
                 for region, o, p in parts:
-                    lc.copier.scatter(region, o + lc.offset, p, stream=self.load_stream)
+                    if self.layout.is_cuda:
+                        lc.copier.scatter(region, o + lc.offset, p, stream=self.load_stream)
+                    else:
+                        lc.scatter_cpu(region, o, p)
                 if self.layout.is_cuda:
                     ev = torch.cuda.Event()
                     ev.record(self.load_stream)
@@ -308,7 +311,7 @@ class WorkerHalf:
                     lc.copier.gather(self._res_pages, self._res_region, self._res_offsets + lc.offset,
                                      stream=self.save_stream)
             else:
-                lc.copier.gather(self._res_pages, self._res_region, self._res_offsets + lc.offset)
+                lc.gather_cpu(self._res_region, self._res_offsets, self._res_pages)
         except (RuntimeError, ValueError) as e:
             log.warning("kvtierd save of %s failed (%s); dropping this step's saves", lc.name, e)
             self._abort()
