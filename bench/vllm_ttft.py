@@ -1,7 +1,8 @@
 """Time to first token through vLLM, with and without kvtierd, from the host and disk tiers (CPU).
 
-One process runs two vLLM engines on the same randomly initialised Llama-shaped model (no
-downloads): `base` without a connector and `kv` with KVTierConnector and its own daemon.
+Two vLLM engines, one after the other in their own processes, serve the same randomly
+initialised Llama-shaped model (no downloads): `base` without a connector, then `kv` with
+KVTierConnector and its own daemon.
 For each prefix length P and repeat, a fresh random P-token prefix plus a fresh short suffix:
 
   full        base, prefix cache empty: the whole prompt is prefilled (the reference)
@@ -24,10 +25,12 @@ Needs the vLLM venv (scripts/setup_vllm.sh); vLLM starts its engine cores with s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,34 +54,34 @@ def make_model(path: Path, max_positions: int) -> Path:
     return path
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lengths", default="2048,4096,8192")
-    ap.add_argument("--suffix", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=3)
-    a = ap.parse_args()
-    lengths = [int(x) for x in a.lengths.split(",")]
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+def prompts(lengths: list[int], repeat: int, suffix: int) -> list[tuple[int, list[int], list[list[int]]]]:
+    """(length, prefix, suffixes) for every run, the same in both phases."""
+    rng = random.Random(1)
+    out = []
+    for n in lengths:
+        for _ in range(repeat):
+            prefix = [rng.randrange(3, 32000) for _ in range(n)]
+            out.append((n, prefix, [[rng.randrange(3, 32000) for _ in range(suffix)] for _ in range(3)]))
+    return out
+
+
+def run_phase(phase: str, model: Path, runs, sock: str | None, daemon: Daemon | None, max_len: int) -> list[dict]:
+    """One engine's measurements. Each phase runs in its own process, so one engine's idle
+    threads never compete with the other's prefill."""
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
-    tmp = Path(tempfile.mkdtemp(prefix="kvtierd-vllm-bench-"))
-    shm = Path("/dev/shm") / f"kvtierd-vllm-bench-{os.getpid()}"
-    shm.mkdir()
-    max_len = max(lengths) + a.suffix + 64
-    model = make_model(tmp / "model", max_len + 1024)
-    daemon = Daemon(tmp, ["--host-bytes", "1GiB", "--disk-bytes", "4GiB", "--set", f"host.shm_dir={shm}"]).start()
-    common = dict(model=str(model), skip_tokenizer_init=True, dtype="float32", block_size=32, enforce_eager=True,
-                  enable_prefix_caching=True, max_model_len=max_len, max_num_seqs=1,
-                  max_num_batched_tokens=max_len)
-    base = LLM(**common)
-    kv = LLM(**common, kv_transfer_config=KVTransferConfig(
-        kv_connector="KVTierConnector", kv_connector_module_path="kvtierd.integrations.vllm", kv_role="kv_both",
-        kv_load_failure_policy="recompute", kv_connector_extra_config={"socket": daemon.sock}))
+    kw = {}
+    if phase == "kv":
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KVTierConnector", kv_connector_module_path="kvtierd.integrations.vllm",
+            kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config={"socket": sock})
+    llm = LLM(model=str(model), skip_tokenizer_init=True, dtype="float32", block_size=32, enforce_eager=True,
+              enable_prefix_caching=True, max_model_len=max_len, max_num_seqs=1, max_num_batched_tokens=max_len,
+              **kw)
     sp = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
-    rng = random.Random(1)
 
-    def ttft(llm, ids, want_cached=None):
+    def ttft(ids, want_cached=None):
         t = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)[0]
         dt = time.perf_counter() - t
@@ -86,42 +89,78 @@ def main() -> int:
             raise SystemExit(f"expected >= {want_cached} cached tokens, got {out.num_cached_tokens}")
         return dt
 
-    for llm in (base, kv):   # one-off set-up of each engine's first request
-        ttft(llm, [rng.randrange(3, 32000) for _ in range(40)])
+    # One-off costs (the first request, the first prefill of each length) are paid before timing,
+    # with prompts of their own.
+    warm = random.Random(2)
+    for n in sorted({n for n, _, _ in runs}):
+        ttft([warm.randrange(3, 32000) for _ in range(n + 1)])
+    llm.reset_prefix_cache()
     rows = []
-    try:
-        for n in lengths:
-            res: dict[str, list[float]] = {k: [] for k in ("full", "local", "miss+store", "host", "disk")}
-            for _ in range(a.repeat):
-                prefix = [rng.randrange(3, 32000) for _ in range(n)]
-                sfx = lambda: [rng.randrange(3, 32000) for _ in range(a.suffix)]
-                full_blocks = (n // 32) * 32
-                base.reset_prefix_cache()
-                res["full"].append(ttft(base, prefix + sfx()))
-                res["local"].append(ttft(base, prefix + sfx(), full_blocks))
-                res["miss+store"].append(ttft(kv, prefix + sfx()))
-                kv.reset_prefix_cache()
-                res["host"].append(ttft(kv, prefix + sfx(), full_blocks))
+    for n, prefix, sfx in runs:
+        full_blocks = (n // 32) * 32
+        llm.reset_prefix_cache()
+        if phase == "base":
+            rows.append({"n": n, "full": ttft(prefix + sfx[0]), "local": ttft(prefix + sfx[1], full_blocks)})
+        else:
+            r = {"n": n, "miss+store": ttft(prefix + sfx[0])}
+            llm.reset_prefix_cache()
+            r["host"] = ttft(prefix + sfx[1], full_blocks)
+            daemon.stop()
+            daemon.start()
+            llm.reset_prefix_cache()
+            r["disk"] = ttft(prefix + sfx[2], full_blocks)
+            rows.append(r)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", default="2048,4096,8192")
+    ap.add_argument("--suffix", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--phase", choices=("base", "kv"), help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    lengths = [int(x) for x in a.lengths.split(",")]
+    max_len = max(lengths) + a.suffix + 64
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    runs = prompts(lengths, a.repeat, a.suffix)
+    if a.phase:
+        tmp = Path(a.dir)
+        daemon = None
+        if a.phase == "kv":
+            shm = Path("/dev/shm") / f"kvtierd-vllm-bench-{os.getpid()}"
+            shm.mkdir()
+            daemon = Daemon(tmp, ["--host-bytes", "1GiB", "--disk-bytes", "4GiB", "--set",
+                                  f"host.shm_dir={shm}"]).start()
+        try:
+            rows = run_phase(a.phase, tmp / "model", runs, daemon.sock if daemon else None, daemon, max_len)
+        finally:
+            if daemon is not None:
                 daemon.stop()
-                daemon.start()
-                kv.reset_prefix_cache()
-                res["disk"].append(ttft(kv, prefix + sfx(), full_blocks))
-            rows.append((n, res))
-    finally:
-        daemon.stop()
-        for f in shm.glob("*"):
-            f.unlink()
-        shm.rmdir()
+                for f in shm.glob("*"):
+                    f.unlink()
+                shm.rmdir()
+        (tmp / f"{a.phase}.json").write_text(json.dumps(rows))
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="kvtierd-vllm-bench-") as t:
+        tmp = Path(t)
+        make_model(tmp / "model", max_len + 1024)
+        for phase in ("base", "kv"):
+            subprocess.run([sys.executable, __file__, "--phase", phase, "--dir", t, "--lengths", a.lengths,
+                            "--suffix", str(a.suffix), "--repeat", str(a.repeat)], check=True)
+        rows = json.loads((tmp / "base.json").read_text())
+        for r, k in zip(rows, json.loads((tmp / "kv.json").read_text()), strict=True):
+            r.update(k)
 
     print(f"vLLM TTFT, model {SHAPE['num_hidden_layers']}L/{SHAPE['hidden_size']}h fp32 on {platform.machine()} "
           f"CPU ({os.cpu_count()} cores), suffix {a.suffix} tokens, median of {a.repeat} (min..max), seconds")
     cols = ("full", "local", "miss+store", "host", "disk")
     print(f"{'prefix':>7} " + " ".join(f"{c:>20}" for c in cols) + f" {'full/host':>10} {'local/host':>10}")
-    for n, res in rows:
-        cells = []
-        for c in cols:
-            v = sorted(res[c])
-            cells.append(f"{statistics.median(v):7.3f} ({v[0]:.3f}..{v[-1]:.3f})")
+    for n in lengths:
+        res = {c: sorted(r[c] for r in rows if r["n"] == n) for c in cols}
+        cells = [f"{statistics.median(v):7.3f} ({v[0]:.3f}..{v[-1]:.3f})" for v in res.values()]
         h = statistics.median(res["host"])
         print(f"{n:>7} " + " ".join(f"{x:>20}" for x in cells)
               + f" {statistics.median(res['full']) / h:>10.1f} {statistics.median(res['local']) / h:>10.2f}")
