@@ -7,7 +7,10 @@ Per step, with the scheduler's StepPlan bound:
   there and then and the lease ends; on a GPU they are queued on a load
   stream (after whatever the compute stream queued, e.g. block zeroing), an
   event is recorded per layer, and `wait_layer` makes the compute stream wait
-  for that layer only, so layer i+1's copy overlaps layer i's attention.
+  for that layer only, so layer i+1's copy overlaps layer i's attention. Until
+  vLLM has been seen calling wait_for_layer_load (not every backend does; vLLM
+  0.32's CPU backend calls none of the per-layer hooks), the forward waits for
+  all copies first.
   A chunk the daemon no longer has (evicted, failed its disk checksum) or
   whose copy failed, and every later chunk of that request, goes to
   `load_errors`; vLLM recomputes those blocks (kv_load_failure_policy
@@ -100,6 +103,7 @@ class WorkerHalf:
         self._pending: list[_PendingSave] = []
         self._delayed: set[str] = set()
         self._torch: Any = None
+        self._hooks_seen = False      # vLLM calls wait_for_layer_load per layer (not every backend does)
         self.load_stream = self.save_stream = None
 
     # ------------------------------------------------------------------ set-up
@@ -197,6 +201,12 @@ class WorkerHalf:
         self.counters.loaded_bytes += loaded * self.layout.block_bytes
         if not self.layout.is_cuda:
             self._end_loads()
+        elif not self._hooks_seen and self._layer_events:
+            # Until vLLM has been seen calling wait_for_layer_load (some backends never do), the
+            # forward waits for every layer's copy up front: correct first, overlapped once proven.
+            cur = self._torch.cuda.current_stream(self.layout.device)
+            for ev in self._layer_events.values():
+                cur.wait_event(ev)
 
     def _scatter(self, client: Any, batches: dict[str, tuple[list[int], list[int]]]) -> None:
         regions = client.worker_regions()
@@ -228,6 +238,8 @@ class WorkerHalf:
                     self._layer_events[lc.name] = ev
 
     def wait_layer(self, layer_name: str) -> None:
+        if self.layout is not None and layer_name in self.layout.by_name:
+            self._hooks_seen = True
         ev = self._layer_events.pop(layer_name, None)
         if ev is not None:
             self._torch.cuda.current_stream(self.layout.device).wait_event(ev)
