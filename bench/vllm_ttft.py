@@ -65,6 +65,17 @@ def prompts(lengths: list[int], repeat: int, suffix: int) -> list[tuple[int, lis
     return out
 
 
+def wait_recovered(sock: str, timeout: float = 120.0) -> None:
+    """Until the restarted daemon has indexed its disk tier (lookups miss blocks not yet recovered)."""
+    from kvtierd import Client
+    deadline = time.monotonic() + timeout
+    with Client(sock) as c:
+        while not c.stats()["disk"].get("recovery_done"):
+            if time.monotonic() > deadline:
+                raise SystemExit("the daemon did not finish disk recovery")
+            time.sleep(0.05)
+
+
 def run_phase(phase: str, model: Path, runs, sock: str | None, daemon: Daemon | None, max_len: int) -> list[dict]:
     """One engine's measurements. Each phase runs in its own process, so one engine's idle
     threads never compete with the other's prefill."""
@@ -107,6 +118,7 @@ def run_phase(phase: str, model: Path, runs, sock: str | None, daemon: Daemon | 
             r["host"] = ttft(prefix + sfx[1], full_blocks)
             daemon.stop()
             daemon.start()
+            wait_recovered(daemon.sock)
             llm.reset_prefix_cache()
             r["disk"] = ttft(prefix + sfx[2], full_blocks)
             rows.append(r)

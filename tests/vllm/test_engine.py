@@ -141,6 +141,7 @@ def test_restart_on_the_same_state_dir_serves_from_disk_and_a_corrupt_block_is_r
         f.write(bytes([b[0] ^ 0xFF]))
     engines.daemon.start()
     with engines.daemon.client() as c:
+        wait_until(lambda: c.stats()["disk"].get("recovery_done"), 60, "disk recovery")
         ns = c.namespace(name, block_size=BLOCK_BYTES)   # the disk index keeps blocks by namespace name
         assert set(ns.lookup_tiers(kept_keys)) == {"disk"}
     out = engines.b.generate([kept + [5, 6]])[0]
