@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-if importlib.util.find_spec("vllm") is None:
+_spec = importlib.util.find_spec("vllm")
+if _spec is None or _spec.origin is None:   # origin None: only this directory, seen as a namespace package
     collect_ignore_glob = ["test_*.py"]
 
 BLOCK = 32            # vLLM block size of the test engines (CPU needs a multiple of 32)
