@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
-from test_disk_roundtrip import open_store, payloads, read_back, segment_files, small_cfg
+from test_disk_roundtrip import drop_hints, open_store, payloads, read_back, segment_files, small_cfg
 
-from kvtierd.disk.compaction import Maintenance, compact_segment, pick_victim
+from kvtierd.disk.compaction import compact_segment, pick_victim
+from kvtierd.disk.maintenance import Maintenance
 
 SIZE = 32768
 
@@ -19,7 +20,7 @@ def test_compaction_rewrites_live_records_and_deletes_the_segment(tmp_path):
     for i in range(0, 60, 10):
         assert all(s.write_batch([("ns", k, d) for k, d in zip(keys[i:i + 10], data[i:i + 10], strict=True)]))
     first = min(s.segments)
-    victims_keys = [k for k in keys if s.keydir[("ns", k)].seg.id == first]
+    victims_keys = [k for k in keys if s.kd.get("ns", k).seg.id == first]
     for k in victims_keys[: int(len(victims_keys) * 0.8)]:
         s.delete("ns", k)
     victim = pick_victim(s)
@@ -30,7 +31,7 @@ def test_compaction_rewrites_live_records_and_deletes_the_segment(tmp_path):
     res, outs = read_back(s, "ns", [keys[i] for i in alive], [SIZE] * len(alive))
     assert all(res) and all(bytes(o) == bytes(data[i]) for o, i in zip(outs, alive, strict=True))
     s.close()
-    (tmp_path / "disk" / "checkpoint").unlink()    # deletes must survive the move, also by scan
+    assert drop_hints(tmp_path)                    # deletes must survive the move, also by scan
     s = open_store(tmp_path)
     assert sorted(s.keys("ns")) == sorted(keys[i] for i in alive)
     res, outs = read_back(s, "ns", [keys[i] for i in alive], [SIZE] * len(alive))
@@ -187,8 +188,8 @@ def test_a_segment_dropped_to_make_room_keeps_the_deletes_it_records(tmp_path):
     assert s.delete("ns", old[0])
     cold = [b"c%d" % i for i in range(3)]          # written with the tombstone of a0, in one segment
     assert s.write_batch([("ns", k, data[8 + i]) for i, k in enumerate(cold)]) == [True] * 3
-    tomb_seg = s.keydir[("ns", cold[0])].seg.id
-    assert s.tombs[("ns", old[0])].seg.id == tomb_seg
+    tomb_seg = s.kd.get("ns", cold[0]).seg.id
+    assert s.kd.tomb(("ns", old[0])).seg.id == tomb_seg
     hot = old[1:] + [b"b%d" % i for i in range(4)]
     res, _ = read_back(s, "ns", hot, [block] * len(hot))    # everything but the c blocks is warm
     assert all(res)
@@ -199,7 +200,7 @@ def test_a_segment_dropped_to_make_room_keeps_the_deletes_it_records(tmp_path):
     assert s.stats()["used_bytes"] <= cfg.bytes
     s.close()
     assert not any(p.name == f"{tomb_seg:016x}.seg" for p in segment_files(tmp_path))
-    (tmp_path / "disk" / "checkpoint").unlink()    # a scan must still find the delete
+    assert drop_hints(tmp_path)                    # a scan must still find the delete
     s = open_store(tmp_path, cfg)
     assert not s.contains("ns", old[0])
     assert all(s.contains("ns", k) for k in old[1:])

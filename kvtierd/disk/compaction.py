@@ -24,10 +24,7 @@ Its disk time is bounded: after each chunk (disk.io_bytes) it sleeps long
 enough that copying takes at most disk.compaction_io_share of the wall
 time, leaving the rest to foreground reads and writes.
 
-The maintenance thread, woken by the store or every 0.2 s, writes pending
-tombstones, fdatasyncs under durability=interval, deletes dead segments,
-brings segment bytes under the high watermark (after recovery, or when
-disk.bytes was lowered), compacts, and writes the checkpoint when it is due.
+The maintenance thread (maintenance.py) runs it.
 """
 
 from __future__ import annotations
@@ -37,9 +34,8 @@ import threading
 import time
 
 from kvtierd.disk import aligned_io
-from kvtierd.disk.checkpoint import write_checkpoint
 from kvtierd.disk.format import PAGE, Header, checksum, parse_header
-from kvtierd.disk.segments import PendingRecord, Segment
+from kvtierd.disk.types import PendingRecord, Segment
 
 log = logging.getLogger("kvtierd.disk")
 
@@ -47,12 +43,12 @@ log = logging.getLogger("kvtierd.disk")
 def pick_victim(store) -> Segment | None:
     with store.lock:
         cands = [s for s in store.segments.values()
-                 if s.sealed and s.size and not s.inflight and not s.doomed and s is not store._active]
+                 if s.sealed and s.size and not s.inflight and not s.doomed and s is not store.active]
         if not cands:
             return None
         best = min(cands, key=lambda s: s.live_bytes / s.size)
         frac = best.live_bytes / best.size
-        pressure = store._used > store.cfg.high_watermark * store.cfg.bytes
+        pressure = store.stats_used() > store.cfg.high_watermark * store.cfg.bytes
         if frac < store.cfg.compaction_threshold or (pressure and frac < 1.0):
             return best
     return None
@@ -72,7 +68,7 @@ def compact_segment(store, seg: Segment, stop: threading.Event | None = None) ->
     t_start = time.monotonic()
     moved = 0
     try:
-        for job in store._group([(None, e, None) for e in live], write=False):
+        for job in store.group([(None, e, None) for e in live], write=False):
             if (stop is not None and stop.is_set()) or seg.doomed:
                 return False      # stopping, or the write path retired the segment meanwhile
             t0 = time.monotonic()
@@ -99,9 +95,8 @@ def compact_segment(store, seg: Segment, stop: threading.Event | None = None) ->
                 with store.lock:
                     for e in bad:
                         store.counters["checksum_failures"] += 1
-                        store._remove(e)
-                    res.left -= sum(e.size for e in bad)      # no copy of them: give their room back
-                    store._reserved -= sum(e.size for e in bad)
+                        store.kd.remove(e)
+                    store.give_back(res, sum(e.size for e in bad))    # no copy of them: their room goes back
                 log.error("disk tier: compaction found %d corrupt records in %s; dropped", len(bad), seg.path.name)
             ok = store.write_records_durably(recs, res)
             for r in recs:
@@ -126,7 +121,7 @@ def compact_segment(store, seg: Segment, stop: threading.Event | None = None) ->
     finally:
         store.release(res)
         with store.lock:
-            store._unpin(seg)
+            store.unpin(seg)
 
 
 def _throttle(busy: float, share: float, stop: threading.Event | None) -> None:
@@ -136,52 +131,3 @@ def _throttle(busy: float, share: float, stop: threading.Event | None) -> None:
             stop.wait(pause)
         else:
             time.sleep(pause)
-
-
-class Maintenance(threading.Thread):
-    """Background housekeeping for one SegmentStore; stop() and join() before close()."""
-
-    def __init__(self, store):
-        super().__init__(name="kvtierd-disk-maint", daemon=True)
-        self.store = store
-        self.stopping = threading.Event()
-        self.paused = threading.Event()     # tests pause compaction to stage crashes
-
-    def stop(self) -> None:
-        self.stopping.set()
-        with self.store.lock:
-            self.store.wake.notify_all()
-
-    def run(self) -> None:
-        store = self.store
-        cfg = store.cfg
-        last_sync = last_ckpt = time.monotonic()
-        while not self.stopping.is_set():
-            with store.lock:
-                store.wake.wait(timeout=min(0.2, cfg.fsync_interval_s))
-            if self.stopping.is_set():
-                break
-            try:
-                if store._pending:
-                    store.flush_tombstones()
-                now = time.monotonic()
-                if cfg.durability == "interval" and now - last_sync >= cfg.fsync_interval_s:
-                    err = store.sync_dirty()
-                    if err:
-                        log.error("disk tier: fdatasync failed: %s", err)
-                    last_sync = now
-                if not store.recovered.is_set() or self.paused.is_set():
-                    continue
-                store.reap_dead_segments()
-                store.make_room()
-                victim = pick_victim(store)
-                if victim is not None:
-                    compact_segment(store, victim, self.stopping)
-                now = time.monotonic()
-                if store.wants_checkpoint or now - last_ckpt >= cfg.checkpoint_interval_s:
-                    store.wants_checkpoint = False
-                    write_checkpoint(store)
-                    last_ckpt = now
-            except Exception:
-                log.exception("disk tier: maintenance step failed; retrying")
-                self.stopping.wait(1.0)
