@@ -22,9 +22,10 @@ A probe that fails for lack of space (or EIO, EROFS) decides nothing: the
 store runs buffered and probes again from its maintenance thread, so a
 daemon started on a full disk still gets O_DIRECT once space returns.
 
-Fault injection: FAULTS.arm("write" | "read" | "sync", errno, count, after)
-makes the next matching calls raise OSError(errno), for tests of ENOSPC/EIO
-(the O_DIRECT probe and hint files count as writes).
+Fault injection: FAULTS.arm(op, errno, count, after) makes the next matching
+calls raise OSError(errno), for tests of ENOSPC/EIO/EROFS. op: "write",
+"read", "sync" (segment data), "meta" (epoch and hint files), "probe" (the
+O_DIRECT probe's write).
 Subprocess tests arm it with KVTIERD_DISK_FAULTS="write:ENOSPC:count:after,...".
 It is a couple of attribute reads per I/O when unarmed.
 """
@@ -97,6 +98,9 @@ class BufferPool:
 
 # ------------------------------------------------------------------ faults
 
+OPS = ("write", "read", "sync", "meta", "probe")
+
+
 class FaultInjector:
     """Makes chosen I/O calls fail with a chosen errno; off unless armed."""
 
@@ -106,8 +110,8 @@ class FaultInjector:
         self.armed = False
 
     def arm(self, op: str, err: int, count: int = -1, after: int = 0) -> None:
-        if op not in ("write", "read", "sync"):
-            raise ValueError(f"fault op must be write, read or sync, not {op!r}")
+        if op not in OPS:
+            raise ValueError(f"fault op must be one of {', '.join(OPS)}, not {op!r}")
         with self._lock:
             self._rules[op] = [err, count, after]
             self.armed = True
@@ -180,7 +184,7 @@ def probe_direct_io(directory: Path) -> tuple[bool | None, str]:
             fd = -1
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | O_DIRECT, 0o600)
-                FAULTS.check("write")
+                FAULTS.check("probe")
                 if os.pwritev(fd, [buf], 0) != PAGE:
                     raise OSError(errno_mod.EIO, "short probe write")
                 back = alloc_aligned(PAGE)

@@ -89,7 +89,7 @@ def write(directory: Path, seg_id: int, covered: int, index: list[tuple]) -> Non
     tmp = final.with_name(final.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            aligned_io.FAULTS.check("write")
+            aligned_io.FAULTS.check("meta")
             f.write(data)
             f.flush()
             aligned_io.fdatasync(f.fileno())

@@ -112,7 +112,7 @@ def write_epoch(directory: Path, epoch: int) -> None:
     raw = struct.pack("<Q", epoch)
     try:
         with open(tmp, "wb") as f:
-            aligned_io.FAULTS.check("write")
+            aligned_io.FAULTS.check("meta")
             f.write(raw + struct.pack("<Q", checksum(raw)))
             f.flush()
             os.fsync(f.fileno())
