@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,8 @@ from kvtierd.disk.maintenance import Maintenance
 from kvtierd.disk.segments import SegmentStore
 
 log = logging.getLogger("kvtierd.disk")
+
+SWITCH_INTERVAL = 0.0005    # seconds; see start()
 
 
 class DiskTier:
@@ -70,6 +73,11 @@ class DiskTier:
     async def start(self) -> None:
         """Open the directory and begin recovery in the background; returns at once."""
         loop = asyncio.get_running_loop()
+        if sys.getswitchinterval() > SWITCH_INTERVAL:
+            # The engine's threads run Python (recovery, eviction, compaction); the loop thread
+            # waits for the GIL up to one switch interval per runnable thread. CPython's 5 ms
+            # default alone would use up the loop's lag budget.
+            sys.setswitchinterval(SWITCH_INTERVAL)
         self._sem = asyncio.Semaphore(self.cfg.io_depth)
         self._recovered = asyncio.Event()
         await loop.run_in_executor(self._pool, self.store.open)
