@@ -20,13 +20,15 @@ epoch file records it (fsynced) before the first segment of that epoch is
 created, so everything a boot writes sorts after everything before it even
 while recovery is still reading. A segment whose epoch is above the recorded
 one, or above MAX_EPOCH, was not written by this engine: a stray. Within an
-epoch n may reach 2^40 - 1 records and m 2^24 - 1 segments; before either
-runs out the maintenance thread moves the running store to a new epoch.
+epoch n may reach 2^40 - 1 records and m 2^24 - 1 segments; once either is
+half used the maintenance thread moves the running store to a new epoch
+(writes are refused in the last sixteenth, which only deletes may use, should
+that thread be stuck).
 
-The bound: MAX_EPOCH = 2^24 - 2 epochs, one per boot plus one per 2^40
-records or 2^24 segments written. With a restart every minute, 1 MiB
-segments written at 3 GB/s without pause (an epoch per 1.5 hours), the space
-lasts 2^24 / (1440 + 16) per day = 31 years; with daily restarts and 1 GiB
+The bound: MAX_EPOCH = 2^24 - 2 epochs, one per boot plus one per 2^39
+records or 2^23 segments written. With a restart every minute and 1 MiB
+segments written at 3 GB/s without pause (an epoch per 45 minutes), the
+space lasts 2^24 / (1440 + 32) per day = 31 years; with daily restarts and 1 GiB
 segments, far longer than any disk. A store that does run out refuses writes
 and says so (it never wraps).
 """

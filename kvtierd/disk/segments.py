@@ -210,8 +210,7 @@ class SegmentStore(Capacity):
         """Move to a new epoch before the per-epoch counters run out (maintenance thread).
         The epoch file is written outside the lock; True when it rolled."""
         with self._lock:
-            due = (self._seq_n > self.seq_n_max - (self.seq_n_max >> 2)
-                   or self._seg_n > self.seg_n_max - (self.seg_n_max >> 2))
+            due = self._seq_n > self.seq_n_max >> 1 or self._seg_n > self.seg_n_max >> 1
             if not due or self.ids_exhausted or not self.epoch_durable:
                 return False
             new = self._epoch + 1
@@ -227,7 +226,7 @@ class SegmentStore(Capacity):
             self._seq_n = 0
             self._seg_n = 0
             self._seal_active()
-        log.info("disk tier: moved to epoch %d (the per-epoch counters were three quarters used)", new)
+        log.info("disk tier: moved to epoch %d (a per-epoch counter was half used)", new)
         return True
 
     def reprobe_direct(self, first: bool = False) -> None:
@@ -332,8 +331,8 @@ class SegmentStore(Capacity):
 
     def _ids_left(self, records: int) -> bool:
         """Whether this epoch still has numbers for a batch (a margin stays for deletes)."""
-        return (not self.ids_exhausted and self._seq_n + records + (1 << 10) <= self.seq_n_max
-                and self._seg_n + 2 <= self.seg_n_max)
+        return (not self.ids_exhausted and self._seq_n + records <= self.seq_n_max - (self.seq_n_max >> 4)
+                and self._seg_n + 2 <= self.seg_n_max - (self.seg_n_max >> 4))
 
     # ------------------------------------------------------------ lookups
 
