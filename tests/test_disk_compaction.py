@@ -9,6 +9,7 @@ from test_disk_roundtrip import drop_hints, open_store, payloads, read_back, seg
 
 from kvtierd.disk.compaction import compact_segment, pick_victim
 from kvtierd.disk.maintenance import Maintenance
+from kvtierd.disk.types import SEG
 
 SIZE = 32768
 
@@ -20,7 +21,7 @@ def test_compaction_rewrites_live_records_and_deletes_the_segment(tmp_path):
     for i in range(0, 60, 10):
         assert all(s.write_batch([("ns", k, d) for k, d in zip(keys[i:i + 10], data[i:i + 10], strict=True)]))
     first = min(s.segments)
-    victims_keys = [k for k in keys if s.kd.get("ns", k).seg.id == first]
+    victims_keys = [k for k in keys if s.kd.get("ns", k)[SEG] == first]
     for k in victims_keys[: int(len(victims_keys) * 0.8)]:
         s.delete("ns", k)
     victim = pick_victim(s)
@@ -188,7 +189,7 @@ def test_a_segment_dropped_to_make_room_keeps_the_deletes_it_records(tmp_path):
     assert s.delete("ns", old[0])
     cold = [b"c%d" % i for i in range(3)]          # written with the tombstone of a0, in one segment
     assert s.write_batch([("ns", k, data[8 + i]) for i, k in enumerate(cold)]) == [True] * 3
-    tomb_seg = s.kd.get("ns", cold[0]).seg.id
+    tomb_seg = s.kd.get("ns", cold[0])[SEG]
     assert s.kd.tomb(("ns", old[0])).seg.id == tomb_seg
     hot = old[1:] + [b"b%d" % i for i in range(4)]
     res, _ = read_back(s, "ns", hot, [block] * len(hot))    # everything but the c blocks is warm

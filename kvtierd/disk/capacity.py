@@ -39,7 +39,7 @@ import logging
 import os
 
 from kvtierd.disk import aligned_io, hints
-from kvtierd.disk.types import Entry, PendingRecord, Reservation, Segment, Tomb, WritePlan
+from kvtierd.disk.types import SEG, Entry, PendingRecord, Reservation, Segment, Tomb, WritePlan, entry_size
 
 log = logging.getLogger("kvtierd.disk")
 
@@ -173,10 +173,10 @@ class Capacity:
         for seg in [s for s in kd.empty if self._retirable(s)]:
             carry += self._retire(seg)
         while budget and kd.entries and self._used + self._reserved + incoming > high:
-            e = self._evict_coldest()
+            seg = self._segments[self._evict_coldest()[SEG]]
             budget -= 1
-            if not e.seg.live and self._retirable(e.seg):
-                carry += self._retire(e.seg)
+            if not seg.live and self._retirable(seg):
+                carry += self._retire(seg)
         if self._used + self._reserved + incoming > high:
             self.wake.notify_all()  # the maintenance thread makes the rest of the room
         return carry, self._carry_room(carry)
@@ -207,10 +207,11 @@ class Capacity:
                 while work and self._used + self._reserved > target:
                     if kd.entries and budget > 0:
                         e = self._evict_coldest()
+                        seg = self._segments[e[SEG]]
                         work -= 1
-                        budget -= e.size
-                        if not e.seg.live and self._retirable(e.seg):
-                            carry += self._retire(e.seg)
+                        budget -= entry_size(e)
+                        if not seg.live and self._retirable(seg):
+                            carry += self._retire(seg)
                         continue
                     cands = [s for s in self._segments.values() if self._retirable(s)]
                     if not cands:

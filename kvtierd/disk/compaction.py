@@ -35,7 +35,7 @@ import time
 
 from kvtierd.disk import aligned_io
 from kvtierd.disk.format import PAGE, Header, checksum, parse_header
-from kvtierd.disk.types import PendingRecord, Segment
+from kvtierd.disk.types import CSUM, KEY, NS, OFF, PLEN, SEQ, PendingRecord, Segment, entry_size
 
 log = logging.getLogger("kvtierd.disk")
 
@@ -60,15 +60,15 @@ def compact_segment(store, seg: Segment, stop: threading.Event | None = None) ->
     with store.lock:
         if seg.doomed or seg.fd < 0:
             return False
-        live = sorted(seg.live.values(), key=lambda e: e.off)
-        res = store.reserve(sum(e.size for e in live))
+        live = sorted(seg.live.values(), key=lambda e: e[OFF])
+        res = store.reserve(sum(entry_size(e) for e in live))
         if res is None:
             return False          # no room for the copies now
         seg.refs += 1
     t_start = time.monotonic()
     moved = 0
     try:
-        for job in store.group([(None, e, None) for e in live], write=False):
+        for job in store.group([(None, e, None, seg) for e in live], write=False):
             if (stop is not None and stop.is_set()) or seg.doomed:
                 return False      # stopping, or the write path retired the segment meanwhile
             t0 = time.monotonic()
@@ -82,13 +82,14 @@ def compact_segment(store, seg: Segment, stop: threading.Event | None = None) ->
                 return False
             recs = []
             bad = []
-            for _i, e, _d in job.recs:
-                rel = e.off - job.off
-                rec = mv[rel:rel + e.size]
-                h = parse_header(rec) if rel + e.size <= n else None
-                if (isinstance(h, Header) and h.seq == e.seq and h.key == e.key and h.ns == e.ns
-                        and checksum(rec[PAGE:PAGE + e.plen]) == e.csum):
-                    recs.append(PendingRecord(-1, 0, e.ns, None, e.key, None, e.plen, e.seq, raw=rec, old=e))
+            for _i, e, _d, _s in job.recs:
+                rel = e[OFF] - job.off
+                size = entry_size(e)
+                rec = mv[rel:rel + size]
+                h = parse_header(rec) if rel + size <= n else None
+                if (isinstance(h, Header) and h.seq == e[SEQ] and h.key == e[KEY] and h.ns == e[NS]
+                        and checksum(rec[PAGE:PAGE + e[PLEN]]) == e[CSUM]):
+                    recs.append(PendingRecord(-1, 0, e[NS], None, e[KEY], None, e[PLEN], e[SEQ], raw=rec, old=e))
                 else:
                     bad.append(e)
             if bad:
@@ -96,7 +97,7 @@ def compact_segment(store, seg: Segment, stop: threading.Event | None = None) ->
                     for e in bad:
                         store.counters["checksum_failures"] += 1
                         store.kd.remove(e)
-                    store.give_back(res, sum(e.size for e in bad))    # no copy of them: their room goes back
+                    store.give_back(res, sum(entry_size(e) for e in bad))    # no copy of them: their room goes back
                 log.error("disk tier: compaction found %d corrupt records in %s; dropped", len(bad), seg.path.name)
             ok = store.write_records_durably(recs, res)
             for r in recs:

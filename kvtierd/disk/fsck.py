@@ -41,6 +41,7 @@ from kvtierd.config import DiskConfig
 from kvtierd.disk import aligned_io, hints
 from kvtierd.disk.format import PAGE, Header, checksum, parse_header
 from kvtierd.disk.segments import SegmentStore
+from kvtierd.disk.types import KEY, NS, OFF, SEG, entry_size
 
 
 @dataclass
@@ -160,10 +161,11 @@ def run(state_dir: Path, repair: bool, out=sys.stdout) -> int:
         live_offsets: dict[int, set[int]] = {}
         with store.lock:
             for e in list(store.kd):
-                rep = reports.get(e.seg.id)
-                live_offsets.setdefault(e.seg.id, set()).add(e.off)
-                if (rep is None or e.off in rep.bad_payloads or e.off + e.size > rep.valid_end
-                        or any(a <= e.off < b for a, b in rep.corrupt_regions)):
+                seg_id, off = e[SEG], e[OFF]
+                rep = reports.get(seg_id)
+                live_offsets.setdefault(seg_id, set()).add(off)
+                if (rep is None or off in rep.bad_payloads or off + entry_size(e) > rep.valid_end
+                        or any(a <= off < b for a, b in rep.corrupt_regions)):
                     bad.append(e)
 
         # Damage only matters where the index points: a damaged record nothing refers to (a
@@ -202,7 +204,7 @@ def run(state_dir: Path, repair: bool, out=sys.stdout) -> int:
         # (or an older copy).
         with store.lock:
             for e in bad:
-                store.delete(e.ns, e.key)
+                store.delete(e[NS], e[KEY])
         for seg in list(store.segments.values()):
             rep = reports[seg.id]
             if rep.torn_from >= 0 and rep.torn_from >= rep.valid_end:

@@ -16,7 +16,7 @@ import threading
 from kvtierd.disk import aligned_io
 from kvtierd.disk.aligned_io import BufferPool
 from kvtierd.disk.format import PAGE, align_up, checksum, pack_header
-from kvtierd.disk.types import IOJob
+from kvtierd.disk.types import CSUM, PLEN, IOJob
 
 _ZERO_PAGE = bytes(PAGE)
 _tls = threading.local()
@@ -96,9 +96,9 @@ def run_read_job(job: IOJob, pool: BufferPool, direct: bool) -> None:
     scratch = _scratch_page()
     bounce_need = 0
     if direct:
-        for _i, e, dest in job.recs:
+        for _i, e, dest, _seg in job.recs:
             if not aligned_io.is_direct_ready(dest):
-                bounce_need += align_up(e.plen)
+                bounce_need += align_up(e[PLEN])
     bounce = pool.get(bounce_need) if bounce_need else None
     bmv = memoryview(bounce) if bounce is not None else None
     try:
@@ -107,25 +107,25 @@ def run_read_job(job: IOJob, pool: BufferPool, direct: bool) -> None:
         copies: list = []
         bpos = 0
         total = 0
-        for _i, e, dest in job.recs:
+        for _i, e, dest, _seg in job.recs:
             if multi:
                 iov.append(scratch)
                 total += PAGE
-            padded = align_up(e.plen)
+            padded = align_up(e[PLEN])
             if not direct or aligned_io.is_direct_ready(dest):
-                if e.plen:
+                if e[PLEN]:
                     iov.append(dest)
-                if padded > e.plen and multi:
-                    iov.append(memoryview(scratch)[:padded - e.plen])
-                elif padded > e.plen and direct:
-                    iov.append(memoryview(scratch)[:padded - e.plen])
+                if padded > e[PLEN] and multi:
+                    iov.append(memoryview(scratch)[:padded - e[PLEN]])
+                elif padded > e[PLEN] and direct:
+                    iov.append(memoryview(scratch)[:padded - e[PLEN]])
             else:
                 slot = bmv[bpos:bpos + padded]
                 bpos += padded
                 iov.append(slot)
-                copies.append((slot[:e.plen], dest))
-            ends.append(total + e.plen)
-            total += padded if (multi or direct) else e.plen
+                copies.append((slot[:e[PLEN]], dest))
+            ends.append(total + e[PLEN])
+            total += padded if (multi or direct) else e[PLEN]
         start = job.off if multi else job.off + PAGE
         try:
             n = aligned_io.preadv_all(job.seg.fd, iov, start)
@@ -136,10 +136,10 @@ def run_read_job(job: IOJob, pool: BufferPool, direct: bool) -> None:
         for src, dest in copies:
             dest[:] = src
         verdicts = []
-        for (_i, e, dest), end in zip(job.recs, ends, strict=True):
+        for (_i, e, dest, _seg), end in zip(job.recs, ends, strict=True):
             if n < end:
                 verdicts.append("short")
-            elif checksum(dest) != e.csum:
+            elif checksum(dest) != e[CSUM]:
                 verdicts.append("checksum")
             else:
                 verdicts.append("")

@@ -16,14 +16,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from kvtierd.disk.types import Entry, Segment, Tomb
+from kvtierd.disk.types import KEY, NS, SEG, SEQ, Entry, Segment, Tomb, entry_size
 
 Key = tuple[str, bytes]
 TombKey = tuple[str, bytes | None]       # (ns, None): a namespace tombstone
 
 
 class KeyDir:
-    def __init__(self) -> None:
+    def __init__(self, segments: dict[int, Segment]) -> None:
+        self.segments = segments              # the store's id -> Segment map (entries hold ids)
         self.entries: OrderedDict[Key, Entry] = OrderedDict()   # first = coldest
         self.by_ns: dict[str, dict[bytes, Entry]] = {}
         self.tombs: dict[TombKey, Tomb] = {}
@@ -40,10 +41,10 @@ class KeyDir:
         return len(self.entries) - self._hidden
 
     def _is_hidden(self, e: Entry) -> bool:
-        if e.ns not in self._hiding:
+        if e[NS] not in self._hiding:
             return False
-        t = self.tombs.get((e.ns, None))
-        return t is not None and t.seq > e.seq
+        t = self.tombs.get((e[NS], None))
+        return t is not None and t.seq > e[SEQ]
 
     def get(self, ns: str, key: bytes) -> Entry | None:
         """The visible entry of (ns, key), or None."""
@@ -82,7 +83,7 @@ class KeyDir:
 
     def insert(self, e: Entry) -> None:
         """Make e the entry of its key (the caller decided it wins), as the most recently used."""
-        k = (e.ns, e.key)
+        k = (e[NS], e[KEY])
         old = self.entries.get(k)
         if old is not None:
             if self._hiding and self._is_hidden(old):
@@ -90,47 +91,49 @@ class KeyDir:
             self._unlink(old)
         self.entries[k] = e
         self.entries.move_to_end(k)
-        self.by_ns.setdefault(e.ns, {})[e.key] = e
+        self.by_ns.setdefault(e[NS], {})[e[KEY]] = e
         self._link(e)
 
     def replace(self, old: Entry, new: Entry) -> None:
         """Point old's key at new (a compaction copy of the same record), keeping its LRU place."""
-        k = (old.ns, old.key)
+        k = (old[NS], old[KEY])
         self._unlink(old)
         self.entries[k] = new
-        m = self.by_ns.get(old.ns)
-        if m is not None and m.get(old.key) is old:
-            m[old.key] = new
+        m = self.by_ns.get(old[NS])
+        if m is not None and m.get(old[KEY]) is old:
+            m[old[KEY]] = new
         self._link(new)
 
     def remove(self, e: Entry) -> bool:
         """Forget e if it is still the entry of its key."""
-        k = (e.ns, e.key)
+        k = (e[NS], e[KEY])
         if self.entries.get(k) is not e:
             return False
         if self._hiding and self._is_hidden(e):
             self._hidden -= 1
         del self.entries[k]
-        m = self.by_ns.get(e.ns)
-        if m is not None and m.get(e.key) is e:
-            del m[e.key]
+        m = self.by_ns.get(e[NS])
+        if m is not None and m.get(e[KEY]) is e:
+            del m[e[KEY]]
             if not m:
-                del self.by_ns[e.ns]
+                del self.by_ns[e[NS]]
         self._unlink(e)
         return True
 
     def _link(self, e: Entry) -> None:
-        seg = e.seg
-        seg.live[(e.ns, e.key)] = e
-        seg.live_bytes += e.size
-        self.live_bytes += e.size
+        seg = self.segments[e[SEG]]
+        size = entry_size(e)
+        seg.live[(e[NS], e[KEY])] = e
+        seg.live_bytes += size
+        self.live_bytes += size
         self.empty.discard(seg)
 
     def _unlink(self, e: Entry) -> None:
-        seg = e.seg
-        seg.live.pop((e.ns, e.key), None)
-        seg.live_bytes -= e.size
-        self.live_bytes -= e.size
+        seg = self.segments[e[SEG]]
+        size = entry_size(e)
+        seg.live.pop((e[NS], e[KEY]), None)
+        seg.live_bytes -= size
+        self.live_bytes -= size
         if not seg.live and seg.sealed and not seg.doomed:
             self.empty.add(seg)
 
@@ -166,7 +169,7 @@ class KeyDir:
                 key, e = m.popitem()
                 done += 1
                 cur = self.entries.get((ns, key))
-                if cur is not None and cur.seq == e.seq and self._is_hidden(cur):
+                if cur is not None and cur[SEQ] == e[SEQ] and self._is_hidden(cur):
                     self.remove(cur)       # also the copy compaction may have made of e
             if not m:
                 self._detached.pop()

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kvtierd.disk import aligned_io, hints
 from kvtierd.disk.format import FLAG_NS_TOMBSTONE, FLAG_TOMBSTONE, MAX_KEY, PAGE, Header, align_up, checksum, parse_header
-from kvtierd.disk.types import Entry, Segment, Tomb
+from kvtierd.disk.types import KEY, NS, SEG, SEQ, Segment, Tomb, entry
 
 log = logging.getLogger("kvtierd.disk")
 
@@ -141,9 +141,9 @@ def _insert(store, ns: str, key: bytes, seg: Segment, off: int, plen: int, seq: 
     if kd.hidden_by_tomb(ns, key, seq):
         return False
     cur = kd.current((ns, key))
-    if cur is not None and (cur.seq > seq or (cur.seq == seq and cur.seg.id >= seg.id)):
+    if cur is not None and (cur[SEQ] > seq or (cur[SEQ] == seq and cur[SEG] >= seg.id)):
         return False
-    kd.insert(Entry(ns, key, seg, off, plen, seq, csum))
+    kd.insert(entry(ns, key, seg.id, off, plen, seq, csum))
     return True
 
 
@@ -167,7 +167,7 @@ def _tomb(store, k: tuple, flags: int, seq: int, horizon: int, seg: Segment) -> 
     ns, key = k
     if key is not None:
         cur = kd.current(k)
-        if cur is not None and cur.seq < seq:
+        if cur is not None and cur[SEQ] < seq:
             kd.remove(cur)
         return False
     return True
@@ -179,7 +179,7 @@ def _sweep_namespace(store, ns: str, seq: int) -> None:
     for start in range(0, len(victims), APPLY_BATCH):
         with store.lock:
             for e in victims[start:start + APPLY_BATCH]:
-                if e.seq < seq and store.kd.current((e.ns, e.key)) is e:
+                if e[SEQ] < seq and store.kd.current((e[NS], e[KEY])) is e:
                     store.kd.remove(e)
 
 

@@ -45,7 +45,8 @@ from kvtierd.disk.aligned_io import BufferPool
 from kvtierd.disk.capacity import Capacity
 from kvtierd.disk.format import FLAG_NS_TOMBSTONE, FLAG_TOMBSTONE, record_size, validate_name
 from kvtierd.disk.keydir import KeyDir
-from kvtierd.disk.types import Entry, IOJob, PendingRecord, ReadPlan, Segment, Tomb, WritePlan, new_counters
+from kvtierd.disk.types import (CSUM, KEY, NS, OFF, PLEN, SEG, SEQ, Entry, IOJob, PendingRecord, ReadPlan, Segment,
+                                Tomb, WritePlan, entry, entry_size, new_counters)
 
 log = logging.getLogger("kvtierd.disk")
 
@@ -69,8 +70,8 @@ class SegmentStore(Capacity):
         self.direct_reason = ""
         self.direct_undecided = False
         self._lock = threading.RLock()
-        self.kd = KeyDir()
         self._segments: dict[int, Segment] = {}
+        self.kd = KeyDir(self._segments)
         self._active: Segment | None = None
         self._pending: list[tuple[tuple[str, bytes | None], Tomb]] = []
         self.counters = new_counters()
@@ -341,7 +342,7 @@ class SegmentStore(Capacity):
 
     def block_size(self, ns: str, key: bytes) -> int | None:
         e = self.kd.get(ns, key)
-        return None if e is None else e.plen
+        return None if e is None else e[PLEN]
 
     def keys(self, ns: str) -> list[bytes]:
         with self._lock:
@@ -471,7 +472,7 @@ class SegmentStore(Capacity):
         out: list[IOJob] = []
         cur: IOJob | None = None
         for r in recs:
-            seg, off, size = (r.seg, r.off, r.size) if write else (r[1].seg, r[1].off, r[1].size)
+            seg, off, size = (r.seg, r.off, r.size) if write else (r[3], r[1][OFF], entry_size(r[1]))
             if (cur is None or cur.seg is not seg or cur.off + cur.nbytes != off
                     or cur.nbytes + size > self.cfg.io_bytes or len(cur.recs) >= MAX_JOB_RECORDS):
                 cur = IOJob(seg, off, [])
@@ -521,7 +522,7 @@ class SegmentStore(Capacity):
                     if seg.index is not None:
                         if r.raw is not None:
                             o = r.old
-                            seg.index.append((r.off, 0, o.ns, o.key, o.plen, o.seq, o.csum, 0))
+                            seg.index.append((r.off, 0, o[NS], o[KEY], o[PLEN], o[SEQ], o[CSUM], 0))
                         else:
                             seg.index.append((r.off, r.flags, r.ns, r.key, r.plen, r.seq, r.csum, r.aux))
                     if r.flags:
@@ -532,9 +533,9 @@ class SegmentStore(Capacity):
                         if kd.hidden_by_tomb(r.ns, r.key, r.seq):
                             continue
                         cur = kd.current((r.ns, r.key))
-                        if cur is not None and cur.seq > r.seq:
+                        if cur is not None and cur[SEQ] > r.seq:
                             continue
-                        kd.insert(Entry(r.ns, r.key, seg, r.off, r.plen, r.seq, r.csum))
+                        kd.insert(entry(r.ns, r.key, seg.id, r.off, r.plen, r.seq, r.csum))
                         plan.results[r.idx] = True
                         self.counters["writes"] += 1
                         self.counters["written_bytes"] += r.plen
@@ -559,16 +560,16 @@ class SegmentStore(Capacity):
     def _publish_copy(self, r: PendingRecord, seg: Segment) -> None:
         """Compaction: point the key at the copy if the moved entry is still current."""
         old: Entry = r.old
-        k = (old.ns, old.key)
+        k = (old[NS], old[KEY])
         cur = self.kd.current(k)
         if cur is old:
-            self.kd.replace(old, Entry(old.ns, old.key, seg, r.off, old.plen, old.seq, old.csum))
+            self.kd.replace(old, entry(old[NS], old[KEY], seg.id, r.off, old[PLEN], old[SEQ], old[CSUM]))
         elif cur is None:
             # Deleted while being copied: the copy lies in a segment the tombstone's
             # horizon may not cover, so widen the horizon and write the tombstone again.
-            for tk in (k, (old.ns, None)):
+            for tk in (k, (old[NS], None)):
                 t = self.kd.tomb(tk)
-                if t is not None and t.seq > old.seq and t.horizon < seg.id:
+                if t is not None and t.seq > old[SEQ] and t.horizon < seg.id:
                     t.horizon = seg.id
                     self._pending.append((tk, t))
 
@@ -654,24 +655,25 @@ class SegmentStore(Capacity):
             for i, (ns, key, dest) in enumerate(items):
                 dest = _bytes_view(dest)
                 e = kd.get(ns, key)
-                if e is None or e.plen != len(dest) or dest.readonly or e.seg.fd < 0:
+                seg = None if e is None else self._segments[e[SEG]]
+                if e is None or e[PLEN] != len(dest) or dest.readonly or seg.fd < 0:
                     self.counters["read_misses"] += 1
                     continue
                 kd.touch((ns, key))
-                e.seg.refs += 1
-                pinned.append(e.seg)
-                hits.append((i, e, dest))
-        hits.sort(key=lambda h: (h[1].seg.id, h[1].off))
+                seg.refs += 1
+                pinned.append(seg)
+                hits.append((i, e, dest, seg))
+        hits.sort(key=lambda h: (h[3].id, h[1][OFF]))
         return ReadPlan(results, self.group(hits, write=False), pinned)
 
     def finish_read(self, plan: ReadPlan) -> list[bool]:
         with self._lock:
             for job in plan.jobs:
-                for (i, e, _dest), verdict in zip(job.recs, job.good or ["io"] * len(job.recs), strict=True):
+                for (i, e, _dest, seg), verdict in zip(job.recs, job.good or ["io"] * len(job.recs), strict=True):
                     if not verdict:
                         plan.results[i] = True
                         self.counters["reads"] += 1
-                        self.counters["read_bytes"] += e.plen
+                        self.counters["read_bytes"] += e[PLEN]
                         continue
                     self.counters["read_misses"] += 1
                     key = {"io": "io_errors", "short": "short_reads", "checksum": "checksum_failures"}[verdict]
@@ -679,7 +681,7 @@ class SegmentStore(Capacity):
                     dropped = self.kd.remove(e)
                     log.error("disk tier: %s reading %s/%s in %s at %d (%s); block dropped%s",
                               {"io": "I/O error", "short": "short read", "checksum": "checksum mismatch"}[verdict],
-                              e.ns, e.key.hex(), e.seg.path.name, e.off, job.error or verdict,
+                              e[NS], e[KEY].hex(), seg.path.name, e[OFF], job.error or verdict,
                               "" if dropped else " (already gone)")
             for seg in plan.pinned:
                 self.unpin(seg)

@@ -39,6 +39,7 @@ so the offsets it claimed are accounted for.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 import threading
@@ -83,6 +84,16 @@ class DiskTier:
         await loop.run_in_executor(self._pool, self.store.open)
 
         def recover() -> None:
+            # Python's cyclic GC would stop every thread, the loop included, for 0.1 s and
+            # more while it walks the growing index (a full collection runs each time the
+            # heap grew by a quarter). The index's own objects need no cyclic GC (entries are
+            # plain tuples, freed by reference counting), so collection pauses during
+            # recovery, and the index built is then frozen (gc.freeze: moved out of the
+            # collector's sight, still freed normally), so later full collections do not
+            # walk it either. The cost: cyclic garbage made elsewhere during recovery is
+            # frozen with it and never collected, a one-off of at most seconds' worth.
+            gc_was_on = gc.isenabled()
+            gc.disable()
             try:
                 self.store.recover()
             except Exception as e:          # the tier still serves what it has and new writes
@@ -91,6 +102,9 @@ class DiskTier:
                 self.store.progress["done"] = True
                 self.store.recovered.set()
             finally:
+                if gc_was_on:
+                    gc.freeze()
+                    gc.enable()
                 loop.call_soon_threadsafe(self._recovered.set)
 
         self._recovery_thread = threading.Thread(target=recover, name="kvtierd-disk-recovery", daemon=True)
