@@ -208,11 +208,12 @@ def probe_direct_io(directory: Path) -> tuple[bool | None, str]:
         return result
 
 
-def choose_direct(directory: Path, mode: str) -> tuple[bool | None, str]:
+def choose_direct(directory: Path, mode: str, quiet: bool = False) -> tuple[bool | None, str]:
     """Resolve disk.direct_io (auto|on|off) for a directory: (use O_DIRECT, why).
 
     None: undecided (see probe_direct_io); buffered I/O until a later probe decides.
-    Logs the fallback once per directory; mode=on and a refusal raise OSError."""
+    Logs the fallback once per directory (an undecided probe unless quiet); mode=on and a
+    refusal raise OSError."""
     if mode == "off":
         return False, "disk.direct_io=off"
     ok, reason = probe_direct_io(directory)
@@ -223,7 +224,7 @@ def choose_direct(directory: Path, mode: str) -> tuple[bool | None, str]:
     if ok is False and str(directory) not in _warned:
         _warned.add(str(directory))
         log.warning("disk tier: %s in %s; using buffered I/O (page cache) instead", reason, directory)
-    elif ok is None:
+    elif ok is None and not quiet:
         log.warning("disk tier: %s in %s; buffered I/O until then", reason, directory)
     return ok, reason
 

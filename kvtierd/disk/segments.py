@@ -51,6 +51,7 @@ from kvtierd.disk.types import (CSUM, KEY, NS, OFF, PLEN, SEG, SEQ, Entry, IOJob
 log = logging.getLogger("kvtierd.disk")
 
 MAX_JOB_RECORDS = 256          # 3 iovecs per record stays under IOV_MAX
+REPROBE_S = 2.0                # while O_DIRECT is undecided, probe again this often
 
 
 def _bytes_view(buf) -> memoryview:
@@ -69,6 +70,7 @@ class SegmentStore(Capacity):
         self.direct = False
         self.direct_reason = ""
         self.direct_undecided = False
+        self._next_probe = 0.0
         self._lock = threading.RLock()
         self._segments: dict[int, Segment] = {}
         self.kd = KeyDir(self._segments)
@@ -232,9 +234,10 @@ class SegmentStore(Capacity):
 
     def reprobe_direct(self, first: bool = False) -> None:
         """Decide O_DIRECT (at open, and again from maintenance while a probe could not tell)."""
-        if not first and not self.direct_undecided:
+        if not first and (not self.direct_undecided or time.monotonic() < self._next_probe):
             return
-        ok, reason = aligned_io.choose_direct(self.dir, self.cfg.direct_io)
+        self._next_probe = time.monotonic() + REPROBE_S
+        ok, reason = aligned_io.choose_direct(self.dir, self.cfg.direct_io, quiet=not first)
         self.direct_undecided = ok is None
         if ok and not self.direct:
             if not first:
