@@ -206,3 +206,29 @@ def test_a_segment_dropped_to_make_room_keeps_the_deletes_it_records(tmp_path):
     assert not s.contains("ns", old[0])
     assert all(s.contains("ns", k) for k in old[1:])
     s.close()
+
+
+def test_a_segment_found_dead_at_start_is_deleted(tmp_path):
+    cfg = small_cfg(segment_bytes=8 * (SIZE + 4096))
+    s = open_store(tmp_path, cfg)
+    old = payloads(8, SIZE, seed=8)
+    new = payloads(8, SIZE, seed=9)
+    keys = [b"%d" % i for i in range(8)]
+    assert all(s.write_batch([("ns", k, d) for k, d in zip(keys, old, strict=True)]))   # fills segment 1
+    assert all(s.write_batch([("ns", k, d) for k, d in zip(keys, new, strict=True)]))   # overwrites it all
+    s.close()
+    first = segment_files(tmp_path)[0]
+    s = open_store(tmp_path, cfg)                   # nothing in the first segment is live any more
+    m = Maintenance(s)
+    m.start()
+    try:
+        deadline = time.monotonic() + 10
+        while first.exists():
+            assert time.monotonic() < deadline, "the dead segment was never deleted"
+            time.sleep(0.02)
+    finally:
+        m.stop()
+        m.join()
+    res, outs = read_back(s, "ns", keys, [SIZE] * 8)
+    assert all(res) and all(bytes(o) == bytes(d) for o, d in zip(outs, new, strict=True))
+    s.close()

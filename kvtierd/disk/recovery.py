@@ -88,6 +88,9 @@ def recover(store) -> None:
                     seg.index = index          # its hint is written by the maintenance thread
 
     store.recovery_seconds = time.monotonic() - t0
+    with store.lock:
+        for seg in store.boot_segments:
+            store.kd.segment_sealed(seg)       # one with nothing live is free to drop now
     store.prune_tombs()
     tick(0, 0)
     progress.update(done=True, fraction=1.0)
