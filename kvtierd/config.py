@@ -166,8 +166,12 @@ class ServerConfig:
     socket: str = opt("", _str, "Unix socket path; empty: /run/kvtierd/kvtierd.sock or the per-user runtime dir")
     socket_mode: int = opt(0o660, _mode, "permission bits of the socket and shared-memory regions")
     socket_group: str = opt("", _str, "group owning the socket; empty: the daemon's group")
-    max_frame_bytes: int = opt(64 << 20, _size(4096, 1 << 30), "largest request frame accepted", live=True)
+    max_frame_bytes: int = opt(64 << 20, _size(4096, 1 << 30), "largest request frame accepted, and largest reply sent (a GET whose reply would be bigger is refused)", live=True)
     max_connections: int = opt(1024, _num(int, 1), "connections beyond this are refused", live=True)
+    max_connections_per_uid: int = opt(512, _num(int, 1), "connections one uid (root too) may hold at once; beyond this they are refused (LIMIT), so one uid cannot lock others out", live=True)
+    max_pipelined: int = opt(1024, _num(int, 1, 1 << 20), "requests queued per connection behind a waiting one; beyond this (or max_frame_bytes of queued frames) the daemon stops reading that connection until the queue drains", live=True)
+    hello_timeout_s: float = opt(5.0, _num(float, 0.01), "a connection that has not said hello by then is closed", live=True)
+    idle_timeout_s: float = opt(600.0, _num(float, 0), "a connection with no request for this long and no lease or reservation is closed (clients reconnect on their next call); 0 disables", live=True)
     lease_timeout_s: float = opt(60.0, _num(float, 0.01), "a lease not released by then is revoked", live=True)
     reservation_timeout_s: float = opt(60.0, _num(float, 0.01), "an uncommitted reservation older than this is aborted", live=True)
     drain_timeout_s: float = opt(10.0, _num(float, 0), "on SIGTERM, how long in-flight work may take before exit")
@@ -188,6 +192,9 @@ class HostConfig:
     low_watermark: float = opt(0.85, _num(float, 0.0, 1.0), "demotion stops at this fill", live=True)
     shm_dir: str = opt("/dev/shm", _str, "where the shared-memory region file is created")
     pin: bool = opt(True, _bool, "page-lock the region with cudaHostRegister when CUDA is present")
+    reserve_wait_s: float = opt(1.0, _num(float, 0.0, 60.0), "a reserve that finds no room waits this long for moves in flight before answering FULL for the keys it could not place", live=True)
+    checksums: bool = opt(True, _bool, "take an xxh3 of each host block at commit and check it before the block is persisted or sent elsewhere", live=True)
+    verify_on_acquire: bool = opt(True, _bool, "also check it before a block is leased to a reader: a block changed behind the daemon's back is a miss", live=True)
 
 
 @dataclass

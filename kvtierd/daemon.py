@@ -25,7 +25,7 @@ from pathlib import Path
 from kvtierd import __version__
 from kvtierd import config as config_mod
 from kvtierd.server import Connection, Server
-from kvtierd.store import Store
+from kvtierd.core.store import Store
 
 log = logging.getLogger("kvtierd")
 
