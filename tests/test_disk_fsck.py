@@ -104,3 +104,22 @@ def test_after_a_repair_fsck_is_clean_and_a_scan_does_not_bring_the_dropped_bloc
         s.close()
     code, text = _run(tmp_path)
     assert code == 0 and "fsck: clean" in text, text
+
+
+def test_a_torn_tail_under_a_valid_hint_is_cut_and_the_hint_goes_with_it(tmp_path):
+    keys, data = _make(tmp_path)
+    seg = segment_files(tmp_path)[0]
+    os.truncate(seg, os.path.getsize(seg) - 3000)        # tear the last record
+    drop_hints(tmp_path)
+    s = open_store(tmp_path)                              # scans the torn segment ...
+    s.close()                                             # ... and writes its hint, covering the tear
+    assert list((tmp_path / "disk").glob("*.hint"))
+    code, text = _run(tmp_path, "--repair")
+    assert code == 0 and "truncated" in text, text
+    code, text = _run(tmp_path)
+    assert code == 0 and "fsck: clean" in text, text
+    s = open_store(tmp_path)
+    good = list(range(9))
+    res, outs = read_back(s, "ns", [keys[i] for i in good], [SIZE] * len(good))
+    assert all(res) and all(bytes(o) == bytes(data[i]) for o, i in zip(outs, good, strict=True))
+    s.close()

@@ -212,6 +212,10 @@ def run(state_dir: Path, repair: bool, out=sys.stdout) -> int:
                 os.fsync(seg.fd)
                 store.truncated(seg, rep.valid_end)
                 print(f"repair: truncated {rep.name} to {rep.valid_end} bytes", file=out)
+                if seg.id not in bad_hints and seg.id in store.hint_files and seg.index is None:
+                    # Its hint covered the cut bytes: the next start scans the segment instead
+                    # and the daemon writes a new hint.
+                    bad_hints.append(seg.id)
         for seg_id in bad_hints:
             hints.path_of(store.dir, seg_id).unlink(missing_ok=True)
             print(f"repair: removed the bad hint of {seg_id:016x}.seg", file=out)
