@@ -115,7 +115,7 @@ def decode(data: bytes, seg_id: int) -> tuple[Hint | None, str]:
     body = memoryview(data)[HEADER_SIZE:]
     if len(body) != blen or checksum(body) != bcsum:
         return None, "body checksum mismatch"
-    if covered % PAGE or nrec * RECORD_DTYPE.itemsize > blen or nnames > nrec + 1:
+    if nrec * RECORD_DTYPE.itemsize > blen or nnames > nrec + 1:
         return None, "counts out of range"
     try:
         p = 0
