@@ -352,3 +352,63 @@ def test_fsck_never_crashes_whatever_the_files_hold(tmp_path):
                     assert bytes(buf) == bytes(data[int(k)]), done
         st.close()
         shutil.rmtree(work)
+
+
+def _make_dead_space(s, dead) -> None:
+    """40 blocks in 3 segments of 15, 15 and 10 blocks; the keys `dead` picks are deleted."""
+    data = payloads(40, 65536, seed=6)
+    assert all(s.write_batch([("ns", b"%d" % i, d) for i, d in enumerate(data)]))
+    for i in range(40):
+        if dead(i):
+            s.delete("ns", b"%d" % i)
+
+
+def test_a_segment_file_that_cannot_be_deleted_is_retried_with_back_off(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "kvtierd.disk")
+    s = open_store(tmp_path, small_cfg(segment_bytes=1 << 20, compaction_threshold=0.0))
+    FAULTS.arm("meta", errno.EROFS)
+    m = Maintenance(s)
+    m.start()
+    try:
+        _make_dead_space(s, lambda i: i < 15)       # the first segment dies
+
+        def tries() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "cannot delete" in r.getMessage()]
+        _until(lambda: len(tries()) >= 2, 15, "two tries to delete the dead segment")
+        first = segment_files(tmp_path)[0]
+        lines = tries()
+        assert "Read-only file system" in lines[0] and "retrying in 1 s" in lines[0]
+        assert "retrying in 2 s" in lines[1]     # backing off, not once per 0.2 s maintenance round
+        assert first.exists()
+        FAULTS.clear()
+        _until(lambda: not first.exists(), 15, "the dead segment to be deleted")
+        assert "can be deleted again" in caplog.text
+        assert all(r.exc_info is None for r in caplog.records)
+    finally:
+        m.stop()
+        m.join()
+    s.close()
+
+
+def test_a_compaction_that_cannot_read_its_segment_backs_off_and_finishes_later(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "kvtierd.disk")
+    s = open_store(tmp_path, small_cfg(segment_bytes=1 << 20, compaction_threshold=0.6, compaction_io_share=1.0))
+    FAULTS.arm("read", errno.EIO)
+    m = Maintenance(s)
+    m.start()
+    try:
+        _make_dead_space(s, lambda i: i % 3 != 0)   # every segment two thirds dead, none empty
+        _until(lambda: "maintenance step compaction failed" in caplog.text, 15, "the compaction read failure")
+        lines = [r.getMessage() for r in caplog.records if "step compaction failed" in r.getMessage()]
+        assert "reading" in lines[0] and ".seg" in lines[0] and "Input/output error" in lines[0]
+        assert s.stats()["compaction_runs"] == 0 and s.stats()["maintenance_errors"] >= 1
+        FAULTS.clear()
+        _until(lambda: s.stats()["compaction_runs"] >= 1, 15, "the compaction once reads work")
+        assert "maintenance step compaction works again" in caplog.text
+        assert all(r.exc_info is None for r in caplog.records)
+    finally:
+        m.stop()
+        m.join()
+    res, outs = read_back(s, "ns", [b"%d" % i for i in range(0, 40, 3)], [65536] * 14)
+    assert all(res)
+    s.close()

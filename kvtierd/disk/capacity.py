@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from kvtierd.disk import aligned_io, hints
-from kvtierd.disk.types import SEG, Entry, PendingRecord, Reservation, Segment, Tomb, WritePlan, entry_size
+from kvtierd.disk.types import SEG, Backoff, Entry, PendingRecord, Reservation, Segment, Tomb, WritePlan, entry_size
 
 log = logging.getLogger("kvtierd.disk")
 
@@ -238,7 +239,8 @@ class Capacity:
     def make_room(self) -> None:
         """Bring segment bytes under the high watermark now (after recovery, after disk.bytes
         was lowered); the maintenance thread calls it."""
-        if self.needs_room(0):
+        high, _low = self._limits()
+        if self._used + self._reserved > high:     # live bytes alone are the write path's business
             self.make_room_for(0)
 
     # ------------------------------------------------------------ durable side writes
@@ -255,7 +257,7 @@ class Capacity:
                 return False
             need = sum(r.size for r in recs)
             from_res = min(need, res.left) if res is not None else 0
-            if need - from_res > self.room() or not self.epoch_durable:
+            if need - from_res > self.room() or self.refusing_writes():
                 for r in recs:           # a tombstone refused here is written by a later flush
                     k = (r.ns, r.key or None)
                     if r.flags and (t := self.kd.tomb(k)) is not None and t.seq == r.seq:
@@ -318,7 +320,11 @@ class Capacity:
         return sum(1 for s in dead if self.drop_segment(s))
 
     def unlink_orphans(self) -> int:
-        """Unlink retired segments (hint first) whose needed tombstones were written elsewhere."""
+        """Unlink retired segments (hint first) whose needed tombstones were written elsewhere.
+        A failure is logged once per attempt and retried with a back-off (1 s doubling to 60 s)."""
+        backoff: Backoff = self._unlink_backoff
+        if not backoff.ready(time.monotonic()):
+            return 0
         with self._lock:
             ready = [s for s in self._orphans
                      if not any((t := self.kd.tomb(k)) is not None and t.seg is s for k in s.tombs)]
@@ -326,17 +332,27 @@ class Capacity:
                 return 0
             self._orphans = [s for s in self._orphans if s not in ready]
         failed = []
+        error = None
         for seg in ready:
+            if error is not None:
+                failed.append(seg)           # the directory refuses changes: do not try each file
+                continue
             try:
+                aligned_io.FAULTS.check("meta")
                 hints.path_of(self.dir, seg.id).unlink(missing_ok=True)
                 seg.path.unlink(missing_ok=True)
             except OSError as e:
-                log.error("disk tier: cannot delete %s (%s); retrying later", seg.path.name, e.strerror or e)
-                self.counters["io_errors"] += 1
+                error = e
                 failed.append(seg)
         if failed:
             with self._lock:
                 self._orphans += failed
+            delay = backoff.failed(time.monotonic())
+            self.counters["io_errors"] += 1
+            log.error("disk tier: cannot delete %d retired segment file(s), first %s (%s); retrying in %.0f s",
+                      len(failed), failed[0].path.name, error.strerror or error, delay)
+        elif backoff.ok():
+            log.info("disk tier: retired segment files can be deleted again")
         try:
             aligned_io.fsync_dir(self.dir)
         except OSError as e:

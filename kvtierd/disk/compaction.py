@@ -35,7 +35,7 @@ import time
 
 from kvtierd.disk import aligned_io
 from kvtierd.disk.format import PAGE, Header, checksum, parse_header
-from kvtierd.disk.types import CSUM, KEY, NS, OFF, PLEN, SEQ, PendingRecord, Segment, entry_size
+from kvtierd.disk.types import CSUM, KEY, NS, OFF, PLEN, SEQ, PendingRecord, ReportedError, Segment, entry_size
 
 log = logging.getLogger("kvtierd.disk")
 
@@ -77,9 +77,9 @@ def compact_segment(store, seg: Segment, stop: threading.Event | None = None) ->
             try:
                 n = aligned_io.preadv_all(seg.fd, [mv], job.off)
             except OSError as e:
-                store.counters["io_errors"] += 1
-                log.error("disk tier: compaction read of %s failed (%s); will retry later", seg.path.name, e.strerror)
-                return False
+                store.pool.put(buf)
+                # The maintenance thread logs it once, counts it and backs off.
+                raise OSError(e.errno, f"reading {seg.path.name}: {e.strerror or e}") from None
             recs = []
             bad = []
             for _i, e, _d, _s in job.recs:
@@ -105,8 +105,9 @@ def compact_segment(store, seg: Segment, stop: threading.Event | None = None) ->
             del recs, mv
             store.pool.put(buf)
             if not ok:
-                log.warning("disk tier: compaction of %s stopped: writing the copies failed", seg.path.name)
-                return False
+                if store.refusing_writes():      # the write error was logged and counted where it happened
+                    raise ReportedError(0, f"writing the copies out of {seg.path.name} failed")
+                return False                     # no room for the copies now: a later round
             moved += job.nbytes
             store.counters["compaction_bytes"] += job.nbytes
             _throttle(time.monotonic() - t0, share, stop)

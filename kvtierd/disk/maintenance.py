@@ -7,8 +7,9 @@ Woken by the store or every 0.2 s, it runs these steps in order:
     tombstones   write pending tombstones
     sync         fdatasync under durability=interval
     reap         take blocks of deleted namespaces out of the index (batched)
-    segments     delete segments with nothing live, bring segment bytes under
-                 the high watermark (capacity.py, batched)
+    segments     delete segments with nothing live (and retry deletes that
+                 failed), bring segment bytes under the high watermark
+                 (capacity.py, batched)
     hints        write the hint file of each newly sealed segment (hints.py)
     compaction   compact the emptiest segment (compaction.py)
     direct_io    probe O_DIRECT again while an earlier probe could not tell
@@ -27,6 +28,7 @@ import threading
 import time
 
 from kvtierd.disk.compaction import compact_segment, pick_victim
+from kvtierd.disk.types import ReportedError
 
 log = logging.getLogger("kvtierd.disk")
 
@@ -61,6 +63,8 @@ class Maintenance(threading.Thread):
             self._backoff[name] = back
             self._retry_at[name] = now + back
             self.store.counters["maintenance_errors"] += 1
+            if isinstance(e, ReportedError):
+                return                  # logged and counted where it happened; only back off
             self.store.counters["io_errors"] += 1
             log.error("disk tier: maintenance step %s failed (%s); retrying in %.0f s",
                       name, e.strerror or e, back)
@@ -87,6 +91,7 @@ class Maintenance(threading.Thread):
             raise OSError(0, err)
 
     def _segments(self) -> None:
+        self.store.unlink_orphans()          # retries deletes that failed (it backs off itself)
         self.store.reap_dead_segments()
         self.store.make_room()
 

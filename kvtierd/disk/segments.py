@@ -45,7 +45,7 @@ from kvtierd.disk.aligned_io import BufferPool
 from kvtierd.disk.capacity import Capacity
 from kvtierd.disk.format import FLAG_NS_TOMBSTONE, FLAG_TOMBSTONE, record_size, validate_name
 from kvtierd.disk.keydir import KeyDir
-from kvtierd.disk.types import (CSUM, KEY, NS, OFF, PLEN, SEG, SEQ, Entry, IOJob, PendingRecord, ReadPlan, Segment,
+from kvtierd.disk.types import (CSUM, KEY, NS, OFF, PLEN, SEG, SEQ, Backoff, Entry, IOJob, PendingRecord, ReadPlan, Segment,
                                 Tomb, WritePlan, entry, entry_size, new_counters)
 
 log = logging.getLogger("kvtierd.disk")
@@ -80,6 +80,7 @@ class SegmentStore(Capacity):
         self._used = 0                # bytes allocated in segment files
         self._reserved = 0            # bytes promised to Reservations, not yet allocated
         self._orphans: list[Segment] = []   # retired segments whose files are not yet unlinked
+        self._unlink_backoff = Backoff()
         self._epoch = 0
         self._seq_n = 0
         self._seg_n = 0

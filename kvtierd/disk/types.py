@@ -120,6 +120,34 @@ class ReadPlan:
     pinned: list[Segment]
 
 
+class ReportedError(OSError):
+    """An I/O error already logged and counted where it happened; the caller only backs off."""
+
+
+class Backoff:
+    """Retry timing after a failure: 1 s, doubling up to 60 s; ok() resets it."""
+
+    def __init__(self, first: float = 1.0, most: float = 60.0) -> None:
+        self.first, self.most = first, most
+        self.delay = 0.0
+        self.until = 0.0
+
+    def ready(self, now: float) -> bool:
+        return now >= self.until
+
+    def failed(self, now: float) -> float:
+        """Record a failure at `now`; returns the delay before the next try."""
+        self.delay = min(self.most, max(self.first, self.delay * 2))
+        self.until = now + self.delay
+        return self.delay
+
+    def ok(self) -> bool:
+        """Record a success; True if it ends a run of failures."""
+        was = self.delay > 0
+        self.delay = self.until = 0.0
+        return was
+
+
 COUNTERS = ("checksum_failures", "torn_records", "corrupt_records", "short_reads", "compaction_runs",
             "compaction_bytes", "io_errors", "evictions", "reads", "writes", "read_bytes",
             "written_bytes", "read_misses", "refused_writes", "write_errors", "deletes", "hints_written",
