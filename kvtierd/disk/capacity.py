@@ -14,9 +14,10 @@ segment goes, so room is made like this, and the tier behaves as an LRU:
    high_watermark again. Blocks are written in roughly LRU order, so this
    frees the oldest segments first. Where LRU order and segments disagree
    badly (overwrites, compaction copies) and evicting 2 * segment_bytes of
-   blocks has not made the room, the sealed segment with the fewest live
-   bytes is emptied and retired instead: a bounded loss rather than a
-   refused write.
+   blocks has not freed a single segment, the sealed segment with the fewest
+   live bytes is emptied and retired instead: a bounded loss rather than a
+   refused write. (Writes running at the same time use the room as it is
+   made, so "has not made the room" alone would misfire.)
 
 Where the work happens: make_room_for() does all of it in the calling
 thread (a disk I/O thread, before a batch is planned; the maintenance
@@ -187,6 +188,7 @@ class Capacity:
         (module doc), in batches of EVICT_BATCH evictions per lock hold. Any thread but the loop."""
         evict_live = False
         budget = 2 * self.segment_bytes
+        freed = 0       # segment bytes retired since the budget was last renewed
         while True:
             with self._lock:
                 if self.closed or not self.recovered.is_set():
@@ -204,14 +206,21 @@ class Capacity:
                 target = high - incoming
                 if self._used + self._reserved > target:
                     for seg in [s for s in kd.empty if self._retirable(s)]:
+                        freed += seg.size
                         carry += self._retire(seg)
                 while work and self._used + self._reserved > target:
+                    if kd.entries and budget <= 0 < freed:
+                        # Evicting the coldest blocks is freeing segments (other writes are
+                        # using the room as it is made): keep going, rather than give up a
+                        # whole segment of newer blocks.
+                        budget, freed = 2 * self.segment_bytes, 0
                     if kd.entries and budget > 0:
                         e = self._evict_coldest()
                         seg = self._segments[e[SEG]]
                         work -= 1
                         budget -= entry_size(e)
                         if not seg.live and self._retirable(seg):
+                            freed += seg.size
                             carry += self._retire(seg)
                         continue
                     cands = [s for s in self._segments.values() if self._retirable(s)]
