@@ -232,6 +232,19 @@ class FrameFuzzer:
         if r[1] == 0 and valid and self.spaces.get(r[2]["ns"]) != (name, size):
             raise Violation(f"reopening {name} gave {r[2]}")
 
+    def op_drop(self, valid: bool) -> None:
+        # Only a scratch namespace is ever dropped (the fuzzed ones hold the blocks checked at the end):
+        # open one, then drop it, or send a mutated drop for it.
+        self.drops = getattr(self, "drops", 0) + 1
+        r = self.request(int(Op.OPEN), {"name": f"fuzz-scratch-{self.drops}", "block_size": 4096})
+        scratch = r[2]["ns"] if r[1] == 0 else 10**9
+        args = {"ns": scratch} if valid else self.mutate({"ns": scratch})
+        if isinstance(args, dict) and isinstance(args.get("ns"), int) and args["ns"] in self.spaces:
+            args["ns"] = scratch                                   # never one of the checked namespaces
+        r = self.request(int(Op.DROP), args)
+        if valid and r[1] == 0 and not isinstance(r[2].get("n"), int):
+            raise Violation(f"drop of a scratch namespace answered {r[2]!r:.200}")
+
     def op_lookup(self, valid: bool) -> None:
         self.plain(Op.LOOKUP, valid, {"ns": self.ns_id(), "keys": self.keys()})
 
