@@ -2,7 +2,8 @@
 
 Compaction picks the sealed segment with the lowest live fraction once that
 fraction is below disk.compaction_threshold (or, when segment files fill
-more than high_watermark of disk.bytes, the lowest one below 1.0), copies
+more than high_watermark of disk.bytes, the lowest one below 1.0 other than
+the segment that holds the coldest block, which eviction is emptying), copies
 its live records byte for byte to the active segment (same sequence numbers),
 fdatasyncs them, repoints the keydir entries that are still current, writes
 again any tombstone that still has something to hide, and only then unlinks
@@ -35,7 +36,7 @@ import time
 
 from kvtierd.disk import aligned_io
 from kvtierd.disk.format import PAGE, Header, checksum, parse_header
-from kvtierd.disk.types import CSUM, KEY, NS, OFF, PLEN, SEQ, PendingRecord, ReportedError, Segment, entry_size
+from kvtierd.disk.types import CSUM, KEY, NS, OFF, PLEN, SEG, SEQ, PendingRecord, ReportedError, Segment, entry_size
 
 log = logging.getLogger("kvtierd.disk")
 
@@ -48,9 +49,17 @@ def pick_victim(store) -> Segment | None:
             return None
         best = min(cands, key=lambda s: s.live_bytes / s.size)
         frac = best.live_bytes / best.size
-        pressure = store.stats_used() > store.cfg.high_watermark * store.cfg.bytes
-        if frac < store.cfg.compaction_threshold or (pressure and frac < 1.0):
+        if frac < store.cfg.compaction_threshold:
             return best
+        if store.stats_used() > store.cfg.high_watermark * store.cfg.bytes:
+            # Under pressure, but not the segment eviction is emptying (it holds the coldest
+            # block): copying its blocks would mix the coldest blocks into the newest segment,
+            # where evicting them frees nothing.
+            coldest = store.kd.coldest()
+            cands = [s for s in cands if coldest is None or s.id != coldest[SEG]]
+            best = min(cands, key=lambda s: s.live_bytes / s.size, default=None)
+            if best is not None and best.live_bytes < best.size:
+                return best
     return None
 
 
