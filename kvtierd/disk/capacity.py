@@ -227,6 +227,9 @@ class Capacity:
                     if not cands:
                         break           # everything left is being written: the write gets what fits
                     victim = min(cands, key=lambda s: s.live_bytes)
+                    if victim.live:
+                        log.info("disk tier: retiring %s with %d live blocks: evicting the coldest blocks "
+                                 "freed no segment", victim.path.name, len(victim.live))
                     for e in list(victim.live.values())[:work]:
                         kd.remove(e)
                         self.counters["evictions"] += 1
