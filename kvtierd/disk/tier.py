@@ -62,6 +62,7 @@ class DiskTier:
         self.store = SegmentStore(cfg, Path(state_dir))
         self._pool = ThreadPoolExecutor(max_workers=cfg.io_threads, thread_name_prefix="kvtierd-disk-io")
         self._sem: asyncio.Semaphore | None = None
+        self._plan_lock: asyncio.Lock | None = None
         self._recovered: asyncio.Event | None = None
         self._recovery_thread: threading.Thread | None = None
         self._maint: Maintenance | None = None
@@ -80,6 +81,7 @@ class DiskTier:
             # default alone would use up the loop's lag budget.
             sys.setswitchinterval(SWITCH_INTERVAL)
         self._sem = asyncio.Semaphore(self.cfg.io_depth)
+        self._plan_lock = asyncio.Lock()
         self._recovered = asyncio.Event()
         await loop.run_in_executor(self._pool, self.store.open)
 
@@ -188,9 +190,13 @@ class DiskTier:
         store = self.store
         loop = asyncio.get_running_loop()
         incoming = sum(record_size(memoryview(p).nbytes) for _ns, _k, p in items)
-        if store.needs_room(incoming):
-            await loop.run_in_executor(self._pool, store.make_room_for, incoming)
-        plan = store.prepare_write(items)
+        # Batches are planned in the order they came (asyncio.Lock is FIFO): the keydir's LRU
+        # order is the order records are published, and a batch that waited for room must
+        # not fall behind one that came after it, or the tier would evict the newer blocks.
+        async with self._plan_lock:
+            if store.needs_room(incoming):
+                await loop.run_in_executor(self._pool, store.make_room_for, incoming)
+            plan = store.prepare_write(items)
         err = "not finished"
         try:
             if plan.reclaim or plan.carry:
