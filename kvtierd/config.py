@@ -181,7 +181,7 @@ class ServerConfig:
 
 @dataclass
 class StateConfig:
-    dir: str = opt("", _str, "state directory (disk segments, checkpoints); empty: /var/lib/kvtierd or the per-user state dir")
+    dir: str = opt("", _str, "state directory (disk segment and hint files); empty: /var/lib/kvtierd or the per-user state dir")
 
 
 @dataclass

@@ -348,6 +348,14 @@ class StatsCollector:
             ("live_bytes", "kvtierd_disk_live", "Bytes of live records in segments (used minus dead space).",
              GaugeMetricFamily, "bytes"),
             ("segments", "kvtierd_disk_segments", "Segment files.", GaugeMetricFamily, ""),
+            ("hints_written", "kvtierd_disk_hints_written", "Hint files written for sealed segments.",
+             CounterMetricFamily, ""),
+            ("hint_errors", "kvtierd_disk_hint_errors", "Hint files that could not be written or read (the "
+             "segment is scanned instead).", CounterMetricFamily, ""),
+            ("maintenance_errors", "kvtierd_disk_maintenance_errors", "Maintenance steps (sync, compaction, "
+             "hint writes, segment deletes) that failed and are retried with back-off.", CounterMetricFamily, ""),
+            ("stray_files", "kvtierd_disk_stray_files", "Files in the disk directory the engine did not write "
+             "(left alone; kvtierd fsck names them).", GaugeMetricFamily, ""),
         ):
             v = get(key)
             if v is not None:

@@ -35,7 +35,8 @@ def full_stats() -> dict:
         "disk": {"checksum_failures": 2, "torn_records": 1, "corrupt_records": 0, "recovery_seconds": 0.25,
                  "compaction_runs": 4, "compaction_bytes": 1 << 20, "io_errors": 6, "direct_io": True,
                  "refusing_writes": False, "read_bytes": 5 << 20, "written_bytes": 9 << 20, "segments": 3,
-                 "live_bytes": 3 << 20},
+                 "live_bytes": 3 << 20, "hints_written": 2, "hint_errors": 0, "maintenance_errors": 1,
+                 "stray_files": 1},
         "errors": {"bad_key": 3, "unknown_namespace": 1},
     }
 
