@@ -6,7 +6,8 @@ socket and `AsyncClient` over asyncio streams with pipelining. So the two
 flavours cannot drift apart.
 
 Bulk bytes take the shared-memory path: `reserve` returns slot offsets in the
-daemon's host region, which this process has mapped, and the client copies
+host region of the namespace's access domain, which this process mapped from
+the fd the daemon sent with the HELLO reply (kvtierd.regions), and the client copies
 into them before `commit`; `acquire` leases slots and hands out read-only
 views of them until `release`. `put_inline`/`get_inline` send bytes in the
 frame for clients that cannot map the region (another host, a debug shell).
@@ -28,6 +29,7 @@ import socket
 import time
 from typing import Any, Generator, Sequence
 
+from kvtierd import regions as regions_mod
 from kvtierd.config import default_socket_path
 from kvtierd.protocol import HEADER, PROTOCOL_VERSION, Code, Op, ProtocolError, request, unpack_body
 from kvtierd.tiers.host import HostRegionMapping
@@ -72,19 +74,20 @@ def _check_blocks(ns: "_NamespaceBase", keys: Sequence[bytes], blocks: Sequence[
 def _chunks(ns: "_NamespaceBase", n: int) -> range:
     """Batch starts, so one request never asks for more than a quarter of the host
     tier at once (a bigger lease or reservation could not be satisfied whole)."""
-    per = max(1, ns.client.region.size // (4 * ns.slot_bytes))
+    per = max(1, ns.region.size // (4 * ns.slot_bytes))
     return range(0, n, per)
 
 
 def _put_steps(ns: "_NamespaceBase", keys: list[bytes], blocks: Sequence[Any]) -> Steps:
     views = _check_blocks(ns, keys, blocks)
+    _check_writable(ns)
     stored = 0
     starts = _chunks(ns, len(keys))
     for s in starts:
         part = keys[s:s + starts.step]
         res = yield Op.RESERVE, {"ns": ns.id, "keys": part}
         try:
-            region = ns.client.region
+            region = ns.region
             for i, off in zip(res["index"], res["offsets"]):
                 region.slot(off, ns.block_size)[:] = views[s + i]
         except BaseException:
@@ -95,6 +98,12 @@ def _put_steps(ns: "_NamespaceBase", keys: list[bytes], blocks: Sequence[Any]) -
     return stored
 
 
+def _check_writable(ns: "_NamespaceBase") -> None:
+    if not ns.region.writable:
+        raise PermissionError(f"namespace {ns.name!r}: this client mapped the host regions read-only "
+                              f"(read_only=True); use put_inline to store")
+
+
 def _get_steps(ns: "_NamespaceBase", keys: list[bytes]) -> Steps:
     out: list[bytes | None] = []
     starts = _chunks(ns, len(keys))
@@ -102,7 +111,7 @@ def _get_steps(ns: "_NamespaceBase", keys: list[bytes]) -> Steps:
         part = keys[s:s + starts.step]
         lease = yield Op.ACQUIRE, {"ns": ns.id, "keys": part, "prefix": False}
         try:
-            region = ns.client.region
+            region = ns.region
             out += [bytes(region.slot(off, ns.block_size)) if off >= 0 else None for off in lease["offsets"]]
         finally:
             yield Op.RELEASE, {"lid": lease["lid"]}
@@ -118,7 +127,7 @@ def _get_into_steps(ns: "_NamespaceBase", keys: list[bytes], out: Sequence[Any])
     for s in starts:
         lease = yield Op.ACQUIRE, {"ns": ns.id, "keys": keys[s:s + starts.step], "prefix": False}
         try:
-            region = ns.client.region
+            region = ns.region
             for off, dst in zip(lease["offsets"], dests[s:s + starts.step]):
                 if off >= 0:
                     dst[:ns.block_size] = region.slot(off, ns.block_size)
@@ -139,7 +148,7 @@ class Lease:
         self.offsets: list[int] = reply["offsets"]
         self.tiers: list[str | None] = reply["tiers"]
         self.keys = keys[:len(self.offsets)]
-        region = ns.client.region
+        region = ns.region
         self.views: list[memoryview | None] = [
             region.slot(off, ns.block_size).toreadonly() if off >= 0 and tier == "host" else None
             for off, tier in zip(self.offsets, self.tiers)]
@@ -175,7 +184,7 @@ class Reservation:
         self.keys = [keys[i] for i in self.index]
         self.offsets: list[int] = reply["offsets"]
         self.tier: str = reply["tier"]
-        region = ns.client.region
+        region = ns.region
         # Slots in HBM are written by the worker copy path, not through views.
         self.views = [region.slot(off, ns.block_size) for off in self.offsets] if self.tier == "host" else []
         self.done = False
@@ -188,6 +197,33 @@ class _NamespaceBase:
         self.id: int = reply["ns"]
         self.block_size: int = reply["block_size"]
         self.slot_bytes: int = reply["slot_bytes"]
+        self.domain: str = reply.get("domain", "default")
+
+    @property
+    def region(self) -> HostRegionMapping:
+        """This process's mapping of the host region that holds the namespace's blocks."""
+        region = self.client.regions.get(self.domain)
+        if region is None:
+            raise KvtierdError(Code.DENIED, f"no host region of access domain {self.domain!r} is mapped here")
+        return region
+
+
+# ------------------------------------------------------------------ handshake
+
+def _hello(sock: socket.socket, req_id: int, name: str, timeout: float | None,
+           read_only: bool) -> tuple[dict, dict[str, HostRegionMapping]]:
+    """HELLO on a fresh connection: (server info, {domain: mapping}); see kvtierd.regions."""
+    try:
+        return regions_mod.hello(sock, req_id, {"version": PROTOCOL_VERSION, "client": name or "python",
+                                                "pid": os.getpid()}, timeout, writable=not read_only)
+    except ProtocolError as e:
+        raise KvtierdError(e.code, e.message) from None
+
+
+def _close_regions(regions: dict[str, HostRegionMapping]) -> None:
+    for region in regions.values():
+        region.close()
+    regions.clear()
 
 
 # ------------------------------------------------------------------ sync flavour
@@ -254,6 +290,8 @@ class Namespace(_NamespaceBase):
     def reserve(self, keys: list[bytes], tier: str = "host") -> "SyncReservation":
         """Slots for the keys not yet stored; commits at the end of a `with` block, aborts on error.
         tier="hbm" asks for HBM slots (written with the worker copy path; `views` is empty then)."""
+        if tier == "host":
+            _check_writable(self)
         reply = self.client._call(Op.RESERVE, {"ns": self.id, "keys": list(keys), "tier": tier})
         return SyncReservation(self, list(keys), reply)
 
@@ -297,12 +335,14 @@ class Client:
     """A blocking connection to the daemon. Not thread-safe: one per thread."""
 
     def __init__(self, socket_path: str | os.PathLike | None = None, *, timeout: float | None = 60.0,
-                 name: str = "", spin_us: float = 200.0):
+                 name: str = "", spin_us: float = 200.0, read_only: bool = False):
         """`spin_us`: the longest busy-poll for a reply before sleeping in poll(2). A reply
         usually comes within tens of microseconds, and a sleeping thread costs a wakeup
         (about 50 µs on small VMs), so a short spin halves small-request latency. The
         spin adapts: replies that keep missing it (more clients than cores, big requests)
-        shrink it to nothing, so spinning never steals the daemon's CPU for long."""
+        shrink it to nothing, so spinning never steals the daemon's CPU for long.
+        `read_only`: map the host regions read-only (a reader process then cannot
+        write them at all; reserve/put_many fail, put_inline still works)."""
         self.socket_path = str(socket_path or default_socket_path())
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
@@ -324,12 +364,19 @@ class Client:
         self._rs = self._re = 0
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             self.sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-        self.region: HostRegionMapping | None = None
-        self.server_info = self._call(Op.HELLO, {"version": PROTOCOL_VERSION, "client": name or "python",
-                                                 "pid": os.getpid()})
-        host = self.server_info["host"]
-        self.region = HostRegionMapping(host["path"], host["size"])
+        self.regions: dict[str, HostRegionMapping] = {}
+        self.read_only = read_only
         self._worker_regions: Any = None
+        try:
+            self.server_info, self.regions = _hello(self.sock, next(self._ids), name, timeout, read_only)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    @property
+    def region(self) -> HostRegionMapping | None:
+        """The default domain's host region (the GPU copy path works on this one)."""
+        return self.regions.get("default")
 
     def worker_regions(self) -> Any:
         """This process's copy regions (pinned host mapping, HBM pool by IPC), made on first use."""
@@ -451,9 +498,7 @@ class Client:
         if self._worker_regions is not None:
             self._worker_regions.close()
             self._worker_regions = None
-        if self.region is not None:
-            self.region.close()
-            self.region = None
+        _close_regions(self.regions)
         self.sock.close()
 
     def __enter__(self) -> "Client":
@@ -564,20 +609,32 @@ class AsyncClient:
         self.name = name
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
-        self.region: HostRegionMapping | None = None
+        self.regions: dict[str, HostRegionMapping] = {}
         self._reader_task: asyncio.Task | None = None
 
+    @property
+    def region(self) -> HostRegionMapping | None:
+        return self.regions.get("default")
+
     async def connect(self) -> "AsyncClient":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
         try:
-            self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path, limit=1 << 26)
+            await asyncio.get_running_loop().sock_connect(sock, self.socket_path)
         except OSError as e:
+            sock.close()
             raise ConnectionError(f"cannot reach kvtierd at {self.socket_path}: {e.strerror or e}; "
                                   f"is the daemon running?") from None
+        try:
+            # HELLO by recvmsg (its reply carries the region fds) before the stream reader takes over.
+            self.server_info, self.regions = await asyncio.to_thread(_hello, sock, next(self._ids), self.name,
+                                                                     60.0, False)
+            self._reader, self._writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 26)
+        except BaseException:
+            _close_regions(self.regions)
+            sock.close()
+            raise
         self._reader_task = asyncio.create_task(self._read_replies())
-        self.server_info = await self._call(Op.HELLO, {"version": PROTOCOL_VERSION, "client": self.name or "python",
-                                                       "pid": os.getpid()})
-        host = self.server_info["host"]
-        self.region = HostRegionMapping(host["path"], host["size"])
         return self
 
     async def _read_replies(self) -> None:
@@ -642,9 +699,7 @@ class AsyncClient:
                 await self._writer.wait_closed()
             except (ConnectionError, OSError):
                 pass
-        if self.region is not None:
-            self.region.close()
-            self.region = None
+        _close_regions(self.regions)
 
     async def __aenter__(self) -> "AsyncClient":
         return await self.connect()

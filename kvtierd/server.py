@@ -23,7 +23,7 @@ import os
 import time
 from typing import Any, Callable
 
-from kvtierd import __version__
+from kvtierd import __version__, regions
 from kvtierd.protocol import (
     HEADER,
     PROTOCOL_VERSION,
@@ -56,6 +56,7 @@ class Connection(asyncio.BufferedProtocol):
         self.hello = False
         self.uid = self.gid = self.pid = -1
         self.namespaces: set[int] = set()
+        self.domains: frozenset[str] = frozenset()     # access domains whose regions it received
         self.queue: collections.deque = collections.deque()
         self.busy = False
         self.closed = False
@@ -184,7 +185,14 @@ class Connection(asyncio.BufferedProtocol):
         except Exception as e:
             self.crash(req_id, op, e, t0)
             return
-        self.send(reply_ok(req_id, result))
+        if isinstance(result, regions.WithFds):    # HELLO: the reply frame carries the region fds
+            try:
+                regions.send_with_fds(self.transport, reply_ok(req_id, result.reply), result.fds)
+            except ProtocolError as e:
+                self.fail(req_id, op, e, t0)
+                return
+        else:
+            self.send(reply_ok(req_id, result))
         self.server.observe(op, "ok", time.perf_counter() - t0)
 
     async def finish(self, req_id: int, op: Op, coro: Any, t0: float) -> None:
@@ -231,7 +239,8 @@ class Server:
                  refuse_open: Callable[[str, int], str | None] | None = None,
                  extra_stats: Callable[[], dict] | None = None,
                  hot: Callable[[str | None], dict] | None = None,
-                 record_reads: Callable[[str, list], None] | None = None):
+                 record_reads: Callable[[str, list], None] | None = None,
+                 gate: Any = None):
         self.cfg = cfg
         self.store = store
         self.conns: dict[int, Connection] = {}
@@ -245,6 +254,7 @@ class Server:
         self._extra_stats = extra_stats
         self._hot = hot
         self._record_reads = record_reads
+        self.gate = gate            # access.Gate: regions at HELLO, domains, STATS/HOT filtering
         self.handlers: dict[Op, tuple[Callable, bool]] = {
             Op.HELLO: (self.op_hello, False), Op.PING: (self.op_ping, False),
             Op.OPEN: (self.op_open, False), Op.RESERVE: (self.op_reserve, True),
@@ -266,7 +276,7 @@ class Server:
             self.count_error("too_many_connections")
             return f"too many connections (limit {self.cfg.server.max_connections})"
         sock = transport.get_extra_info("socket")
-        return self._admit(conn, sock) if self._admit else None
+        return self._admit(conn, sock) if self._admit else "the daemon has no admission policy"
 
     def observe(self, op: Op, code: str, seconds: float) -> None:
         if self._observe:
@@ -286,22 +296,21 @@ class Server:
         c.hello = True
         if c.pid < 0:
             c.pid = pid
-        region = self.store.host_region
-        return {"version": PROTOCOL_VERSION, "server": f"kvtierd {__version__}", "pid": os.getpid(),
-                "host": {"path": str(region.path), "size": region.size},
-                "hbm": self.store.hbm_descriptors(),
-                "max_frame_bytes": self.cfg.server.max_frame_bytes}
+        reply = {"version": PROTOCOL_VERSION, "server": f"kvtierd {__version__}", "pid": os.getpid(),
+                 "host": [], "hbm": [], "max_frame_bytes": self.cfg.server.max_frame_bytes}
+        return self.gate.hello(c, reply) if self.gate else reply   # regions go only where access allows
 
     def op_ping(self, c: Connection) -> dict:
         return {"time": time.time(), "draining": self.draining}
 
     def op_open(self, c: Connection, name: str, block_size: int, tokens_per_block: int = 0) -> dict:
-        refusal = self._refuse_open(name, c.uid) if self._refuse_open else None
+        refusal = self._refuse_open(name, c.uid) if self._refuse_open else "the daemon has no access policy"
         if refusal:
             raise ProtocolError(Code.DENIED, refusal)
-        ns = self.store.open_namespace(name, block_size, tokens_per_block)
+        domain = self.gate.domain_for_open(c, name) if self.gate else "default"
+        ns = self.store.open_namespace(name, block_size, tokens_per_block, domain=domain)
         c.namespaces.add(ns.id)
-        return {"ns": ns.id, "block_size": ns.block_size, "slot_bytes": ns.slot_bytes}
+        return {"ns": ns.id, "block_size": ns.block_size, "slot_bytes": ns.slot_bytes, "domain": domain}
 
     async def op_reserve(self, c: Connection, ns: int, keys: list, tier: str = "host") -> dict:
         res = await self.store.reserve(c.ns(ns), keys, c.id, "host" if tier == "any" else tier)
@@ -342,7 +351,7 @@ class Server:
                 raise ProtocolError(Code.BAD_BLOCK, f"block of {len(b)} bytes in a namespace of "
                                                     f"block size {space.block_size}")
         res = await self.store.reserve(space, keys, c.id)
-        region = self.store.host_region
+        region = self.store.region_of(space)
         for i, e in zip(res.index, res.entries):
             region.slot(e.offset, space.block_size)[:] = data[i]
         return {"n": self.store.commit(res.rid, c.id)}
@@ -351,7 +360,7 @@ class Server:
         space = c.ns(ns)
         lease = await self.store.acquire(space, keys, c.id, prefix=False)
         try:
-            region = self.store.host_region
+            region = self.store.region_of(space)
             blocks = [bytes(region.slot(e.offset, space.block_size)) if e is not None else None
                       for e in lease.entries]
         finally:
@@ -374,10 +383,11 @@ class Server:
                        "socket": self.cfg.server.socket, "draining": self.draining}
         if self._extra_stats:
             s.update(self._extra_stats())
-        return s
+        return self.gate.stats(c, s) if self.gate else s
 
     def op_hot(self, c: Connection, ns: str | None = None) -> dict:
-        return {"hot": self._hot(ns) if self._hot else {}}
+        hot = self._hot(ns) if self._hot else {}
+        return {"hot": self.gate.hot(c, hot) if self.gate else hot}
 
     # ---------------------------------------------------------- drain
 

@@ -45,10 +45,11 @@ MOVE_BATCH_BYTES = 64 << 20   # one demotion round: enough to amortise an fdatas
 
 class Namespace:
     __slots__ = ("id", "name", "block_size", "slot_bytes", "tokens_per_block", "entries",
-                 "blocks", "hits", "misses", "tokens_served")
+                 "blocks", "hits", "misses", "tokens_served", "host")
 
-    def __init__(self, ns_id: int, name: str, block_size: int, tokens_per_block: int):
+    def __init__(self, ns_id: int, name: str, block_size: int, tokens_per_block: int, host: "MemTier"):
         self.id = ns_id
+        self.host = host            # the host tier of the namespace's access domain
         self.name = name
         self.block_size = block_size
         self.slot_bytes = slot_bytes_for(block_size)
@@ -75,9 +76,11 @@ class Entry:
 class MemTier:
     """A memory tier: slots of a region plus the per-class LRU of idle blocks."""
 
-    def __init__(self, name: str, slots: SlabAllocator, high: float, low: float):
+    def __init__(self, name: str, slots: SlabAllocator, high: float, low: float,
+                 region: HostRegion | None = None):
         self.name = name
         self.slots = slots
+        self.region = region                   # host tiers: the domain's region; None for HBM
         self.high = high
         self.low = low
         self.lru: dict[int, OrderedDict[Entry, None]] = {}
@@ -158,15 +161,22 @@ class Counters:
 
 
 class Store:
-    def __init__(self, cfg: Config, disk: Any | None = None):
+    def __init__(self, cfg: Config, disk: Any | None = None, regions: dict[str, HostRegion] | None = None):
+        """`regions`: one host region per access domain ("default" always; see access.py);
+        without it, one default region of host.bytes."""
         self.cfg = cfg
-        self.host_region = HostRegion(cfg.host.shm_dir, cfg.host.bytes, cfg.host.slab_bytes,
-                                      cfg.server.socket_mode)
-        self.host = MemTier("host", self.host_region.slots, cfg.host.high_watermark, cfg.host.low_watermark)
+        if regions is None:
+            regions = {"default": HostRegion(cfg.host.bytes, cfg.host.slab_bytes)}
+        self.regions = regions
+        self.host_region = regions["default"]
+        # One host tier per domain, all named "host" on the wire; HBM serves the default domain only.
+        self.hosts = {d: MemTier("host", r.slots, cfg.host.high_watermark, cfg.host.low_watermark, r)
+                      for d, r in regions.items()}
+        self.host = self.hosts["default"]
         self.hbm: MemTier | None = None
         self.hbm_pool: Any = None
         self.host_pin: Any = None
-        self.tiers: list[MemTier] = [self.host]      # top (fastest) first
+        self.tiers: list[MemTier] = list(self.hosts.values())      # top (fastest) first
         self.disk = disk
         self.namespaces: dict[int, Namespace] = {}
         self.by_name: dict[str, Namespace] = {}
@@ -185,7 +195,7 @@ class Store:
         self.hbm_pool = pool
         self.host_pin = host_pin
         self.hbm = MemTier("hbm", pool.slots, self.cfg.hbm.high_watermark, self.cfg.hbm.low_watermark)
-        self.tiers = [self.hbm, self.host]
+        self.tiers = [self.hbm, *self.hosts.values()]
 
     def hbm_descriptors(self) -> list[dict]:
         """What a client needs to map the pool: sent in the handshake."""
@@ -194,8 +204,12 @@ class Store:
         return [{"device": self.hbm_pool.device, "size": self.hbm_pool.nbytes,
                  "handle": self.hbm_pool.ipc_handle()}]
 
-    def _tier(self, name: str) -> MemTier:
-        return self.hbm if name == "hbm" and self.hbm is not None else self.host
+    def _tier(self, ns: Namespace, name: str) -> MemTier:
+        return self.hbm if name == "hbm" and self.hbm is not None and ns.host is self.host else ns.host
+
+    def region_of(self, ns: Namespace) -> HostRegion:
+        """The host region holding `ns`'s host-tier blocks (its domain's)."""
+        return ns.host.region
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._demoter(), name="demoter"),
@@ -216,18 +230,22 @@ class Store:
             self.hbm_pool.close()
         if self.host_pin is not None:
             self.host_pin.close()
-        self.host_region.close()
+        for region in self.regions.values():
+            region.close()
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.host.high, self.host.low = cfg.host.high_watermark, cfg.host.low_watermark
+        for host in self.hosts.values():
+            host.high, host.low = cfg.host.high_watermark, cfg.host.low_watermark
         if self.hbm is not None:
             self.hbm.high, self.hbm.low = cfg.hbm.high_watermark, cfg.hbm.low_watermark
         self._pressure.set()
 
     # ------------------------------------------------------------ namespaces
 
-    def open_namespace(self, name: str, block_size: int, tokens_per_block: int = 0) -> Namespace:
+    def open_namespace(self, name: str, block_size: int, tokens_per_block: int = 0,
+                       domain: str = "default") -> Namespace:
+        """`domain` is the access domain (access.AccessPolicy.domain_of) whose region holds its blocks."""
         ns = self.by_name.get(name)
         if ns is not None:
             if ns.block_size != block_size:
@@ -236,11 +254,14 @@ class Store:
             if tokens_per_block:
                 ns.tokens_per_block = tokens_per_block
             return ns
-        for tier in self.tiers:
+        host = self.hosts.get(domain)
+        if host is None:
+            raise ProtocolError(Code.INTERNAL, f"namespace {name!r}: no host region for domain {domain!r}")
+        for tier in (self.hbm, host) if self.hbm is not None and host is self.host else (host,):
             if slot_bytes_for(block_size) > tier.slots.slab_bytes:
                 raise ProtocolError(Code.BAD_ARGS, f"block size {block_size} exceeds the {tier.name} tier's slab "
                                                    f"size ({tier.slots.slab_bytes}); raise host.slab_bytes")
-        ns = Namespace(next(self._ids), name, block_size, tokens_per_block)
+        ns = Namespace(next(self._ids), name, block_size, tokens_per_block, host)
         self.namespaces[ns.id] = ns
         self.by_name[name] = ns
         log.info("namespace %r opened (block size %d)", name, block_size)
@@ -284,7 +305,7 @@ class Store:
             if tier == "disk":
                 self.counters.disk_hits += count
             else:
-                self._tier(tier).hits += count
+                self._tier(ns, tier).hits += count
         missed = len(keys) - n
         ns.hits += n
         ns.misses += missed
@@ -309,7 +330,7 @@ class Store:
                 if e.state == LOADING:
                     waits.append(e)
             elif self._on_disk(ns, k) and (e is None):
-                e = Entry(ns, k, self.host, -1, LOADING)
+                e = Entry(ns, k, ns.host, -1, LOADING)
                 e.loaded = asyncio.get_running_loop().create_future()
                 e.leases = 1
                 entries[k] = e
@@ -329,7 +350,7 @@ class Store:
         # A block that could not be brought back intact (or to where the caller
         # reads) is a miss, never wrong bytes.
         for i, e in enumerate(got):
-            if e is not None and (e.state not in (READY, MOVING) or (tier == "host" and e.tier is not self.host)):
+            if e is not None and (e.state not in (READY, MOVING) or (tier == "host" and e.tier is not ns.host)):
                 self._unpin(e)
                 if prefix:
                     for later in got[i + 1:]:
@@ -339,7 +360,7 @@ class Store:
                     break
                 got[i] = None
         served = [e for e in got if e is not None]
-        if tier == "hbm" and self.hbm is not None:
+        if tier == "hbm" and self.hbm is not None and ns.host is self.host:
             await self._promote([e for e in served if e.tier is self.host])
         for e in served:
             e.tier.served += 1
@@ -351,12 +372,12 @@ class Store:
 
     async def _load(self, ns: Namespace, loads: list[Entry]) -> None:
         """Disk -> host for entries in LOADING state (pinned by their first reader)."""
-        offsets = await self._alloc(self.host, ns.slot_bytes, len(loads))
+        offsets = await self._alloc(ns.host, ns.slot_bytes, len(loads))
         batch = []
         for e, off in zip(loads, offsets):
             e.offset = off
-            self.host.owner[off] = e
-            batch.append((ns.name, e.key, self.host_region.slot(off, ns.block_size)))
+            ns.host.owner[off] = e
+            batch.append((ns.name, e.key, ns.host.region.slot(off, ns.block_size)))
         ok = await self.disk.read_batch(batch) if batch else []
         moved = 0
         for i, e in enumerate(loads):
@@ -419,7 +440,7 @@ class Store:
 
     async def reserve(self, ns: Namespace, keys: list[bytes], owner: int, tier: str = "host") -> Reservation:
         """Slots for the keys not yet stored (or being stored); the rest are skipped."""
-        target = self._tier(tier)
+        target = self._tier(ns, tier)
         fresh: list[Entry] = []
         index: list[int] = []
         entries = ns.entries
@@ -569,11 +590,10 @@ class Store:
         """Moves victims one tier down (hbm->host, host->disk or out); returns slots freed."""
         if tier is self.hbm:
             return await self._demote_hbm(victims)
-        return await self._demote_host(victims)
+        return await self._demote_host(tier, victims)
 
-    async def _demote_host(self, victims: list[Entry]) -> int:
-        """Writes victims to disk (those not there yet), then frees their slots."""
-        tier = self.host
+    async def _demote_host(self, tier: MemTier, victims: list[Entry]) -> int:
+        """Writes victims (of host tier `tier`) to disk (those not there yet), then frees their slots."""
         freed = 0
         for e in victims:
             e.state = MOVING
@@ -584,7 +604,7 @@ class Store:
                 stored[i] = True
             if todo:
                 items = [(victims[i].ns.name, victims[i].key,
-                          self.host_region.slot(victims[i].offset, victims[i].ns.block_size)) for i in todo]
+                          tier.region.slot(victims[i].offset, victims[i].ns.block_size)) for i in todo]
                 try:
                     ok = await self.disk.write_batch(items)
                 except Exception:
@@ -760,12 +780,12 @@ class Store:
     async def _flush_host(self) -> None:
         """Clean shutdown: everything readable in host goes to disk, so a restart keeps it."""
         pending = [e for ns in self.namespaces.values() for e in ns.entries.values()
-                   if e.state == READY and e.tier is self.host and not self._on_disk(ns, e.key)]
+                   if e.state == READY and e.tier is ns.host and not self._on_disk(ns, e.key)]
         written = 0
         for i in range(0, len(pending), 256):
             batch = pending[i:i + 256]
             ok = await self.disk.write_batch(
-                [(e.ns.name, e.key, self.host_region.slot(e.offset, e.ns.block_size)) for e in batch])
+                [(e.ns.name, e.key, e.tier.region.slot(e.offset, e.ns.block_size)) for e in batch])
             written += sum(map(bool, ok))
         log.info("flushed %d of %d host blocks to disk", written, len(pending))
 
@@ -786,8 +806,15 @@ class Store:
     # ------------------------------------------------------------ stats
 
     def stats(self) -> dict:
-        tiers = {t.name: {"capacity_bytes": t.slots.capacity_bytes, "used_bytes": t.slots.used_bytes,
-                          "blocks": t.blocks, "hits": t.hits, "served_blocks": t.served} for t in self.tiers}
+        tiers: dict[str, dict] = {}
+        for t in self.tiers:          # the host tiers of all domains add up under "host"
+            row = tiers.setdefault(t.name, dict.fromkeys(
+                ("capacity_bytes", "used_bytes", "blocks", "hits", "served_blocks"), 0))
+            for k, v in (("capacity_bytes", t.slots.capacity_bytes), ("used_bytes", t.slots.used_bytes),
+                         ("blocks", t.blocks), ("hits", t.hits), ("served_blocks", t.served)):
+                row[k] += v
+        domains = {d: {"capacity_bytes": t.slots.capacity_bytes, "used_bytes": t.slots.used_bytes,
+                       "blocks": t.blocks} for d, t in self.hosts.items()}
         if self.disk is not None:
             d = self.disk.stats()
             tiers["disk"] = {"capacity_bytes": d.get("capacity_bytes", 0), "used_bytes": d.get("used_bytes", 0),
@@ -796,6 +823,7 @@ class Store:
                                                                       MoveCounter()).blocks}
         return {
             "tiers": tiers,
+            "domains": domains,
             "misses": self.counters.misses,
             "moves": [{"src": s, "dst": d, "kind": k, "blocks": m.blocks, "bytes": m.bytes}
                       for (s, d, k), m in self.counters.moves.items()],
