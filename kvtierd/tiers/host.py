@@ -104,6 +104,10 @@ class HostRegion:
             raise HostRegionError(f"cannot create the shared-memory region of domain {domain!r}: "
                                   f"{e.strerror}") from None
         try:
+            # The inode's mode decides who may reopen an fd of it through /proc/PID/fd/N:
+            # only the daemon's uid for writing; a client holding a read-only fd cannot
+            # upgrade it to a writable one.
+            os.fchmod(fd, 0o644)
             os.ftruncate(fd, self.size)
             try:
                 os.posix_fallocate(fd, 0, self.size)
