@@ -7,8 +7,9 @@ replaced), build the tiers (the disk tier recovers in the background so
 recovery is done. SIGTERM/SIGINT drain: stop accepting, let in-flight requests
 finish, flush the host tier to disk if configured, remove the socket. The host
 regions (one memfd per access domain) have no path: they go with the daemon and
-its clients' mappings, also after a crash, so there is nothing to clean up. SIGHUP re-reads the config and applies what may change
-live, naming what needs a restart.
+its clients' mappings, also after a crash, so there is nothing to clean up.
+SIGHUP re-reads the config and applies what may change live, naming what needs
+a restart.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from kvtierd import __version__
 from kvtierd import config as config_mod
 from kvtierd.server import Connection, Server
-from kvtierd.store import Store
+from kvtierd.core.store import Store
 
 log = logging.getLogger("kvtierd")
 

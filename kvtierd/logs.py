@@ -240,3 +240,12 @@ def shutdown() -> None:
 
 
 atexit.register(shutdown)
+
+
+# C0 and C1 controls and DEL: what a terminal would act on rather than print.
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]}
+
+
+def printable(name: str) -> str:
+    """A client-chosen name made safe for a terminal or a log line: control characters as \\xNN escapes."""
+    return name.translate(_CONTROL) if not name.isprintable() else name

@@ -252,6 +252,12 @@ class StatsCollector:
                                       labels=["namespace", "result"])
         tokens = CounterMetricFamily("kvtierd_tokens_served", "Tokens' worth of KV served (blocks x tokens per block).",
                                      labels=["namespace"])
+        nbytes = CounterMetricFamily("kvtierd_namespace_block", "Bytes of blocks handed to readers (served) or "
+                                     "committed by writers (stored), by namespace.", labels=["namespace", "kind"],
+                                     unit="bytes")
+        short = CounterMetricFamily("kvtierd_namespace_acquire_misses", "Keys asked for in acquire/get that could "
+                                    "not be served (evicted, failed load, checksum mismatch), by namespace.",
+                                    labels=["namespace"])
         sums: dict[str, dict[str, float]] = {}
         sizes: dict[str, float] = {}
         for n in namespaces:
@@ -260,7 +266,7 @@ class StatsCollector:
                 continue
             lbl = self._ns(name)
             acc = sums.setdefault(lbl, {})
-            for key in ("blocks", "hits", "misses", "tokens_served"):
+            for key in ("blocks", "hits", "misses", "tokens_served", "bytes_served", "bytes_stored", "acquire_misses"):
                 v = _num(n, key)
                 if v is not None:
                     acc[key] = acc.get(key, 0.0) + v
@@ -276,9 +282,14 @@ class StatsCollector:
                 lookups.add_metric([lbl, "miss"], acc["misses"])
             if "tokens_served" in acc:
                 tokens.add_metric([lbl], acc["tokens_served"])
+            for kind in ("served", "stored"):
+                if f"bytes_{kind}" in acc:
+                    nbytes.add_metric([lbl, kind], acc[f"bytes_{kind}"])
+            if "acquire_misses" in acc:
+                short.add_metric([lbl], acc["acquire_misses"])
         for lbl, size in sorted(sizes.items()):
             bsize.add_metric([lbl], size)
-        yield from (blocks, bsize, lookups, tokens)
+        yield from (blocks, bsize, lookups, tokens, nbytes, short)
 
     def _session_families(self, s: Mapping[str, Any]) -> Iterable[Metric]:
         for key, name, doc, fam_t in (
@@ -288,6 +299,16 @@ class StatsCollector:
              GaugeMetricFamily),
             ("lease_timeouts", "kvtierd_lease_timeouts", "Leases revoked because they were not released in time.",
              CounterMetricFamily),
+            ("reservation_timeouts", "kvtierd_reservation_timeouts", "Reservations revoked because they were not "
+             "committed in time.", CounterMetricFamily),
+            ("quarantined_slots", "kvtierd_quarantined_slots", "Slots of revoked leases and reservations kept until "
+             "their connection is gone (fenced revocation).", GaugeMetricFamily),
+            ("corrupt_blocks", "kvtierd_host_corrupt_blocks", "Host blocks whose bytes changed behind the daemon's "
+             "back (checksum mismatch): dropped, never served or persisted.", CounterMetricFamily),
+            ("full_keys", "kvtierd_full_keys", "Keys a writer could not store because no room appeared in time "
+             "(answered FULL).", CounterMetricFamily),
+            ("bad_frees", "kvtierd_slot_free_refused", "Slot frees the allocator refused (double or out of range): "
+             "a bug caught before it could hand one slot to two blocks.", CounterMetricFamily),
         ):
             v = _num(s, key)
             if v is not None:

@@ -156,7 +156,10 @@ def hello(sock: socket.socket, req_id: int, args: dict, timeout: float | None = 
     Raises ProtocolError(code, message) for an error reply (DENIED, VERSION_MISMATCH).
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    _send_all(sock, request(req_id, Op.HELLO, args), deadline)
+    try:
+        _send_all(sock, request(req_id, Op.HELLO, args), deadline)
+    except (BrokenPipeError, ConnectionResetError):
+        pass        # a refused peer is hung up on: the frame saying why is still there to read
     fds: list[int] = []
     try:
         (length,) = HEADER.unpack(_recv_exact(sock, HEADER.size, deadline, fds))

@@ -36,7 +36,7 @@ from kvtierd.protocol import (
     reply_ok,
     unpack_body,
 )
-from kvtierd.store import Store
+from kvtierd.core.store import Store
 
 log = logging.getLogger("kvtierd.server")
 
@@ -308,14 +308,14 @@ class Server:
         if refusal:
             raise ProtocolError(Code.DENIED, refusal)
         domain = self.gate.domain_for_open(c, name) if self.gate else "default"
-        ns = self.store.open_namespace(name, block_size, tokens_per_block, domain=domain)
+        ns = self.store.open_namespace(name, block_size, tokens_per_block, uid=c.uid, domain=domain)
         c.namespaces.add(ns.id)
         return {"ns": ns.id, "block_size": ns.block_size, "slot_bytes": ns.slot_bytes, "domain": domain}
 
     async def op_reserve(self, c: Connection, ns: int, keys: list, tier: str = "host") -> dict:
         res = await self.store.reserve(c.ns(ns), keys, c.id, "host" if tier == "any" else tier)
         return {"rid": res.rid, "index": res.index, "offsets": [e.offset for e in res.entries],
-                "tier": res.entries[0].tier.name if res.entries else tier}
+                "tier": res.entries[0].tier.name if res.entries else tier, "full": res.full}
 
     def op_commit(self, c: Connection, rid: int) -> dict:
         return {"n": self.store.commit(rid, c.id)}
@@ -351,18 +351,17 @@ class Server:
                 raise ProtocolError(Code.BAD_BLOCK, f"block of {len(b)} bytes in a namespace of "
                                                     f"block size {space.block_size}")
         res = await self.store.reserve(space, keys, c.id)
-        region = self.store.region_of(space)
+        view = self.store.view
         for i, e in zip(res.index, res.entries):
-            region.slot(e.offset, space.block_size)[:] = data[i]
-        return {"n": self.store.commit(res.rid, c.id)}
+            view(e)[:] = data[i]
+        return {"n": self.store.commit(res.rid, c.id), "full": res.full}
 
     async def op_get(self, c: Connection, ns: int, keys: list) -> dict:
         space = c.ns(ns)
         lease = await self.store.acquire(space, keys, c.id, prefix=False)
         try:
-            region = self.store.region_of(space)
-            blocks = [bytes(region.slot(e.offset, space.block_size)) if e is not None else None
-                      for e in lease.entries]
+            view = self.store.view
+            blocks = [bytes(view(e)) if e is not None else None for e in lease.entries]
         finally:
             self.store.release(lease.lid, c.id)
         if self._record_reads:

@@ -173,19 +173,28 @@ def refused_peer(spec: dict) -> dict:
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(10)
     s.connect(spec["socket"])
+    data, fds = b"", []
+
+    def drain() -> bytes:
+        got = b""
+        while True:
+            try:
+                chunk, anc, _flags, _ = s.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
+            except ConnectionResetError:        # hung up on with our request unread: the same as EOF
+                return got
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", payload))
+            if not chunk:
+                return got
+            got += chunk
+
+    data = drain()                              # the refusal comes before any request
     try:
         s.sendall(request(1, Op.HELLO, {"version": PROTOCOL_VERSION}))
     except (BrokenPipeError, ConnectionResetError):
-        pass                  # hung up on before it spoke: what it was sent is still there to read
-    data, fds = b"", []
-    while True:
-        chunk, anc, _flags, _ = s.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.extend(array.array("i", payload))
-        if not chunk:
-            break
-        data += chunk
+        pass
+    data += drain()                             # and a HELLO afterwards brings nothing, fds least of all
     rid, code, msg = msgpack.unpackb(data[4:], raw=False)
     return {"code": code, "message": msg, "fds": len(fds)}
 

@@ -50,3 +50,20 @@ def test_freeing_a_bad_offset_is_refused():
         a.free(off + 4096)
     with pytest.raises(ValueError):
         a.free(3 << 20)
+
+
+def test_double_and_bad_frees_are_refused_and_change_nothing():
+    from kvtierd.tiers.slabs import SlotError
+    a = SlabAllocator(4 << 20, 1 << 20)
+    size = slot_bytes_for(64 << 10)
+    x, y = a.alloc(size), a.alloc(size)
+    a.free(x)
+    used = a.used_bytes
+    for bad in (x, -1, 4 << 20, x + 1, 3 << 20, True):
+        with pytest.raises(SlotError):
+            a.free(bad)
+        assert a.used_bytes == used
+    # The refused double free did not put x on the free list twice: two allocs give two slots.
+    p, q = a.alloc(size), a.alloc(size)
+    assert p != q and y not in (p, q)
+    assert a.is_allocated(p) and a.is_allocated(q) and a.is_allocated(y) and not a.is_allocated(3 << 20)

@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from kvtierd.integrations.cost import CostModel  # noqa: E402
-from kvtierd.integrations.transformers import KVTierCache, model_geometry  # noqa: E402
+from kvtierd.integrations.transformers import KVTierCache, cache_argument, model_geometry  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHUNK = 16
@@ -149,7 +149,7 @@ def test_prefill_cache_works_for_a_plain_forward_of_the_last_token(daemon, model
         assert n == 80 and cache.get_seq_length() == 89
         _assert_same_kv(cache, _reference_cache(model, ids), 89)
         with torch.no_grad():
-            out = model(ids[:, -1:], past_key_values=cache, position_ids=torch.tensor([[89]]))
+            out = model(ids[:, -1:], **{cache_argument(model): cache}, position_ids=torch.tensor([[89]]))
         _close(out.logits[:, -1], ref[:, -1])
 
 
@@ -167,7 +167,7 @@ def test_generate_gives_the_same_tokens_with_and_without_the_cache(daemon, model
         # the prefill() cache handed to model.generate by hand
         cache, n = kv.prefill(ids)
         assert n == 64
-        by_hand = model.generate(ids, past_key_values=cache, attention_mask=torch.ones_like(ids),
+        by_hand = model.generate(ids, **{cache_argument(model): cache}, attention_mask=torch.ones_like(ids),
                                  max_new_tokens=24, do_sample=False)
         assert torch.equal(by_hand, plain)
 
@@ -508,3 +508,17 @@ def test_cost_model_refuses_nonsense():
         CostModel(alpha=0.0)
     with pytest.raises(ValueError, match="unknown tier"):
         CostModel().plan(["tape"], 4096, 16)
+
+
+def test_forward_and_generate_raise_no_deprecation_warning(daemon, model):
+    """transformers 5.2x deprecates `past_key_values` with a FutureWarning per call; the integration must
+    pass the cache under the name the installed version takes."""
+    import warnings
+    ids = _prompt(70, seed=21)
+    with daemon.client() as c:
+        kv = KVTierCache(c, model, chunk_tokens=CHUNK, cost=_always_load())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            kv.forward(ids)
+            kv.forward(ids)
+            kv.generate(ids, max_new_tokens=4, do_sample=False)

@@ -169,6 +169,23 @@ def _new_cache(model: Any) -> Any:
     return cache
 
 
+def cache_argument(model: Any) -> str:
+    """The keyword the model's forward takes its KV cache by: `cache` from transformers 5.2x on, where
+    `past_key_values` is deprecated (a FutureWarning on every call), `past_key_values` before."""
+    import inspect
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The cache a forward or generate returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def _set_layer(cache: Any, idx: int, k: "torch.Tensor", v: "torch.Tensor") -> None:
     layers = getattr(cache, "layers", None)
     if layers is not None and idx < len(layers) and hasattr(layers[idx], "lazy_initialization"):
@@ -233,6 +250,7 @@ class KVTierCache:
         import torch
 
         self.model = model
+        self._cache_arg = cache_argument(model)
         self.geometry = model_geometry(model, chunk_tokens)
         g = self.geometry
         self.device = next(model.parameters()).device
@@ -277,8 +295,9 @@ class KVTierCache:
     def prefill(self, input_ids: Any) -> tuple[Any, int]:
         """Cache covering all prompt tokens but the last (loaded, then computed), and how many were loaded.
 
-        Feed it to `model.generate(input_ids, past_key_values=cache)` or run
-        `model(input_ids[:, -1:], past_key_values=cache)` for the next-token logits.
+        Feed it to `model.generate(input_ids, **{cache_argument(model): cache})` or run
+        `model(input_ids[:, -1:], **{cache_argument(model): cache})` for the next-token logits
+        (`cache=` on transformers 5.2x and later, `past_key_values=` before).
         """
         ids = self._flat_ids(input_ids)
         keys = self.hasher.keys(ids.cpu())
@@ -292,14 +311,14 @@ class KVTierCache:
     def forward(self, input_ids: Any, **kwargs: Any) -> Any:
         """One model forward that returns logits for the tokens not served from the cache.
 
-        The output's `past_key_values` covers the whole prompt; `n_cached_tokens`
+        The output's cache (`output_cache(out)`) covers the whole prompt; `n_cached_tokens`
         is set on the output. This is the time-to-first-token path: one forward.
         """
         ids = self._flat_ids(input_ids)
         keys = self.hasher.keys(ids.cpu())
         cache, n_cached, n_loaded_blocks = self._load(ids, keys)
         out = self._forward(ids, n_cached, ids.numel(), cache, **kwargs)
-        self._store(ids, keys, n_loaded_blocks, out.past_key_values)
+        self._store(ids, keys, n_loaded_blocks, output_cache(out))
         out.n_cached_tokens = n_cached
         return out
 
@@ -314,12 +333,13 @@ class KVTierCache:
         timing = None
         if kwargs.get("num_beams", 1) == 1 and int(kwargs.get("num_return_sequences", 1)) == 1:
             timing = kwargs["streamer"] = _TimingStreamer(kwargs.get("streamer"))
-        out = self.model.generate(batch, past_key_values=cache, use_cache=True, **kwargs)
+        kwargs[self._cache_arg] = cache
+        out = self.model.generate(batch, use_cache=True, **kwargs)
         if timing is not None and timing.start is not None and timing.first_token is not None:
             self.cost.observe_prefill(ids.numel() - n_cached, timing.first_token - timing.start, n_cached)
         self.stats.computed_tokens += ids.numel() - n_cached
         sequences = out.sequences if hasattr(out, "sequences") else out
-        final_cache = getattr(out, "past_key_values", None)
+        final_cache = output_cache(out)
         final_cache = cache if final_cache is None else final_cache  # generate grew `cache` in place
         if sequences.shape[0] == 1:
             # the generated tokens' chunks are worth keeping too: a chat's next turn starts with them
@@ -429,8 +449,9 @@ class KVTierCache:
         position_ids = torch.arange(start, end, device=ids.device).unsqueeze(0)
         t0 = time.perf_counter()
         with torch.no_grad():
+            kwargs[self._cache_arg] = cache
             out = self.model(input_ids=ids[start:end].unsqueeze(0), position_ids=position_ids,
-                             past_key_values=cache, use_cache=True, **kwargs)
+                             use_cache=True, **kwargs)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         self.cost.observe_prefill(end - start, time.perf_counter() - t0, cached_tokens=start)
