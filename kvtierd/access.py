@@ -302,7 +302,13 @@ class Gate:
 
     def hello(self, conn: Any, reply: dict) -> Any:
         """The HELLO reply with the fds of the peer's domains' regions attached."""
+        from kvtierd.protocol import Code, ProtocolError
         from kvtierd.regions import WithFds, descriptors
+        if getattr(conn, "regions_sent", False):
+            # Once per connection: fds a peer never reads stay charged to the daemon's uid
+            # (the kernel's limit on fds in flight), so a repeated HELLO could exhaust it.
+            raise ProtocolError(Code.BAD_ARGS, "hello was already done on this connection")
+        conn.regions_sent = True
         domains = [d for d in self.policy.domains_for(conn.uid) if d in self.store.regions]
         conn.domains = frozenset(domains)
         reply["host"], fds = descriptors([self.store.regions[d] for d in domains])

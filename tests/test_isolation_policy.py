@@ -129,6 +129,8 @@ def test_the_hbm_handle_goes_only_to_the_default_domain():
         assert [h["domain"] for h in r1.reply["host"]] == ["A"] and r1.reply["hbm"] == []
         assert r1.fds == [regions["A"].fd]
         assert [h["domain"] for h in r2.reply["host"]] == ["default"] and r2.reply["hbm"] == [{"handle": b"ipc"}]
+        with pytest.raises(ProtocolError, match="already"):
+            gate.hello(tenant, {})                       # regions go out once per connection
     finally:
         for r in regions.values():
             r.close()
