@@ -588,6 +588,8 @@ class AsyncReservationContext:
         self.res: AsyncReservation | None = None
 
     async def __aenter__(self) -> AsyncReservation:
+        if self.tier == "host":
+            _check_writable(self.ns)
         reply = await self.ns.client._call(Op.RESERVE, {"ns": self.ns.id, "keys": self.keys, "tier": self.tier})
         self.res = AsyncReservation(self.ns, self.keys, reply)
         return self.res
@@ -604,9 +606,11 @@ class AsyncReservationContext:
 class AsyncClient:
     """An asyncio connection to the daemon; many requests may be in flight at once."""
 
-    def __init__(self, socket_path: str | os.PathLike | None = None, *, name: str = ""):
+    def __init__(self, socket_path: str | os.PathLike | None = None, *, name: str = "", read_only: bool = False):
+        """`read_only`: map the host regions read-only, as for Client."""
         self.socket_path = str(socket_path or default_socket_path())
         self.name = name
+        self.read_only = read_only
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self.regions: dict[str, HostRegionMapping] = {}
@@ -628,7 +632,7 @@ class AsyncClient:
         try:
             # HELLO by recvmsg (its reply carries the region fds) before the stream reader takes over.
             self.server_info, self.regions = await asyncio.to_thread(_hello, sock, next(self._ids), self.name,
-                                                                     60.0, False)
+                                                                     60.0, self.read_only)
             self._reader, self._writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 26)
         except BaseException:
             _close_regions(self.regions)

@@ -84,7 +84,6 @@ def _is_memfd(path: str) -> bool:
 def peer(spec: dict) -> dict:
     """Runs as spec['uid']: connects, uses its own namespace, tries every way at the others."""
     from kvtierd.client import Client, KvtierdError
-    from kvtierd.protocol import Op
     os.setgroups(spec.get("groups", []))
     os.setgid(spec.get("gid", spec["uid"]))
     os.setuid(spec["uid"])
@@ -120,7 +119,7 @@ def peer(spec: dict) -> dict:
                     out["put_many"] = "refused"
                 out["put_inline"] = ns.put_inline([b"inline"], [bytes(BLOCK)])
                 # Nor can it reopen its read-only fd for writing through /proc.
-                out["reopen_rw"] = sorted({_errno_of(lambda: _open_close(f"/proc/self/fd/{n}", os.O_RDWR))
+                out["reopen_rw"] = sorted({_errno_of(lambda n=n: _open_close(f"/proc/self/fd/{n}", os.O_RDWR))
                                            for n in os.listdir("/proc/self/fd")
                                            if _is_memfd(f"/proc/self/fd/{n}")})
         for name in spec.get("foreign", []):
@@ -141,13 +140,13 @@ def peer(spec: dict) -> dict:
     if pid:
         out["dev_shm"] = sorted(n for n in os.listdir("/dev/shm") if n.startswith("kvtierd.") and f".{pid}." in n)
         out["proc_fd_list"] = _errno_of(lambda: os.listdir(f"/proc/{pid}/fd"))
-        out["proc_fd_open"] = sorted({_errno_of(lambda: _open_close(f"/proc/{pid}/fd/{fd}"))
+        out["proc_fd_open"] = sorted({_errno_of(lambda fd=fd: _open_close(f"/proc/{pid}/fd/{fd}"))
                                       for fd in spec["daemon_memfds"]})
-        out["proc_fd_open_rw"] = sorted({_errno_of(lambda: _open_close(f"/proc/{pid}/fd/{fd}", os.O_RDWR))
+        out["proc_fd_open_rw"] = sorted({_errno_of(lambda fd=fd: _open_close(f"/proc/{pid}/fd/{fd}", os.O_RDWR))
                                          for fd in spec["daemon_memfds"]})
-        out["map_files"] = sorted({_errno_of(lambda: _open_close(p)) for p in spec["daemon_map_files"]})
+        out["map_files"] = sorted({_errno_of(lambda p=p: _open_close(p)) for p in spec["daemon_map_files"]})
         out["proc_mem"] = _errno_of(lambda: _open_close(f"/proc/{pid}/mem"))
-        out["pidfd_getfd"] = sorted({_errno_of(lambda: _pidfd_getfd(pid, fd)) for fd in spec["daemon_memfds"]})
+        out["pidfd_getfd"] = sorted({_errno_of(lambda fd=fd: _pidfd_getfd(pid, fd)) for fd in spec["daemon_memfds"]})
     return out
 
 
@@ -165,7 +164,9 @@ def refused_peer(spec: dict) -> dict:
     """A raw HELLO from a uid the daemon refuses: what comes back, fds included."""
     import array
     import socket
+
     import msgpack
+
     from kvtierd.protocol import PROTOCOL_VERSION, Op, request
     os.setgroups([])
     os.setgid(spec["uid"])
@@ -368,6 +369,7 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_a_daemon_sigkilled_in_its_own_pid_namespace_leaks_no_region(tmp_path):
     from conftest import ROOT
+
     from kvtierd import Client
     size = 256 << 20
     sock = str(tmp_path / "kvtierd.sock")
@@ -415,6 +417,7 @@ def test_region_fds_go_out_with_the_hello_reply_on_either_event_loop(loop_kind):
     import asyncio
     import socket
     import threading
+
     from kvtierd import regions
     from kvtierd.protocol import reply_ok
     from kvtierd.tiers.host import HostRegion
@@ -463,6 +466,7 @@ def test_region_fds_go_out_with_the_hello_reply_on_either_event_loop(loop_kind):
 
 def test_async_client_maps_its_regions_and_round_trips(start_daemon):
     import asyncio
+
     from kvtierd.client import AsyncClient
     d = start_daemon()
 
@@ -472,6 +476,17 @@ def test_async_client_maps_its_regions_and_round_trips(start_daemon):
             ns = await c.namespace("async", BLOCK)
             await ns.put_many([b"a", b"b"], [b"1" * BLOCK, b"2" * BLOCK])
             return await ns.get_many([b"a", b"b"]) == [b"1" * BLOCK, b"2" * BLOCK]
+
+    async def read_only() -> tuple:
+        async with AsyncClient(d.socket, read_only=True) as c:
+            ns = await c.namespace("async", BLOCK)
+            try:
+                await ns.put_many([b"c"], [bytes(BLOCK)])
+                refused = False
+            except PermissionError:
+                refused = True
+            return c.regions["default"].writable, refused, await ns.get_many([b"a"])
     assert asyncio.run(main())
+    assert asyncio.run(read_only()) == (False, True, [b"1" * BLOCK])
     with d.client() as c:                 # and a sync client sees what the async one stored
         assert c.namespace("async", BLOCK).get_many([b"b"]) == [b"2" * BLOCK]
