@@ -2,12 +2,12 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Client", "AsyncClient", "__version__"]
+__all__ = ["Client", "AsyncClient", "KvtierdError", "StoreFull", "ConnectionLost", "__version__"]
 
 
 def __getattr__(name: str):
     # Lazy, so `kvtierd serve` does not import the client (and nothing imports torch).
-    if name in ("Client", "AsyncClient"):
+    if name in ("Client", "AsyncClient", "KvtierdError", "StoreFull", "ConnectionLost"):
         from kvtierd import client
         return getattr(client, name)
     raise AttributeError(name)

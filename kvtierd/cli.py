@@ -10,6 +10,8 @@ import time
 
 from kvtierd import __version__
 from kvtierd.config import ConfigError, default_socket_path, describe, format_size, load
+from kvtierd.logs import json_safe, printable
+from kvtierd.protocol import ProtocolError
 
 # CLI flag -> config key, for the common overrides.
 SERVE_FLAGS = {
@@ -62,7 +64,8 @@ def cmd_ping(args: argparse.Namespace) -> int:
             print(f"kvtierd at {c.socket_path}: {c.server_info['server']}, pid {c.server_info['pid']}, "
                   f"answered in {dt * 1000:.2f} ms")
         return 0
-    except (ConnectionError, OSError) as e:
+    except (ConnectionError, OSError, ProtocolError) as e:
+        # A refusal (KvtierdError, a ProtocolError) prints as "DENIED: too many connections ...".
         print(f"kvtierd: {e}", file=sys.stderr)
         return 1
 
@@ -94,7 +97,7 @@ def render_stats(s: dict) -> str:
         lines.append("")
         lines.append(f"{'namespace':<32} {'block':>10} {'blocks':>8} {'hit rate':>9} {'tokens saved':>13}")
         for ns in s["namespaces"]:
-            lines.append(f"{ns['name'][:32]:<32} {format_size(ns['block_size']):>10} {ns['blocks']:>8} "
+            lines.append(f"{printable(ns['name'])[:32]:<32} {format_size(ns['block_size']):>10} {ns['blocks']:>8} "
                          f"{_pct(ns['hits'], ns['hits'] + ns['misses']):>9} {ns.get('tokens_served', 0):>13}")
     moves = s.get("moves", [])
     if moves or s.get("evictions"):
@@ -118,9 +121,9 @@ def render_stats(s: dict) -> str:
 def render_hot(hot: dict) -> str:
     lines = []
     for ns, items in hot.items():
-        lines.append(f"{ns}:")
+        lines.append(f"{printable(ns)}:")
         for key_hex, count in items:
-            lines.append(f"  {count:>8}  {key_hex}")
+            lines.append(f"  {count:>8}  {printable(key_hex)}")
     return "\n".join(lines) or "no reads in the window"
 
 
@@ -130,10 +133,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
             while True:
                 if args.hot:
                     hot = c.hot()
-                    out = json.dumps(hot, indent=2) if args.json else render_hot(hot)
+                    out = json_safe(json.dumps(hot, indent=2)) if args.json else render_hot(hot)
                 else:
                     s = c.stats()
-                    out = json.dumps(s, indent=2, default=str) if args.json else render_stats(s)
+                    out = json_safe(json.dumps(s, indent=2, default=str)) if args.json else render_stats(s)
                 if args.watch:
                     sys.stdout.write("\x1b[H\x1b[2J" + out + "\n")
                     sys.stdout.flush()
@@ -143,7 +146,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 return 0
     except KeyboardInterrupt:
         return 0
-    except (ConnectionError, OSError) as e:
+    except (ConnectionError, OSError, ProtocolError) as e:
         print(f"kvtierd: {e}", file=sys.stderr)
         return 1
 

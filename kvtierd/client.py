@@ -17,6 +17,19 @@ frame for clients that cannot map the region (another host, a debug shell).
         ns.put_many(keys, blocks)
         n = ns.lookup(keys)
         blocks = ns.get_many(keys)
+
+Requests are split so that no frame exceeds the daemon's max_frame_bytes
+(learnt from its hello). When the daemon has no room for some blocks (every
+slot leased or reserved), put_many/put_inline store what fits and raise
+`StoreFull` naming the keys left out.
+
+Both clients reconnect: when the daemon went away (restart, idle timeout),
+the next call dials again (`reconnect_attempts` tries, backoff doubling from
+`reconnect_backoff_s`), says hello, maps the new host regions and reopens
+every namespace by name, then goes on. A lease or reservation taken on the
+old connection died with it: releasing or committing it raises ConnectionLost
+(a KvtierdError with code BAD_HANDLE, and a ConnectionError) saying so, and
+bytes read under such a lease may be stale.
 """
 
 from __future__ import annotations
@@ -27,18 +40,75 @@ import os
 import select
 import socket
 import time
+import weakref
 from typing import Any, Generator, Sequence
 
 from kvtierd import regions as regions_mod
 from kvtierd.config import default_socket_path
-from kvtierd.protocol import HEADER, PROTOCOL_VERSION, Code, Op, ProtocolError, request, unpack_body
+from kvtierd.protocol import (
+    HEADER,
+    MAX_KEYS_PER_REQUEST,
+    PROTOCOL_VERSION,
+    Code,
+    Op,
+    ProtocolError,
+    request,
+    unpack_body,
+)
 from kvtierd.tiers.host import HostRegionMapping
 
 Steps = Generator[tuple[Op, dict], dict, Any]
 
+# Ops that name a lease or reservation of this connection: never retried on another one.
+HANDLE_OPS = frozenset({Op.COMMIT, Op.ABORT, Op.RELEASE})
+# Connection-level errors (request id 0) after which the daemon closes the connection ...
+CLOSING_CODES = frozenset({Code.LIMIT, Code.SHUTTING_DOWN, Code.BAD_HANDLE, Code.DENIED, Code.FRAME_TOO_LARGE})
+# ... and those after which a new connection may simply go on (idle timeout, a restart).
+RETRY_CODES = frozenset({Code.LIMIT, Code.SHUTTING_DOWN})
+FRAME_SLACK = 1024           # room in a frame for the envelope and the other arguments
+REPLY_BYTES_PER_KEY = 24     # an offset, an index and a tier name per key, msgpack'd, at most
+
 
 class KvtierdError(ProtocolError):
     """An error reply from the daemon (code and message as the daemon sent them)."""
+
+
+class StoreFull(KvtierdError):
+    """Some blocks could not be stored: the tier had no room (every slot leased or reserved).
+    The others were stored and committed; `stored` counts the new ones, `not_stored`
+    lists the keys left out (put them again later, or free room)."""
+
+    def __init__(self, stored: int, not_stored: list[bytes]):
+        super().__init__(Code.FULL, f"{len(not_stored)} blocks could not be stored: no room in the tier "
+                                    f"(every slot is leased or reserved); {stored} new blocks were stored")
+        self.stored = stored
+        self.not_stored = not_stored
+
+
+class ConnectionLost(KvtierdError, ConnectionError):
+    """A lease or reservation died with its connection (daemon restart, revocation, idle
+    timeout): code BAD_HANDLE, and a ConnectionError, as the connection is what went."""
+
+
+class _Lost(Exception):
+    """Internal: the connection is gone; `error` is what the caller sees unless a retry helps."""
+
+    def __init__(self, error: Exception, retry: bool):
+        super().__init__(str(error))
+        self.error = error
+        self.retry = retry
+
+
+def _stale(what: str, handle: int) -> ConnectionLost:
+    kind, consequence = (("lease", "bytes read under it may not be what was stored; read them again")
+                         if what == "lid" else
+                         ("reservation", "its blocks were not stored; put them again"))
+    return ConnectionLost(Code.BAD_HANDLE, f"{kind} {handle} was lost with the connection to kvtierd "
+                                         f"(daemon restart, revocation or idle timeout); {consequence}")
+
+
+def _stale_for(op: Op, args: dict) -> ConnectionLost:
+    return _stale("lid", args["lid"]) if op == Op.RELEASE else _stale("rid", args["rid"])
 
 
 def _as_bytes_view(block: Any) -> memoryview:
@@ -71,21 +141,50 @@ def _check_blocks(ns: "_NamespaceBase", keys: Sequence[bytes], blocks: Sequence[
     return views
 
 
-def _chunks(ns: "_NamespaceBase", n: int) -> range:
+def _per_frame(ns: "_NamespaceBase", keys: list[bytes], per_key: int) -> int:
+    """Keys per request so that neither it nor its reply exceeds max_frame_bytes,
+    with `per_key` bytes of payload (blocks) per key besides the key itself."""
+    limit = ns.client.max_frame_bytes - FRAME_SLACK
+    widest = max(map(len, keys), default=1) + 2          # msgpack bin8 header
+    return max(1, limit // (max(widest, REPLY_BYTES_PER_KEY) + per_key))
+
+
+def _chunks(ns: "_NamespaceBase", keys: list[bytes]) -> range:
     """Batch starts, so one request never asks for more than a quarter of the host
-    tier at once (a bigger lease or reservation could not be satisfied whole)."""
-    per = max(1, ns.region.size // (4 * ns.slot_bytes))
-    return range(0, n, per)
+    tier at once (a bigger lease or reservation could not be satisfied whole), nor
+    more keys than one frame carries."""
+    per = min(max(1, ns.region.size // (4 * ns.slot_bytes)), MAX_KEYS_PER_REQUEST,
+              _per_frame(ns, keys, 0))
+    return range(0, len(keys), per)
+
+
+def _inline_chunks(ns: "_NamespaceBase", keys: list[bytes]) -> range:
+    """Batch starts for put_inline/get_inline: the blocks travel in the frames."""
+    if ns.block_size + 64 + FRAME_SLACK > ns.client.max_frame_bytes:
+        raise KvtierdError(Code.FRAME_TOO_LARGE, f"a block of {ns.block_size} bytes does not fit in a frame "
+                                                 f"(the daemon's server.max_frame_bytes is "
+                                                 f"{ns.client.max_frame_bytes}); use put_many/get_many")
+    per = min(MAX_KEYS_PER_REQUEST, _per_frame(ns, keys, ns.block_size + 8))
+    return range(0, len(keys), per)
+
+
+def _check_writable(ns: "_NamespaceBase") -> None:
+    if not ns.region.writable:
+        raise PermissionError(f"namespace {ns.name!r}: this client mapped the host regions read-only "
+                              f"(read_only=True); use put_inline to store")
 
 
 def _put_steps(ns: "_NamespaceBase", keys: list[bytes], blocks: Sequence[Any]) -> Steps:
     views = _check_blocks(ns, keys, blocks)
     _check_writable(ns)
     stored = 0
-    starts = _chunks(ns, len(keys))
+    not_stored: list[bytes] = []
+    starts = _chunks(ns, keys)
     for s in starts:
         part = keys[s:s + starts.step]
         res = yield Op.RESERVE, {"ns": ns.id, "keys": part}
+        if res.get("full"):
+            not_stored += [part[i] for i in res["full"]]
         try:
             region = ns.region
             for i, off in zip(res["index"], res["offsets"]):
@@ -95,18 +194,38 @@ def _put_steps(ns: "_NamespaceBase", keys: list[bytes], blocks: Sequence[Any]) -
             raise
         done = yield Op.COMMIT, {"rid": res["rid"]}
         stored += done["n"]
+    if not_stored:
+        raise StoreFull(stored, not_stored)
     return stored
 
 
-def _check_writable(ns: "_NamespaceBase") -> None:
-    if not ns.region.writable:
-        raise PermissionError(f"namespace {ns.name!r}: this client mapped the host regions read-only "
-                              f"(read_only=True); use put_inline to store")
+def _put_inline_steps(ns: "_NamespaceBase", keys: list[bytes], blocks: Sequence[Any]) -> Steps:
+    views = _check_blocks(ns, keys, blocks)
+    stored = 0
+    not_stored: list[bytes] = []
+    starts = _inline_chunks(ns, keys)
+    for s in starts:
+        part = keys[s:s + starts.step]
+        done = yield Op.PUT, {"ns": ns.id, "keys": part, "data": [bytes(v) for v in views[s:s + starts.step]]}
+        stored += done["n"]
+        if done.get("full"):
+            not_stored += [part[i] for i in done["full"]]
+    if not_stored:
+        raise StoreFull(stored, not_stored)
+    return stored
+
+
+def _get_inline_steps(ns: "_NamespaceBase", keys: list[bytes]) -> Steps:
+    out: list[bytes | None] = []
+    starts = _inline_chunks(ns, keys)
+    for s in starts:
+        out += (yield Op.GET, {"ns": ns.id, "keys": keys[s:s + starts.step]})["blocks"]
+    return out
 
 
 def _get_steps(ns: "_NamespaceBase", keys: list[bytes]) -> Steps:
     out: list[bytes | None] = []
-    starts = _chunks(ns, len(keys))
+    starts = _chunks(ns, keys)
     for s in starts:
         part = keys[s:s + starts.step]
         lease = yield Op.ACQUIRE, {"ns": ns.id, "keys": part, "prefix": False}
@@ -123,7 +242,7 @@ def _get_into_steps(ns: "_NamespaceBase", keys: list[bytes], out: Sequence[Any])
         raise ValueError(f"{len(keys)} keys but {len(out)} buffers")
     dests = [_as_bytes_view(b) for b in out]
     found: list[bool] = []
-    starts = _chunks(ns, len(keys))
+    starts = _chunks(ns, keys)
     for s in starts:
         lease = yield Op.ACQUIRE, {"ns": ns.id, "keys": keys[s:s + starts.step], "prefix": False}
         try:
@@ -144,6 +263,7 @@ class Lease:
 
     def __init__(self, ns: "_NamespaceBase", keys: list[bytes], reply: dict):
         self.ns = ns
+        self.epoch: int = ns.client._epoch      # the connection it lives on
         self.lid: int = reply["lid"]
         self.offsets: list[int] = reply["offsets"]
         self.tiers: list[str | None] = reply["tiers"]
@@ -175,13 +295,17 @@ class Lease:
 
 
 class Reservation:
-    """Writable views of reserved slots; `commit()` publishes them, `abort()` drops them."""
+    """Writable views of reserved slots; `commit()` publishes them, `abort()` drops them.
+    `keys` are those reserved (keys already stored are skipped); `full` lists the keys
+    the daemon had no room for (not reserved: store them again later)."""
 
     def __init__(self, ns: "_NamespaceBase", keys: list[bytes], reply: dict):
         self.ns = ns
+        self.epoch: int = ns.client._epoch
         self.rid: int = reply["rid"]
         self.index: list[int] = reply["index"]
         self.keys = [keys[i] for i in self.index]
+        self.full: list[bytes] = [keys[i] for i in reply.get("full", ())]
         self.offsets: list[int] = reply["offsets"]
         self.tier: str = reply["tier"]
         region = ns.region
@@ -191,9 +315,14 @@ class Reservation:
 
 
 class _NamespaceBase:
-    def __init__(self, client: Any, name: str, reply: dict):
+    def __init__(self, client: Any, name: str, tokens_per_block: int, reply: dict):
         self.client = client
         self.name = name
+        self.tokens_per_block = tokens_per_block
+        self._opened(reply)
+        client._namespaces.add(self)       # reopened by name after a reconnect
+
+    def _opened(self, reply: dict) -> None:
         self.id: int = reply["ns"]
         self.block_size: int = reply["block_size"]
         self.slot_bytes: int = reply["slot_bytes"]
@@ -207,12 +336,19 @@ class _NamespaceBase:
             raise KvtierdError(Code.DENIED, f"no host region of access domain {self.domain!r} is mapped here")
         return region
 
+    def _reopen_args(self) -> dict:
+        args = {"name": self.name, "block_size": self.block_size}
+        if self.tokens_per_block:
+            args["tokens_per_block"] = self.tokens_per_block
+        return args
+
 
 # ------------------------------------------------------------------ handshake
 
 def _hello(sock: socket.socket, req_id: int, name: str, timeout: float | None,
            read_only: bool) -> tuple[dict, dict[str, HostRegionMapping]]:
-    """HELLO on a fresh connection: (server info, {domain: mapping}); see kvtierd.regions."""
+    """HELLO as the first request of a connection: (server info, {domain: mapping}).
+    Its reply carries the region fds, so it is read by recvmsg (kvtierd.regions)."""
     try:
         return regions_mod.hello(sock, req_id, {"version": PROTOCOL_VERSION, "client": name or "python",
                                                 "pid": os.getpid()}, timeout, writable=not read_only)
@@ -232,7 +368,8 @@ class Namespace(_NamespaceBase):
     """Blocks of one namespace, through a sync Client."""
 
     def put_many(self, keys: list[bytes], blocks: Sequence[Any]) -> int:
-        """Stores blocks (through shared memory); keys already present are skipped. Returns how many were new."""
+        """Stores blocks (through shared memory); keys already present are skipped. Returns how many were new.
+        Raises StoreFull (after committing the rest) when the daemon had no room for some of them."""
         return self.client._drive(_put_steps(self, list(keys), blocks))
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
@@ -252,12 +389,13 @@ class Namespace(_NamespaceBase):
         return _expand_runs(self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)})["runs"])
 
     def put_inline(self, keys: list[bytes], blocks: Sequence[Any]) -> int:
-        """Like put_many, with the bytes in the request frame (no shared memory)."""
-        views = _check_blocks(self, keys, blocks)
-        return self.client._call(Op.PUT, {"ns": self.id, "keys": list(keys), "data": [bytes(v) for v in views]})["n"]
+        """Like put_many, with the bytes in the request frames (no shared memory); split so
+        no frame exceeds the daemon's max_frame_bytes. Raises StoreFull like put_many."""
+        return self.client._drive(_put_inline_steps(self, list(keys), blocks))
 
     def get_inline(self, keys: list[bytes]) -> list[bytes | None]:
-        return self.client._call(Op.GET, {"ns": self.id, "keys": list(keys)})["blocks"]
+        """Like get_many, with the bytes in the reply frames (split to fit max_frame_bytes)."""
+        return self.client._drive(_get_inline_steps(self, list(keys)))
 
     def delete(self, keys: list[bytes]) -> int:
         return self.client._call(Op.DELETE, {"ns": self.id, "keys": list(keys)})["n"]
@@ -265,6 +403,12 @@ class Namespace(_NamespaceBase):
     def prefetch(self, keys: list[bytes]) -> int:
         """Hint: bring disk blocks up to host in the background."""
         return self.client._call(Op.PREFETCH, {"ns": self.id, "keys": list(keys)})["n"]
+
+    def drop(self) -> int:
+        """Removes the namespace and all its blocks (its owner or root only); returns the blocks dropped."""
+        n = self.client._call(Op.DROP, {"ns": self.id})["n"]
+        self.client._namespaces.discard(self)
+        return n
 
     def acquire(self, keys: list[bytes], prefix: bool = True, tier: str = "host") -> "SyncLease":
         """Leases the leading present keys (all present keys with prefix=False); use as a context manager.
@@ -289,7 +433,8 @@ class Namespace(_NamespaceBase):
 
     def reserve(self, keys: list[bytes], tier: str = "host") -> "SyncReservation":
         """Slots for the keys not yet stored; commits at the end of a `with` block, aborts on error.
-        tier="hbm" asks for HBM slots (written with the worker copy path; `views` is empty then)."""
+        tier="hbm" asks for HBM slots (written with the worker copy path; `views` is empty then).
+        Keys the daemon had no room for are in the reservation's `full`."""
         if tier == "host":
             _check_writable(self)
         reply = self.client._call(Op.RESERVE, {"ns": self.id, "keys": list(keys), "tier": tier})
@@ -298,8 +443,11 @@ class Namespace(_NamespaceBase):
 
 class SyncLease(Lease):
     def release(self) -> None:
+        """Ends the lease. Raises ConnectionLost when its connection was lost meanwhile."""
         if not self.released:
             self._drop_views()
+            if self.epoch != self.ns.client._epoch:
+                raise _stale("lid", self.lid)
             self.ns.client._call(Op.RELEASE, {"lid": self.lid})
 
     def __enter__(self) -> "SyncLease":
@@ -311,13 +459,18 @@ class SyncLease(Lease):
 
 class SyncReservation(Reservation):
     def commit(self) -> int:
+        """Publishes the written slots. Raises ConnectionLost when the connection was lost
+        since the reserve: then nothing was stored."""
         self.done = True
+        if self.epoch != self.ns.client._epoch:
+            raise _stale("rid", self.rid)
         return self.ns.client._call(Op.COMMIT, {"rid": self.rid})["n"]
 
     def abort(self) -> None:
         if not self.done:
             self.done = True
-            self.ns.client._call(Op.ABORT, {"rid": self.rid})
+            if self.epoch == self.ns.client._epoch:
+                self.ns.client._call(Op.ABORT, {"rid": self.rid})
 
     def __enter__(self) -> "SyncReservation":
         return self
@@ -335,48 +488,119 @@ class Client:
     """A blocking connection to the daemon. Not thread-safe: one per thread."""
 
     def __init__(self, socket_path: str | os.PathLike | None = None, *, timeout: float | None = 60.0,
-                 name: str = "", spin_us: float = 200.0, read_only: bool = False):
+                 name: str = "", spin_us: float = 200.0, reconnect_attempts: int = 10,
+                 reconnect_backoff_s: float = 0.05, read_only: bool = False):
         """`spin_us`: the longest busy-poll for a reply before sleeping in poll(2). A reply
         usually comes within tens of microseconds, and a sleeping thread costs a wakeup
         (about 50 µs on small VMs), so a short spin halves small-request latency. The
         spin adapts: replies that keep missing it (more clients than cores, big requests)
         shrink it to nothing, so spinning never steals the daemon's CPU for long.
+
+        `reconnect_attempts`, `reconnect_backoff_s`: when the connection was lost, the next
+        call dials up to that many times, waiting the backoff (doubling, at most 1 s)
+        between tries, before it raises ConnectionError. 0 attempts: never reconnect.
+        Refusals (DENIED, LIMIT) are raised as KvtierdError with the daemon's reason.
+
         `read_only`: map the host regions read-only (a reader process then cannot
         write them at all; reserve/put_many fail, put_inline still works)."""
         self.socket_path = str(socket_path or default_socket_path())
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(self.socket_path)
-        except OSError as e:
-            self.sock.close()
-            raise ConnectionError(f"cannot reach kvtierd at {self.socket_path}: {e.strerror or e}; "
-                                  f"is the daemon running?") from None
-        self.sock.setblocking(False)
+        self.name = name
+        self.read_only = read_only
+        self._timeout = timeout
         self._timeout_ms = -1 if timeout is None else int(timeout * 1000)
         self._spin_max = spin_us / 1e6
         self._spin_s = self._spin_max
         self._spin_misses = 0
-        self._poll = select.poll()
-        self._poll.register(self.sock, select.POLLIN)
         self._ids = itertools.count(1)
-        self._rb = bytearray(256 << 10)
-        self._rs = self._re = 0
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            self.sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        self.reconnect_attempts = reconnect_attempts
+        self.reconnect_backoff_s = reconnect_backoff_s
+        self._epoch = 0                       # which connection: bumped on every (re)connect
+        self._broken: Exception | None = None  # why the current connection is unusable
+        self._namespaces: weakref.WeakSet = weakref.WeakSet()
+        self.sock: socket.socket | None = None
         self.regions: dict[str, HostRegionMapping] = {}
-        self.read_only = read_only
         self._worker_regions: Any = None
-        try:
-            self.server_info, self.regions = _hello(self.sock, next(self._ids), name, timeout, read_only)
-        except BaseException:
-            self.sock.close()
-            raise
+        self._connect()
 
     @property
     def region(self) -> HostRegionMapping | None:
-        """The default domain's host region (the GPU copy path works on this one)."""
+        """The default domain's host region, where this client received it."""
         return self.regions.get("default")
+
+    def _connect(self) -> None:
+        """Dials, says hello and maps the host region (a new epoch)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self._timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as e:
+            sock.close()
+            raise ConnectionError(f"cannot reach kvtierd at {self.socket_path}: {e.strerror or e}; "
+                                  f"is the daemon running?") from None
+        sock.setblocking(False)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        self.sock = sock
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        self._rb = bytearray(256 << 10)
+        self._rs = self._re = 0
+        self._broken = None
+        try:
+            info, regions = _hello(sock, next(self._ids), self.name, self._timeout, self.read_only)
+        except BaseException:
+            self._close_socket()
+            raise
+        self.server_info = info
+        self.max_frame_bytes: int = info.get("max_frame_bytes", 64 << 20)
+        self.regions = regions
+        self._epoch += 1
+
+    def _close_socket(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def _drop_connection(self) -> None:
+        """Lets go of the socket and the old mappings (views still exported keep theirs alive)."""
+        self._close_socket()
+        if self._worker_regions is not None:
+            try:
+                self._worker_regions.close()
+            finally:
+                self._worker_regions = None
+        _close_regions(self.regions)
+
+    def _reconnect(self) -> None:
+        """A new connection after the old one was lost: bounded retries, then every namespace reopened."""
+        why = self._broken
+        self._drop_connection()
+        delay, last = self.reconnect_backoff_s, why
+        t0 = time.monotonic()
+        for attempt in range(self.reconnect_attempts):
+            if attempt:
+                time.sleep(delay)      # the daemon is (re)starting: back off, bounded
+                delay = min(delay * 2, 1.0)
+            try:
+                self._connect()
+                break
+            except ConnectionError as e:
+                last = e
+            except KvtierdError as e:
+                if e.code not in RETRY_CODES:
+                    self._broken = e
+                    raise
+                last = e
+        else:
+            self._broken = last or ConnectionError("not connected")
+            raise ConnectionError(f"lost the connection to kvtierd at {self.socket_path} ({why}) and could not "
+                                  f"reconnect in {self.reconnect_attempts} attempts over "
+                                  f"{time.monotonic() - t0:.1f} s: {last}") from None
+        try:
+            for ns in list(self._namespaces):
+                ns._opened(self._call_once(Op.OPEN, ns._reopen_args()))
+        except _Lost as lost:
+            raise lost.error from None
 
     def worker_regions(self) -> Any:
         """This process's copy regions (pinned host mapping, HBM pool by IPC), made on first use."""
@@ -436,6 +660,34 @@ class Client:
             except BlockingIOError:
                 select.select([], [self.sock], [], None if self._timeout_ms < 0 else self._timeout_ms / 1000)
 
+    def _pending_error(self) -> KvtierdError | None:
+        """After a failed send: the error frame the daemon sent before it closed, if any
+        (a refusal says why, where the send only knows 'broken pipe')."""
+        data = bytearray(self._rb[self._rs:self._re])
+        chunk = bytearray(64 << 10)
+        while len(data) < (1 << 20):
+            try:
+                k = self.sock.recv_into(chunk)
+            except OSError:          # nothing more (EAGAIN), or ECONNRESET after the data
+                break
+            if not k:
+                break
+            data += chunk[:k]
+        pos = 0
+        while len(data) - pos >= 4:
+            (length,) = HEADER.unpack_from(data, pos)
+            if len(data) - pos - 4 < length:
+                break
+            try:
+                msg = unpack_body(memoryview(data)[pos + 4:pos + 4 + length])
+                rid, code, result = msg
+            except Exception:
+                return None
+            pos += 4 + length
+            if code != Code.OK:
+                return KvtierdError(Code(code), result)
+        return None
+
     def _read_frame(self) -> Any:
         """One reply, decoded. Small replies come from a reused buffer in one recv;
         a large one is received straight into a buffer of its own size."""
@@ -458,22 +710,69 @@ class Client:
             have += self._recv_into(view[have:])
         return unpack_body(big)
 
-    def _call(self, op: Op, args: dict) -> dict:
+    def _call_once(self, op: Op, args: dict) -> dict:
+        """One request on the current connection; raises _Lost when the connection is gone."""
         req_id = next(self._ids)
-        self._send_all(request(req_id, op, args))
+        try:
+            frame = request(req_id, op, args)
+        except ProtocolError as e:
+            raise KvtierdError(e.code, e.message) from None
+        try:
+            self._send_all(frame)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            refusal = self._pending_error()
+            self._broken = refusal or ConnectionError(f"kvtierd closed the connection ({e.strerror})")
+            raise _Lost(self._broken, refusal is None or refusal.code in RETRY_CODES) from None
         while True:
-            rid, code, result = self._read_frame()
+            try:
+                rid, code, result = self._read_frame()
+            except ConnectionError as e:
+                self._broken = ConnectionError(f"kvtierd closed the connection ({e})")
+                raise _Lost(self._broken, True) from None
+            except TimeoutError as e:
+                self._broken = e      # its reply may still come: this connection is out of step
+                raise
             if code != Code.OK:
-                raise KvtierdError(Code(code), result)
+                err = KvtierdError(Code(code), result)
+                if rid == 0 and code in CLOSING_CODES:
+                    self._broken = err
+                    raise _Lost(err, code in RETRY_CODES)
+                raise err
             if rid == req_id:
                 return result
 
+    def _call(self, op: Op, args: dict) -> dict:
+        """One request; reconnects first if the connection was lost, and once more if it is
+        lost during this request (never for a lease or reservation of the old connection)."""
+        if self._broken is not None:
+            if op in HANDLE_OPS:
+                raise _stale_for(op, args)
+            if not self.reconnect_attempts:
+                raise ConnectionError(f"not connected to kvtierd: {self._broken}")
+            self._reconnect()
+        try:
+            return self._call_once(op, args)
+        except _Lost as lost:
+            if op in HANDLE_OPS:
+                raise _stale_for(op, args) from None
+            if not lost.retry or not self.reconnect_attempts:
+                raise lost.error from None
+        self._reconnect()
+        try:
+            return self._call_once(op, args)
+        except _Lost as lost:
+            raise lost.error from None
+
     def _drive(self, steps: Steps) -> Any:
+        held = self._epoch       # leases and reservations of this operation live on this connection
         try:
             op, args = next(steps)
             while True:
                 try:
+                    if op in HANDLE_OPS and (held != self._epoch or self._broken is not None):
+                        raise _stale_for(op, args)
                     result = self._call(op, args)
+                    held = self._epoch
                 except BaseException as e:
                     op, args = steps.throw(e)
                     continue
@@ -483,7 +782,14 @@ class Client:
 
     def namespace(self, name: str, block_size: int, tokens_per_block: int = 0) -> Namespace:
         """Opens (or creates) a namespace; all its blocks have `block_size` bytes."""
-        return Namespace(self, name, self._drive(_open_steps(name, block_size, tokens_per_block)))
+        return Namespace(self, name, tokens_per_block, self._drive(_open_steps(name, block_size, tokens_per_block)))
+
+    def drop(self, name: str) -> int:
+        """Removes namespace `name` and all its blocks (its owner or root only); returns the blocks dropped."""
+        ns = _find_open(self, name)
+        if ns is None:
+            ns = self.namespace(name, _block_size_of(self.stats(), name))
+        return ns.drop()
 
     def ping(self) -> dict:
         return self._call(Op.PING, {})
@@ -495,11 +801,9 @@ class Client:
         return self._call(Op.HOT, {"ns": namespace} if namespace else {})["hot"]
 
     def close(self) -> None:
-        if self._worker_regions is not None:
-            self._worker_regions.close()
-            self._worker_regions = None
-        _close_regions(self.regions)
-        self.sock.close()
+        self._drop_connection()
+        self._broken = ConnectionError("the client was closed")
+        self.reconnect_attempts = 0
 
     def __enter__(self) -> "Client":
         return self
@@ -508,12 +812,27 @@ class Client:
         self.close()
 
 
+def _find_open(client: Any, name: str) -> Any:
+    for ns in list(client._namespaces):
+        if ns.name == name:
+            return ns
+    return None
+
+
+def _block_size_of(stats: dict, name: str) -> int:
+    for ns in stats.get("namespaces", ()):
+        if ns.get("name") == name:
+            return ns["block_size"]
+    raise KvtierdError(Code.NO_NAMESPACE, f"no namespace named {name!r} in the daemon")
+
+
 # ------------------------------------------------------------------ async flavour
 
 class AsyncNamespace(_NamespaceBase):
     """Blocks of one namespace, through an AsyncClient."""
 
     async def put_many(self, keys: list[bytes], blocks: Sequence[Any]) -> int:
+        """See Namespace.put_many; raises StoreFull the same way."""
         return await self.client._drive(_put_steps(self, list(keys), blocks))
 
     async def get_many(self, keys: list[bytes]) -> list[bytes | None]:
@@ -529,18 +848,23 @@ class AsyncNamespace(_NamespaceBase):
         return _expand_runs((await self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)}))["runs"])
 
     async def put_inline(self, keys: list[bytes], blocks: Sequence[Any]) -> int:
-        views = _check_blocks(self, keys, blocks)
-        return (await self.client._call(Op.PUT, {"ns": self.id, "keys": list(keys),
-                                                 "data": [bytes(v) for v in views]}))["n"]
+        """See Namespace.put_inline; raises StoreFull the same way."""
+        return await self.client._drive(_put_inline_steps(self, list(keys), blocks))
 
     async def get_inline(self, keys: list[bytes]) -> list[bytes | None]:
-        return (await self.client._call(Op.GET, {"ns": self.id, "keys": list(keys)}))["blocks"]
+        return await self.client._drive(_get_inline_steps(self, list(keys)))
 
     async def delete(self, keys: list[bytes]) -> int:
         return (await self.client._call(Op.DELETE, {"ns": self.id, "keys": list(keys)}))["n"]
 
     async def prefetch(self, keys: list[bytes]) -> int:
         return (await self.client._call(Op.PREFETCH, {"ns": self.id, "keys": list(keys)}))["n"]
+
+    async def drop(self) -> int:
+        """See Namespace.drop."""
+        n = (await self.client._call(Op.DROP, {"ns": self.id}))["n"]
+        self.client._namespaces.discard(self)
+        return n
 
     def acquire(self, keys: list[bytes], prefix: bool = True, tier: str = "host") -> "AsyncLeaseContext":
         return AsyncLeaseContext(self, list(keys), prefix, tier)
@@ -553,6 +877,8 @@ class AsyncLease(Lease):
     async def release(self) -> None:
         if not self.released:
             self._drop_views()
+            if self.epoch != self.ns.client._epoch:
+                raise _stale("lid", self.lid)
             await self.ns.client._call(Op.RELEASE, {"lid": self.lid})
 
 
@@ -574,12 +900,15 @@ class AsyncLeaseContext:
 class AsyncReservation(Reservation):
     async def commit(self) -> int:
         self.done = True
+        if self.epoch != self.ns.client._epoch:
+            raise _stale("rid", self.rid)
         return (await self.ns.client._call(Op.COMMIT, {"rid": self.rid}))["n"]
 
     async def abort(self) -> None:
         if not self.done:
             self.done = True
-            await self.ns.client._call(Op.ABORT, {"rid": self.rid})
+            if self.epoch == self.ns.client._epoch:
+                await self.ns.client._call(Op.ABORT, {"rid": self.rid})
 
 
 class AsyncReservationContext:
@@ -604,17 +933,26 @@ class AsyncReservationContext:
 
 
 class AsyncClient:
-    """An asyncio connection to the daemon; many requests may be in flight at once."""
+    """An asyncio connection to the daemon; many requests may be in flight at once.
+    Reconnects like Client (same `reconnect_attempts` and `reconnect_backoff_s`)."""
 
-    def __init__(self, socket_path: str | os.PathLike | None = None, *, name: str = "", read_only: bool = False):
+    def __init__(self, socket_path: str | os.PathLike | None = None, *, name: str = "",
+                 reconnect_attempts: int = 10, reconnect_backoff_s: float = 0.05, read_only: bool = False):
         """`read_only`: map the host regions read-only, as for Client."""
         self.socket_path = str(socket_path or default_socket_path())
         self.name = name
         self.read_only = read_only
+        self.reconnect_attempts = reconnect_attempts
+        self.reconnect_backoff_s = reconnect_backoff_s
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self.regions: dict[str, HostRegionMapping] = {}
         self._reader_task: asyncio.Task | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._epoch = 0
+        self._broken: Exception | None = None
+        self._namespaces: weakref.WeakSet = weakref.WeakSet()
+        self._reconnecting: asyncio.Lock | None = None
 
     @property
     def region(self) -> HostRegionMapping | None:
@@ -629,16 +967,21 @@ class AsyncClient:
             sock.close()
             raise ConnectionError(f"cannot reach kvtierd at {self.socket_path}: {e.strerror or e}; "
                                   f"is the daemon running?") from None
+        self._broken = None
+        regions: dict[str, HostRegionMapping] = {}
         try:
             # HELLO by recvmsg (its reply carries the region fds) before the stream reader takes over.
-            self.server_info, self.regions = await asyncio.to_thread(_hello, sock, next(self._ids), self.name,
-                                                                     60.0, self.read_only)
+            info, regions = await asyncio.to_thread(_hello, sock, next(self._ids), self.name, 60.0, self.read_only)
             self._reader, self._writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 26)
         except BaseException:
-            _close_regions(self.regions)
+            _close_regions(regions)
             sock.close()
             raise
         self._reader_task = asyncio.create_task(self._read_replies())
+        self.server_info = info
+        self.max_frame_bytes: int = info.get("max_frame_bytes", 64 << 20)
+        self.regions = regions
+        self._epoch += 1
         return self
 
     async def _read_replies(self) -> None:
@@ -648,8 +991,13 @@ class AsyncClient:
                 rid, code, result = unpack_body(await self._reader.readexactly(length))
                 fut = self._waiting.pop(rid, None)
                 if fut is None:
-                    if code != Code.OK:   # connection-level error (id 0): fail everyone
-                        self._fail_all(KvtierdError(Code(code), result))
+                    if code != Code.OK:   # connection-level error (id 0)
+                        err = KvtierdError(Code(code), result)
+                        if code in CLOSING_CODES:
+                            self._broken = err
+                            self._fail_all(_Lost(err, code in RETRY_CODES))
+                        else:
+                            self._fail_all(err)
                     continue
                 if not fut.done():
                     if code == Code.OK:
@@ -657,7 +1005,10 @@ class AsyncClient:
                     else:
                         fut.set_exception(KvtierdError(Code(code), result))
         except (asyncio.IncompleteReadError, ConnectionError) as e:
-            self._fail_all(ConnectionError(f"kvtierd closed the connection ({e})"))
+            if self._broken is None:
+                self._broken = ConnectionError(f"kvtierd closed the connection ({e})")
+            self._fail_all(_Lost(self._broken, not isinstance(self._broken, KvtierdError)
+                                 or self._broken.code in RETRY_CODES))
 
     def _fail_all(self, exc: Exception) -> None:
         waiting, self._waiting = self._waiting, {}
@@ -665,20 +1016,110 @@ class AsyncClient:
             if not fut.done():
                 fut.set_exception(exc)
 
-    async def _call(self, op: Op, args: dict) -> dict:
+    async def _call_once(self, op: Op, args: dict) -> dict:
+        if self._broken is not None:
+            raise _Lost(self._broken, True)
         req_id = next(self._ids)
+        try:
+            frame = request(req_id, op, args)
+        except ProtocolError as e:
+            raise KvtierdError(e.code, e.message) from None
         fut = asyncio.get_running_loop().create_future()
         self._waiting[req_id] = fut
-        self._writer.write(request(req_id, op, args))
-        await self._writer.drain()
+        try:
+            self._writer.write(frame)
+            await self._writer.drain()
+        except (ConnectionError, OSError):
+            # The reader sees the daemon's last word (a refusal says why) and fails the future.
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), timeout=5.0)
+            except asyncio.TimeoutError:
+                self._waiting.pop(req_id, None)
+                self._broken = self._broken or ConnectionError("kvtierd closed the connection")
+                raise _Lost(self._broken, True) from None
         return await fut
 
+    async def _drop_connection(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            self._reader_task = None
+        if self._writer is not None:
+            self._writer.close()
+            try:
+                await self._writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+            self._writer = None
+        _close_regions(self.regions)
+
+    async def _reconnect(self, epoch: int) -> None:
+        if self._reconnecting is None:
+            self._reconnecting = asyncio.Lock()
+        async with self._reconnecting:
+            if self._epoch != epoch and self._broken is None:
+                return            # another call reconnected meanwhile
+            why = self._broken
+            await self._drop_connection()
+            delay, last = self.reconnect_backoff_s, why
+            t0 = time.monotonic()
+            for attempt in range(self.reconnect_attempts):
+                if attempt:
+                    await asyncio.sleep(delay)   # the daemon is (re)starting: back off, bounded
+                    delay = min(delay * 2, 1.0)
+                try:
+                    await self.connect()
+                    break
+                except ConnectionError as e:
+                    last = e
+                except KvtierdError as e:
+                    if e.code not in RETRY_CODES:
+                        self._broken = e
+                        raise
+                    last = e
+            else:
+                self._broken = last or ConnectionError("not connected")
+                raise ConnectionError(f"lost the connection to kvtierd at {self.socket_path} ({why}) and could "
+                                      f"not reconnect in {self.reconnect_attempts} attempts over "
+                                      f"{time.monotonic() - t0:.1f} s: {last}") from None
+            try:
+                for ns in list(self._namespaces):
+                    ns._opened(await self._call_once(Op.OPEN, ns._reopen_args()))
+            except _Lost as lost:
+                raise lost.error from None
+
+    async def _call(self, op: Op, args: dict) -> dict:
+        """See Client._call: the same reconnect rules."""
+        epoch = self._epoch
+        if self._broken is not None:
+            if op in HANDLE_OPS:
+                raise _stale_for(op, args)
+            if not self.reconnect_attempts:
+                raise ConnectionError(f"not connected to kvtierd: {self._broken}")
+            await self._reconnect(epoch)
+            epoch = self._epoch
+        try:
+            return await self._call_once(op, args)
+        except _Lost as lost:
+            if op in HANDLE_OPS:
+                raise _stale_for(op, args) from None
+            if not lost.retry or not self.reconnect_attempts:
+                raise lost.error from None
+        await self._reconnect(epoch)
+        try:
+            return await self._call_once(op, args)
+        except _Lost as lost:
+            raise lost.error from None
+
     async def _drive(self, steps: Steps) -> Any:
+        held = self._epoch
         try:
             op, args = next(steps)
             while True:
                 try:
+                    if op in HANDLE_OPS and (held != self._epoch or self._broken is not None):
+                        raise _stale_for(op, args)
                     result = await self._call(op, args)
+                    held = self._epoch
                 except BaseException as e:
                     op, args = steps.throw(e)
                     continue
@@ -687,7 +1128,15 @@ class AsyncClient:
             return stop.value
 
     async def namespace(self, name: str, block_size: int, tokens_per_block: int = 0) -> AsyncNamespace:
-        return AsyncNamespace(self, name, await self._drive(_open_steps(name, block_size, tokens_per_block)))
+        return AsyncNamespace(self, name, tokens_per_block,
+                              await self._drive(_open_steps(name, block_size, tokens_per_block)))
+
+    async def drop(self, name: str) -> int:
+        """See Client.drop."""
+        ns = _find_open(self, name)
+        if ns is None:
+            ns = await self.namespace(name, _block_size_of(await self.stats(), name))
+        return await ns.drop()
 
     async def ping(self) -> dict:
         return await self._call(Op.PING, {})
@@ -696,14 +1145,9 @@ class AsyncClient:
         return await self._call(Op.STATS, {})
 
     async def close(self) -> None:
-        if self._reader_task is not None:
-            self._writer.close()
-            self._reader_task.cancel()
-            try:
-                await self._writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
-        _close_regions(self.regions)
+        self.reconnect_attempts = 0
+        self._broken = ConnectionError("the client was closed")
+        await self._drop_connection()
 
     async def __aenter__(self) -> "AsyncClient":
         return await self.connect()

@@ -15,6 +15,12 @@ change what is logged.
 
 `reconfigure()` changes the level and format in place, without replacing the
 handler: no record is lost or duplicated across a SIGHUP.
+
+Client-chosen text (namespace names, client names) can hold terminal control
+sequences; `printable()` escapes them for anything an operator reads (the
+`kvtierd stats` CLI, log lines). Text log lines escape control characters in
+the message and in extras, JSON lines escape DEL and C1 (JSON already escapes
+C0), so a name cannot move an operator's cursor or forge a log line.
 """
 
 from __future__ import annotations
@@ -38,6 +44,21 @@ FORMATS = ("text", "json")
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 _FLUSH_ATTR = "_kvtierd_flush"
+
+
+# C0, DEL and C1 -> \xNN. A message is one line; tracebacks travel apart (exc_text).
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+_JSON_C1 = {c: f"\\u{c:04x}" for c in range(0x7f, 0xa0)}
+
+
+def printable(text: Any) -> str:
+    """`text` with every control character (C0, DEL, C1) written as \\xNN: safe on a terminal."""
+    return str(text).translate(_CONTROL)
+
+
+def json_safe(text: str) -> str:
+    """A JSON document with DEL and C1 characters escaped as \\u00NN (json.dumps leaves them raw)."""
+    return text.translate(_JSON_C1)
 
 
 def _iso(ts: float) -> str:
@@ -69,7 +90,7 @@ class JsonFormatter(logging.Formatter):
             obj["exc"] = record.exc_text
         if record.stack_info:
             obj["stack"] = record.stack_info
-        return json.dumps(obj, default=_jsonable, ensure_ascii=False)
+        return json_safe(json.dumps(obj, default=_jsonable, ensure_ascii=False))
 
 
 class TextFormatter(logging.Formatter):
@@ -80,7 +101,7 @@ class TextFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{record.levelname} {record.name}: {record.getMessage()}"
+        line = f"{record.levelname} {record.name}: {record.getMessage().translate(_CONTROL)}"
         extras = _extras(record)
         if extras:
             line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in extras.items())
@@ -101,7 +122,9 @@ def _text_value(v: Any) -> str:
     if isinstance(v, (bytes, bytearray, memoryview)):
         return bytes(v).hex()
     s = str(v)
-    return json.dumps(s) if (not s or any(c in s for c in " \"=\n")) else s
+    # json.dumps escapes C0 and (ensure_ascii) everything past ASCII; DEL is escaped by hand.
+    return json_safe(json.dumps(s)) if (not s or any(c in s for c in " \"=\n") or s != printable(s)) \
+        else s
 
 
 class _RenderingQueueHandler(logging.handlers.QueueHandler):

@@ -43,6 +43,7 @@ class Op(enum.IntEnum):
     STATS = 13
     PREFETCH = 14
     HOT = 15
+    DROP = 16              # remove a namespace and all its blocks (its owner or root)
 
 
 class Code(enum.IntEnum):
@@ -79,8 +80,14 @@ class ProtocolError(Exception):
 
 # --------------------------------------------------------------------- framing
 
+MAX_WIRE_FRAME = 2**32 - 1   # what the 4-byte length can say at all
+
+
 def pack(obj: Any) -> bytes:
     body = msgpack.packb(obj, use_bin_type=True)
+    if len(body) > MAX_WIRE_FRAME:
+        raise ProtocolError(Code.FRAME_TOO_LARGE, f"a frame of {len(body)} bytes cannot be sent "
+                                                  f"(the protocol's limit is {MAX_WIRE_FRAME})")
     return HEADER.pack(len(body)) + body
 
 
@@ -131,6 +138,14 @@ def _keys(name: str, v: Any) -> list[bytes]:
                 raise ProtocolError(Code.BAD_KEY, f"keys must be byte strings, found {type(k).__name__}")
             if not 0 < len(k) <= MAX_KEY_BYTES:
                 raise ProtocolError(Code.BAD_KEY, f"a key must be 1..{MAX_KEY_BYTES} bytes, found {len(k)}")
+    # Duplicates: one C-level set build; only a request that has them pays for finding where.
+    if len(set(v)) != len(v):
+        seen: set[bytes] = set()
+        for i, k in enumerate(v):
+            if k in seen:
+                raise ProtocolError(Code.BAD_KEY, f"{name}: key {i} ({k.hex()}) repeats an earlier key; "
+                                                  f"each key may appear once per request")
+            seen.add(k)
     return v
 
 
@@ -171,6 +186,7 @@ SCHEMAS: dict[Op, dict[str, tuple[Any, bool]]] = {
     Op.STATS: {},
     Op.PREFETCH: {"ns": (_ID, True), "keys": (_keys, True)},
     Op.HOT: {"ns": (_str, False)},
+    Op.DROP: {"ns": (_ID, True)},
 }
 
 

@@ -2,16 +2,32 @@
 
 Frames are parsed out of one reused receive buffer per connection
 (asyncio.BufferedProtocol: the kernel writes straight into it, no per-chunk
-bytes objects); a frame bigger than that buffer gets a buffer of its own, read
-into directly. A frame longer than server.max_frame_bytes cannot be skipped
-safely, so it gets an error reply and the connection is closed; every other
-bad request gets an error reply and the connection carries on.
+bytes objects). Before hello that buffer is small and so is the largest frame
+accepted (HELLO_FRAME_BYTES), so connections that never speak cost little;
+after hello it grows to RECV_BUFFER. A frame bigger than that buffer gets one
+of its own, which starts small and doubles as bytes arrive (never the
+announced length up front: a peer that sends only a header costs only what
+it sent). A frame longer than the limit cannot be skipped safely, so it gets
+an error reply and the connection is closed; every other bad request gets an
+error reply and the connection carries on.
 
 Requests of one connection run in order, so pipelined requests see each
 other's effects as if sent one by one: a handler that completes without
 waiting runs inline, and while one that waits (disk reads, demotion to make
 room) is in flight, later frames of that connection queue behind it. Other
-connections are not held up.
+connections are not held up. The queue is bounded (server.max_pipelined
+requests, max_frame_bytes of frames): when it is full the daemon stops
+reading that connection until it drains (back-pressure, not an error).
+
+Limits on connections: server.max_connections in all and
+server.max_connections_per_uid per peer uid (root too); a hello deadline
+(server.hello_timeout_s); an idle timeout (server.idle_timeout_s) for
+connections that hold no lease or reservation. A refused or closed
+connection gets an error frame saying why first. Replies are capped at
+max_frame_bytes too: a GET whose reply would be bigger is refused before it
+is built. When the store revokes a lease or reservation that timed out
+(`store.on_revoke`), the owner's connection gets an error frame and is closed;
+the store keeps the slots fenced until that connection is gone.
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ import time
 from typing import Any, Callable
 
 from kvtierd import __version__, regions
+from kvtierd.logs import printable
 from kvtierd.protocol import (
     HEADER,
     PROTOCOL_VERSION,
@@ -40,8 +57,14 @@ from kvtierd.core.store import Store
 
 log = logging.getLogger("kvtierd.server")
 
-RECV_BUFFER = 256 << 10
+RECV_BUFFER = 256 << 10       # receive buffer of a connection that said hello
+HELLO_RECV_BUFFER = 8 << 10   # ... and of one that has not (yet)
+HELLO_FRAME_BYTES = 64 << 10  # the largest frame accepted before hello
+BIG_FIRST = 256 << 10         # first size of a large frame's own buffer; it doubles as bytes arrive
 WRITE_HIGH_WATER = 8 << 20
+BLOB_OVERHEAD = 5             # msgpack bin32 header of one block in a GET reply
+REPLY_OVERHEAD = 64           # envelope of a reply: id, code, map keys
+LIMIT_LOG_INTERVAL_S = 1.0    # a limit hit again within this is counted, and summed into the next line
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -49,17 +72,25 @@ class Connection(asyncio.BufferedProtocol):
         self.server = server
         self.id = server.next_conn_id()
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray(RECV_BUFFER)
+        self.buf = bytearray(HELLO_RECV_BUFFER)
         self.start = self.end = 0
         self.big: bytearray | None = None     # buffer of one oversized frame being received
         self.big_fill = 0
+        self.big_len = 0                      # the length its header announced
         self.hello = False
         self.uid = self.gid = self.pid = -1
         self.namespaces: set[int] = set()
         self.domains: frozenset[str] = frozenset()     # access domains whose regions it received
         self.queue: collections.deque = collections.deque()
+        self.queued_bytes = 0
         self.busy = False
         self.closed = False
+        self.revoked = False                  # a handle timed out: fenced until the peer closes
+        self.admitted = False
+        self.paused_queue = False             # reading stopped: the request queue is full
+        self.paused_write = False             # reading stopped: the peer does not read its replies
+        self.opened = self.last_active = time.monotonic()
+        self.timer: asyncio.TimerHandle | None = None
 
     # ---------------------------------------------------------- transport
 
@@ -68,33 +99,110 @@ class Connection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         refusal = self.server.admit(self, transport)
         if refusal:
-            self.send(reply_error(0, Code.DENIED, refusal))
+            self.send(reply_error(0, *refusal))
             transport.close()
             self.closed = True
             return
-        self.server.conns[self.id] = self
+        self.admitted = True
+        self.server.add(self)
+        self._arm(self.server.cfg.server.hello_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.server.conns.pop(self.id, None) is not None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.admitted and self.server.remove(self):
             self.server.store.drop_owner(self.id)
 
     def pause_writing(self) -> None:
         # The peer does not read its replies: stop reading its requests.
+        self.paused_write = True
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.transport.resume_reading()
+        self.paused_write = False
+        if not self.paused_queue and not self.closed:
+            self.transport.resume_reading()
 
     def send(self, data: bytes) -> None:
         if not self.closed:
             self.transport.write(data)
 
+    def fence(self, message: str) -> None:
+        """A lease or reservation of this connection timed out. Its slots stay quarantined while the peer
+        may still write into them, so the daemon does not close the connection itself: it says why, shuts
+        its sending side (the peer reads the error, then end of file) and ignores further requests; the
+        slots are released when the peer closes its end or dies (connection_lost -> store.drop_owner)."""
+        if self.closed or self.revoked:
+            return
+        self.revoked = True
+        self.send(reply_error(0, Code.BAD_HANDLE, message))
+        try:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+        except (OSError, RuntimeError):
+            pass
+
+    def close_with(self, code: Code, message: str) -> None:
+        """An error frame saying why (request id 0), then close: the reply is written first."""
+        if self.closed:
+            return
+        self.send(reply_error(0, code, message))
+        self.transport.close()
+        self.closed = True
+
+    # ---------------------------------------------------------- timers
+
+    def _arm(self, delay: float) -> None:
+        self.timer = asyncio.get_running_loop().call_later(max(delay, 0.01), self._on_timer)
+
+    def _on_timer(self) -> None:
+        """The hello deadline, then the idle timeout: one timer per connection, re-armed
+        from the time of the last request (so requests themselves never touch a timer)."""
+        self.timer = None
+        if self.closed:
+            return
+        cfg = self.server.cfg.server
+        now = time.monotonic()
+        if not self.hello:
+            left = self.opened + cfg.hello_timeout_s - now
+            if left > 0:
+                self._arm(left)
+                return
+            self.server.note_limit("hello_timeout", f"closed a connection of uid={self.uid} pid={self.pid}: "
+                                                    f"no hello within {cfg.hello_timeout_s} s")
+            self.close_with(Code.LIMIT, f"no hello within {cfg.hello_timeout_s} s (server.hello_timeout_s)")
+            return
+        idle = cfg.idle_timeout_s
+        if not idle:
+            self._arm(30.0)          # disabled; look again in case a reload enables it
+            return
+        quiet = now - self.last_active
+        if quiet < idle:
+            self._arm(idle - quiet)
+            return
+        if self.busy or self.queue or self.server.holds(self.id):
+            self._arm(idle)          # a request in flight, or a lease or reservation: not idle
+            return
+        self.server.note_limit("idle_timeout", f"closed a connection of uid={self.uid} pid={self.pid}: "
+                                               f"no request for {quiet:.0f} s")
+        self.close_with(Code.LIMIT, f"closed after {quiet:.0f} s without a request and with nothing held "
+                                    f"(server.idle_timeout_s = {idle:g}); reconnect to go on")
+
     # ---------------------------------------------------------- framing
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.big is not None:
-            return memoryview(self.big)[self.big_fill:]
+        big = self.big
+        if big is not None:
+            if self.big_fill == len(big):
+                # Full but the frame is not: double it (bytes arrived, so memory may follow).
+                grown = bytearray(min(self.big_len, 2 * len(big)))
+                grown[:self.big_fill] = big
+                self.big = big = grown
+            return memoryview(big)[self.big_fill:]
+        if self.hello and len(self.buf) < RECV_BUFFER:
+            self._grow_buf()
         if self.end == len(self.buf):
             # Slide the unparsed tail to the front to make room.
             tail = self.end - self.start
@@ -102,49 +210,84 @@ class Connection(asyncio.BufferedProtocol):
             self.start, self.end = 0, tail
         return memoryview(self.buf)[self.end:]
 
+    def _grow_buf(self) -> None:
+        """After hello: the full-size receive buffer, with the unparsed bytes moved over."""
+        tail = self.end - self.start
+        buf = bytearray(RECV_BUFFER)
+        buf[:tail] = self.buf[self.start:self.end]
+        self.buf, self.start, self.end = buf, 0, tail
+
     def buffer_updated(self, nbytes: int) -> None:
         if self.big is not None:
             self.big_fill += nbytes
-            if self.big_fill == len(self.big):
+            if self.big_fill == self.big_len:
                 body, self.big = self.big, None
-                self.frame(memoryview(body))
+                self.frame(memoryview(body), self.big_len)
+                if not self.closed and self.end > self.start:
+                    self._parse()
             return
         self.end += nbytes
+        self._parse()
+
+    def _queue_full(self) -> bool:
+        cfg = self.server.cfg.server
+        return self.busy and (len(self.queue) >= cfg.max_pipelined or self.queued_bytes >= cfg.max_frame_bytes)
+
+    def _parse(self) -> None:
+        """Runs every whole frame in the buffer; stops early while the request queue is full."""
         buf = self.buf
         while self.end - self.start >= 4:
+            if self.queue and self._queue_full():
+                self._pause_for_queue()
+                return
             (length,) = HEADER.unpack_from(buf, self.start)
-            if length > self.server.cfg.server.max_frame_bytes:
-                self.server.count_error("frame_too_large")
-                log.warning("client uid=%d pid=%d sent a %d-byte frame (limit %d); closing it",
-                            self.uid, self.pid, length, self.server.cfg.server.max_frame_bytes)
-                self.send(reply_error(0, Code.FRAME_TOO_LARGE,
-                                      f"frame of {length} bytes exceeds the limit of "
-                                      f"{self.server.cfg.server.max_frame_bytes}"))
-                self.transport.close()
-                self.closed = True
+            limit = self.server.cfg.server.max_frame_bytes
+            if not self.hello:
+                limit = min(limit, HELLO_FRAME_BYTES)
+            if length > limit:
+                what = "the limit" if self.hello else "the limit before hello"
+                self.server.note_limit("frame_too_large", f"client uid={self.uid} pid={self.pid} sent a "
+                                                          f"{length}-byte frame ({what}: {limit}); closing it")
+                self.close_with(Code.FRAME_TOO_LARGE, f"frame of {length} bytes exceeds {what} of {limit}")
                 return
             have = self.end - self.start - 4
             if have >= length:
                 body = memoryview(buf)[self.start + 4:self.start + 4 + length]
                 self.start += 4 + length
-                self.frame(body)
+                self.frame(body, length)
                 body.release()
                 if self.closed:
                     return
+                if self.hello and len(buf) < RECV_BUFFER:
+                    self._grow_buf()
+                    buf = self.buf
                 continue
             if 4 + length > len(buf):
-                # Too big for the shared buffer: receive the rest straight into its own.
-                self.big = bytearray(length)
+                # Too big for the shared buffer: receive the rest into its own, grown as it fills.
+                self.big = bytearray(min(length, max(BIG_FIRST, 2 * have)))
                 self.big[:have] = buf[self.start + 4:self.end]
                 self.big_fill = have
+                self.big_len = length
                 self.start = self.end = 0
             break
         if self.start == self.end:
             self.start = self.end = 0
 
+    def _pause_for_queue(self) -> None:
+        if not self.paused_queue:
+            self.paused_queue = True
+            self.server.count_error("pipeline_full")
+            log.debug("connection %d of uid=%d: %d requests queued; not reading it until they drain",
+                      self.id, self.uid, len(self.queue))
+            self.transport.pause_reading()
+
     # ---------------------------------------------------------- dispatch
 
-    def frame(self, body: memoryview) -> None:
+    def frame(self, body: memoryview, nbytes: int) -> None:
+        self.last_active = time.monotonic()
+        if self.revoked:
+            self.server.count_error("request_after_revocation")
+            return
         try:
             msg = unpack_body(body)
         except Exception:
@@ -160,7 +303,8 @@ class Connection(asyncio.BufferedProtocol):
             self.send(reply_error(rid, e.code, e.message))
             return
         if self.busy:
-            self.queue.append((req_id, op, args))
+            self.queue.append((req_id, op, args, nbytes))
+            self.queued_bytes += nbytes
         else:
             self.execute(req_id, op, args)
 
@@ -185,14 +329,25 @@ class Connection(asyncio.BufferedProtocol):
         except Exception as e:
             self.crash(req_id, op, e, t0)
             return
-        if isinstance(result, regions.WithFds):    # HELLO: the reply frame carries the region fds
-            try:
-                regions.send_with_fds(self.transport, reply_ok(req_id, result.reply), result.fds)
-            except ProtocolError as e:
-                self.fail(req_id, op, e, t0)
-                return
-        else:
-            self.send(reply_ok(req_id, result))
+        self.reply(req_id, op, result, t0)
+
+    def reply(self, req_id: int, op: Op, result: Any, t0: float) -> None:
+        fds = None
+        if isinstance(result, regions.WithFds):     # HELLO: the reply frame carries the region fds
+            result, fds = result.reply, result.fds
+        try:
+            data = reply_ok(req_id, result)
+            limit = self.server.cfg.server.max_frame_bytes
+            if len(data) - 4 > limit:
+                raise ProtocolError(Code.FRAME_TOO_LARGE, f"the reply would be {len(data) - 4} bytes, over "
+                                                          f"server.max_frame_bytes ({limit}); ask for less at once")
+            if fds is not None and not self.closed:
+                regions.send_with_fds(self.transport, data, fds)
+        except ProtocolError as e:
+            self.fail(req_id, op, e, t0)
+            return
+        if fds is None:
+            self.send(data)
         self.server.observe(op, "ok", time.perf_counter() - t0)
 
     async def finish(self, req_id: int, op: Op, coro: Any, t0: float) -> None:
@@ -203,15 +358,22 @@ class Connection(asyncio.BufferedProtocol):
         except Exception as e:
             self.crash(req_id, op, e, t0)
         else:
-            self.send(reply_ok(req_id, result))
-            self.server.observe(op, "ok", time.perf_counter() - t0)
+            self.reply(req_id, op, result, t0)
         if self.closed:
             # The peer left while this request waited: what it just got (a lease, a
             # reservation) must not outlive it until a timeout.
             self.server.store.drop_owner(self.id)
         self.busy = False
-        while self.queue and not self.busy and not self.closed:
-            self.execute(*self.queue.popleft())
+        queue = self.queue
+        while queue and not self.busy and not self.closed:
+            req_id, op, args, nbytes = queue.popleft()
+            self.queued_bytes -= nbytes
+            self.execute(req_id, op, args)
+        if self.paused_queue and not self.closed and not self._queue_full():
+            self.paused_queue = False
+            self._parse()            # frames already received behind the full queue
+            if not self.paused_queue and not self.paused_write and not self.closed:
+                self.transport.resume_reading()
 
     def fail(self, req_id: int, op: Op, e: ProtocolError, t0: float) -> None:
         self.server.count_error(e.code.name.lower())
@@ -255,6 +417,12 @@ class Server:
         self._hot = hot
         self._record_reads = record_reads
         self.gate = gate            # access.Gate: regions at HELLO, domains, STATS/HOT filtering
+        self.uid_conns: dict[int, int] = {}          # open connections per peer uid
+        self._limit_log: dict[str, tuple[float, int]] = {}
+        try:
+            store.on_revoke = self.revoke            # fenced revocation: the store names the owner
+        except AttributeError:
+            pass                                     # a store that cannot revoke (or a read-only stand-in)
         self.handlers: dict[Op, tuple[Callable, bool]] = {
             Op.HELLO: (self.op_hello, False), Op.PING: (self.op_ping, False),
             Op.OPEN: (self.op_open, False), Op.RESERVE: (self.op_reserve, True),
@@ -263,20 +431,75 @@ class Server:
             Op.RELEASE: (self.op_release, False), Op.PUT: (self.op_put, True),
             Op.GET: (self.op_get, True), Op.DELETE: (self.op_delete, False),
             Op.STATS: (self.op_stats, False), Op.PREFETCH: (self.op_prefetch, False),
-            Op.HOT: (self.op_hot, False),
+            Op.HOT: (self.op_hot, False), Op.DROP: (self.op_drop, False),
         }
 
     def next_conn_id(self) -> int:
         self._conn_ids += 1
         return self._conn_ids
 
-    def admit(self, conn: Connection, transport: asyncio.BaseTransport) -> str | None:
-        """Reads peer credentials; returns a refusal message or None."""
-        if len(self.conns) >= self.cfg.server.max_connections:
-            self.count_error("too_many_connections")
-            return f"too many connections (limit {self.cfg.server.max_connections})"
+    def admit(self, conn: Connection, transport: asyncio.BaseTransport) -> tuple[Code, str] | None:
+        """Reads peer credentials; returns a refusal (code, message) or None."""
+        cfg = self.cfg.server
+        if len(self.conns) >= cfg.max_connections:
+            self.note_limit("too_many_connections", f"refused a connection: {len(self.conns)} open "
+                                                    f"(server.max_connections = {cfg.max_connections})")
+            return Code.DENIED, f"too many connections (limit {cfg.max_connections})"
         sock = transport.get_extra_info("socket")
-        return self._admit(conn, sock) if self._admit else "the daemon has no admission policy"
+        refusal = self._admit(conn, sock) if self._admit else "the daemon has no admission policy"
+        if refusal:
+            return Code.DENIED, refusal
+        held = self.uid_conns.get(conn.uid, 0)
+        if held >= cfg.max_connections_per_uid:
+            self.note_limit("too_many_connections_per_uid",
+                            f"refused a connection of uid={conn.uid} pid={conn.pid}: it holds {held} "
+                            f"(server.max_connections_per_uid = {cfg.max_connections_per_uid})")
+            return Code.LIMIT, (f"too many connections from uid {conn.uid}: {held} open "
+                                f"(server.max_connections_per_uid = {cfg.max_connections_per_uid})")
+        return None
+
+    def add(self, conn: Connection) -> None:
+        self.conns[conn.id] = conn
+        self.uid_conns[conn.uid] = self.uid_conns.get(conn.uid, 0) + 1
+
+    def remove(self, conn: Connection) -> bool:
+        """Forgets a connection; False when it was already gone."""
+        if self.conns.pop(conn.id, None) is None:
+            return False
+        n = self.uid_conns.get(conn.uid, 0) - 1
+        if n > 0:
+            self.uid_conns[conn.uid] = n
+        else:
+            self.uid_conns.pop(conn.uid, None)
+        return True
+
+    def holds(self, conn_id: int) -> bool:
+        """Whether a connection holds a lease or reservation (asked only when it has gone idle)."""
+        return self.store.handles.holds_any(conn_id)
+
+    def revoke(self, owner: int, reason: str) -> None:
+        """The store revoked a lease or reservation of connection `owner` (it timed out):
+        tell the client why and close; the store frees the fenced slots once it is gone."""
+        conn = self.conns.get(owner)
+        if conn is None or conn.closed:
+            return
+        self.count_error("revoked")
+        log.warning("closing the connection of uid=%d pid=%d: %s", conn.uid, conn.pid, reason)
+        conn.fence(f"{reason}; this connection is revoked: close it (the client reconnects), and its slots "
+                   f"are reused once it is closed")
+
+    def note_limit(self, reason: str, message: str) -> None:
+        """A limit was hit: counted every time, logged at most once a second per reason
+        (a flood of refusals is one line, with the count of those it stands for)."""
+        self.count_error(reason)
+        now = time.monotonic()
+        last, suppressed = self._limit_log.get(reason, (0.0, 0))
+        if now - last >= LIMIT_LOG_INTERVAL_S:
+            more = f" (and {suppressed} more like it since the last such line)" if suppressed else ""
+            log.warning("%s%s", message, more)
+            self._limit_log[reason] = (now, 0)
+        else:
+            self._limit_log[reason] = (last, suppressed + 1)
 
     def observe(self, op: Op, code: str, seconds: float) -> None:
         if self._observe:
@@ -358,8 +581,20 @@ class Server:
 
     async def op_get(self, c: Connection, ns: int, keys: list) -> dict:
         space = c.ns(ns)
+        limit = self.cfg.server.max_frame_bytes
+        per = space.block_size + BLOB_OVERHEAD
         lease = await self.store.acquire(space, keys, c.id, prefix=False)
         try:
+            if len(keys) * per + REPLY_OVERHEAD > limit:
+                # It might not fit: size the reply from the hits, before building it.
+                found = len(lease.entries) - lease.entries.count(None)
+                size = found * per + len(keys) + REPLY_OVERHEAD
+                if size > limit:
+                    raise ProtocolError(
+                        Code.FRAME_TOO_LARGE,
+                        f"the reply to this get ({found} blocks of {space.block_size} bytes) would be {size} "
+                        f"bytes, over server.max_frame_bytes ({limit}); ask for at most "
+                        f"{max(1, (limit - REPLY_OVERHEAD) // (per + 1))} keys per get_inline, or use get_many")
             view = self.store.view
             blocks = [bytes(view(e)) if e is not None else None for e in lease.entries]
         finally:
@@ -388,6 +623,14 @@ class Server:
         hot = self._hot(ns) if self._hot else {}
         return {"hot": self.gate.hot(c, hot) if self.gate else hot}
 
+    def op_drop(self, c: Connection, ns: int) -> dict:
+        space = c.ns(ns)
+        n = self.store.drop_namespace(space, c.uid)     # DENIED unless its owner or root
+        for conn in self.conns.values():                # rare: a walk over connections is fine
+            conn.namespaces.discard(space.id)
+        log.info("namespace %s dropped by uid=%d pid=%d: %d blocks", printable(space.name), c.uid, c.pid, n)
+        return {"n": n}
+
     # ---------------------------------------------------------- drain
 
     async def drain(self, timeout: float) -> None:
@@ -398,4 +641,4 @@ class Server:
             log.info("draining: waiting for %d requests in flight", len(pending))
             await asyncio.wait(pending, timeout=timeout)
         for conn in list(self.conns.values()):
-            conn.transport.close()
+            conn.close_with(Code.SHUTTING_DOWN, "the daemon is shutting down")

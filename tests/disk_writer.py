@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     n = 0
     acked: list[bytes] = []
     try:
-        with Client(socket_path, timeout=10.0) as c:
+        with Client(socket_path, timeout=10.0, reconnect_attempts=0) as c:   # exits when the daemon dies
             ns = c.namespace("crash", block_size=block_size)
             print("READY", flush=True)
             batch_no = 0

@@ -6,7 +6,10 @@ import sys
 import textwrap
 import time
 
+import pytest
 from test_roundtrip import block_for
+
+from kvtierd import StoreFull
 
 BLOCK = 256 << 10
 # 8 MiB host tier in 1 MiB slabs: exactly 32 slots of 256 KiB.
@@ -49,7 +52,10 @@ def test_leased_blocks_survive_pressure_byte_for_byte(start_daemon):
             # With every other slot leased, a writer gets fewer slots, never a leased one.
             with ns.acquire(keys(292, 308)) as newest:
                 assert newest.count == 16
-                assert ns.put_many(keys(400, 402), [block_for(k, BLOCK) for k in keys(400, 402)]) == 0
+                # ... and is told which blocks were not stored (FULL), not left to guess.
+                with pytest.raises(StoreFull) as full:
+                    ns.put_many(keys(400, 402), [block_for(k, BLOCK) for k in keys(400, 402)])
+                assert full.value.stored == 0 and full.value.not_stored == keys(400, 402)
         assert c.stats()["leases"] == 0
 
 
@@ -91,7 +97,9 @@ def test_a_client_killed_mid_lease_frees_its_slots(start_daemon):
         line = p.stdout.readline()
         assert line.split() == ["holding", "31", "1"], line
         assert c.stats()["leases"] == 1
-        assert ns.put_many(keys(50, 51), [block_for(b"x", BLOCK)]) == 0     # everything leased
+        with pytest.raises(StoreFull) as full:                               # everything leased
+            ns.put_many(keys(50, 51), [block_for(b"x", BLOCK)])
+        assert full.value.not_stored == keys(50, 51)
         p.send_signal(signal.SIGKILL)
         p.wait()
         deadline = time.monotonic() + 10
