@@ -490,3 +490,21 @@ def test_async_client_maps_its_regions_and_round_trips(start_daemon):
     assert asyncio.run(read_only()) == (False, True, [b"1" * BLOCK])
     with d.client() as c:                 # and a sync client sees what the async one stored
         assert c.namespace("async", BLOCK).get_many([b"b"]) == [b"2" * BLOCK]
+
+
+def test_a_reconnecting_client_maps_the_new_daemons_regions(start_daemon, open_dir):
+    cfg = open_dir / "tenants.toml"
+    cfg.write_text(TENANTS_TOML)
+    args = ("--config", str(cfg), "--host-bytes", "16MiB", "--set", "host.slab_bytes=1MiB")
+    d = start_daemon(*args, tmp=open_dir)
+    with d.client() as c:
+        ns = c.namespace("tenant-a/x", BLOCK)
+        assert ns.put_many([b"before"], [b"1" * BLOCK]) == 1
+        old = c.regions["tenant-a"]
+        assert d.stop() == 0
+        d = start_daemon(*args, tmp=open_dir)
+        # The next call reconnects, says hello again and maps the new daemon's regions.
+        assert ns.put_many([b"after"], [b"2" * BLOCK]) == 1
+        assert sorted(c.regions) == ["default", "tenant-a", "tenant-b"]
+        assert c.regions["tenant-a"] is not old and ns.domain == "tenant-a"
+        assert ns.get_many([b"after", b"before"]) == [b"2" * BLOCK, None]   # no disk tier: 'before' is gone
