@@ -65,14 +65,20 @@ def send_with_fds(transport: Any, frame: bytes, fds: list[int]) -> None:
     fileno = raw.fileno() if raw is not None else -1
     if fileno < 0:
         raise ProtocolError(Code.INTERNAL, "the connection has no socket to pass region fds over")
-    sock = socket.socket(fileno=os.dup(fileno))
     try:
-        try:
-            sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        except (BlockingIOError, InterruptedError):
-            # Nothing was sent (the client's receive buffer is full of earlier replies).
-            raise ProtocolError(Code.NO_HELLO, "hello must be the first request: the connection's send "
-                                               "buffer is full of earlier replies") from None
+        sock = socket.socket(fileno=os.dup(fileno))
+    except OSError as e:            # out of fds
+        raise ProtocolError(Code.INTERNAL, f"cannot pass the region fds: {e.strerror}") from None
+    try:
+        sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    except (BlockingIOError, InterruptedError):
+        # Nothing was sent (the client's receive buffer is full of earlier replies).
+        raise ProtocolError(Code.NO_HELLO, "hello must be the first request: the connection's send "
+                                           "buffer is full of earlier replies") from None
+    except OSError as e:
+        # The peer hung up (EPIPE), or the kernel's limit on fds in flight (ETOOMANYREFS):
+        # an error reply, never an exception out of the protocol callback.
+        raise ProtocolError(Code.INTERNAL, f"cannot pass the region fds: {e.strerror}") from None
     finally:
         sock.close()
     if sent < len(frame):
@@ -95,7 +101,7 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None, fds: list[i
     poller.register(sock, select.POLLIN)
     while n:
         try:
-            data, anc, flags, _ = sock.recvmsg(n, space)
+            data, anc, flags, _ = sock.recvmsg(min(n, 1 << 16), space)
         except (BlockingIOError, InterruptedError):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -165,7 +171,11 @@ def hello(sock: socket.socket, req_id: int, args: dict, timeout: float | None = 
         (length,) = HEADER.unpack(_recv_exact(sock, HEADER.size, deadline, fds))
         rid, code, result = unpack_body(_recv_exact(sock, length, deadline, fds))
         if code != Code.OK:
-            raise ProtocolError(Code(code), result)
+            try:
+                code = Code(code)
+            except ValueError:          # a code newer than this client: still an error, said as such
+                code = Code.INTERNAL
+            raise ProtocolError(code, str(result))
         if rid != req_id or not isinstance(result, dict) or not isinstance(result.get("host"), list):
             raise ProtocolError(Code.BAD_FRAME, "kvtierd's hello reply is not what this client expects")
     except BaseException:
