@@ -197,7 +197,9 @@ def refused_peer(spec: dict) -> dict:
         pass
     data += drain()                             # and a HELLO afterwards brings nothing, fds least of all
     rid, code, msg = msgpack.unpackb(data[4:], raw=False)
-    return {"code": code, "message": msg, "fds": len(fds)}
+    # The socket is 0666 here: before memfd regions that mode opened /dev/shm/kvtierd.* to anyone.
+    shm = sorted(n for n in os.listdir("/dev/shm") if n.startswith("kvtierd.") and f".{spec['daemon_pid']}." in n)
+    return {"code": code, "message": msg, "fds": len(fds), "dev_shm": shm}
 
 
 if __name__ == "__main__":
@@ -307,10 +309,10 @@ def test_a_refused_uid_gets_nothing(start_daemon, open_dir):
     cfg = open_dir / "tenants.toml"
     cfg.write_text(TENANTS_TOML)
     d = start_daemon("--config", str(cfg), "--host-bytes", "16MiB", "--set", "host.slab_bytes=1MiB", tmp=open_dir)
-    out = run_peer({"refused": True, "uid": UID_REFUSED, "socket": d.socket})
+    out = run_peer({"refused": True, "uid": UID_REFUSED, "socket": d.socket, "daemon_pid": d.proc.pid})
     from kvtierd.protocol import Code
     assert out["code"] == Code.DENIED and f"uid {UID_REFUSED}" in out["message"]
-    assert out["fds"] == 0
+    assert out["fds"] == 0 and out["dev_shm"] == []
     assert "refused connection" in d.log()
     # Refused before any HELLO: the same uid through the client library sees the refusal.
     again = run_peer({"uid": UID_REFUSED, "socket": d.socket})
