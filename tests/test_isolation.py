@@ -510,3 +510,25 @@ def test_a_reconnecting_client_maps_the_new_daemons_regions(start_daemon, open_d
         assert sorted(c.regions) == ["default", "tenant-a", "tenant-b"]
         assert c.regions["tenant-a"] is not old and ns.domain == "tenant-a"
         assert ns.get_many([b"after", b"before"]) == [b"2" * BLOCK, None]   # no disk tier: 'before' is gone
+
+
+def test_a_region_cannot_be_resized_or_resealed_by_whoever_holds_its_fd():
+    import fcntl
+    import stat
+    from kvtierd.tiers.host import HostRegion
+    region = HostRegion(1 << 20, 1 << 16)
+    try:
+        fd = os.open(f"/proc/self/fd/{region.fd}", os.O_RDWR)     # what a writable client holds
+        try:
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 4096)                            # F_SEAL_SHRINK
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 2 << 20)                         # F_SEAL_GROW
+            with pytest.raises(PermissionError):                  # F_SEAL_SEAL: no write seal against others
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+            st = os.fstat(fd)
+            assert st.st_size == 1 << 20 and stat.S_IMODE(st.st_mode) == 0o644
+        finally:
+            os.close(fd)
+    finally:
+        region.close()

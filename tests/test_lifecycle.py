@@ -74,16 +74,24 @@ def test_a_stale_socket_from_a_crashed_daemon_is_replaced(start_daemon, tmp_path
 def test_region_files_left_by_an_earlier_version_are_removed_at_start(start_daemon, tmp_path):
     shm = tmp_path / "shm"
     shm.mkdir()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    legacy = shm / f"kvtierd.{os.getuid()}.{dead.pid}.0badf00d"
+    # Pid 1 never looks dead: what a daemon that crashed in a container left behind.
+    legacy = shm / f"kvtierd.{os.getuid()}.1.0badf00d"
     legacy.write_bytes(b"x" * 4096)
-    alive = shm / f"kvtierd.{os.getuid()}.{os.getpid()}.0badf00d"    # a pid that still runs: kept
-    alive.write_bytes(b"x")
-    d = start_daemon("--set", f"host.shm_dir={shm}")
-    assert not legacy.exists() and alive.exists()
-    assert "left by an earlier kvtierd version" in d.log()
-    assert os.listdir(shm) == [alive.name]      # and the daemon made no file of its own
+    in_use = shm / f"kvtierd.{os.getuid()}.99999999.0badf00d"      # a dead pid, but still mapped: kept
+    in_use.write_bytes(b"x" * 4096)
+    holder = subprocess.Popen([sys.executable, "-c", "import mmap, sys; f = open(sys.argv[1], 'r+b'); "
+                               "m = mmap.mmap(f.fileno(), 4096); f.close(); print('mapped', flush=True); "
+                               "sys.stdin.read()", str(in_use)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "mapped"
+        d = start_daemon("--set", f"host.shm_dir={shm}")
+        assert not legacy.exists() and in_use.exists()
+        assert "left by an earlier kvtierd version" in d.log()
+        assert os.listdir(shm) == [in_use.name]       # and the daemon made no file of its own
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
 
 
 def test_cli_ping_and_stats(daemon):

@@ -45,10 +45,10 @@ class HostRegionError(RuntimeError):
 def remove_legacy_regions(shm_dir: str | Path, uid: int | None = None) -> list[Path]:
     """Unlinks region files that kvtierd versions before memfd regions left in `shm_dir`.
 
-    Only for upgrades: today's daemon creates no files. A legacy file is removed
-    only if it is ours and its pid no longer exists here; in a pid namespace that
-    guess can be wrong the other way (the file stays), never towards deleting
-    the region of a daemon that still runs on this machine's pid namespace.
+    Only for upgrades: today's daemon creates no files. A legacy file of our uid
+    is removed when no process has it open or mapped, which the kernel tells by
+    granting a write lease. Unlike the pid in its name, that holds across pid
+    namespaces (a crashed daemon that was pid 1 in a container is recognised).
     """
     removed: list[Path] = []
     uid = os.getuid() if uid is None else uid
@@ -59,24 +59,35 @@ def remove_legacy_regions(shm_dir: str | Path, uid: int | None = None) -> list[P
         return removed
     for name in names:
         m = _LEGACY_NAME_RE.match(name)
-        if not m or int(m.group(1)) != uid or _pid_alive(int(m.group(2))):
+        if not m or int(m.group(1)) != uid:
             continue
-        try:
-            (shm_dir / name).unlink()
+        if _unlink_if_unused(shm_dir / name):
             removed.append(shm_dir / name)
-        except OSError:
-            pass
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def _unlink_if_unused(path: Path) -> bool:
+    """Unlinks `path` if nobody else has it open or mapped; False if in use or unsure."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    try:
+        try:
+            # Refused (EAGAIN) while any other open file or mapping exists. While we hold
+            # it, an open() by someone else waits for us, so the unlink cannot race one.
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        except OSError:
+            return False            # in use, or leases unavailable here: keep it
+        try:
+            path.unlink()
+            return True
+        except OSError:
+            return False
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    finally:
+        os.close(fd)
 
 
 def _unmap(view: memoryview, mm: mmap.mmap) -> None:
