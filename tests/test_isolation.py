@@ -515,6 +515,7 @@ def test_a_reconnecting_client_maps_the_new_daemons_regions(start_daemon, open_d
 def test_a_region_cannot_be_resized_or_resealed_by_whoever_holds_its_fd():
     import fcntl
     import stat
+
     from kvtierd.tiers.host import HostRegion
     region = HostRegion(1 << 20, 1 << 16)
     try:
