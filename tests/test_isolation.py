@@ -28,7 +28,7 @@ UID_A, UID_B, UID_DEFAULT, UID_REFUSED = 61001, 61002, 61003, 61004
 MARK_A, MARK_B = b"tenant-A-secret!", b"tenant-B-secret!"
 HERE = Path(__file__).resolve().parent
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run clients as other uids")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run clients as other uids")
 
 
 # ---------------------------------------------------------------------------- peer side
@@ -257,6 +257,7 @@ tenant-b = {{ namespaces = ["tenant-b"], host_bytes = "16MiB" }}
 """
 
 
+@needs_root
 def test_a_tenant_reaches_only_its_own_domains_region(start_daemon, open_dir):
     cfg = open_dir / "tenants.toml"
     cfg.write_text(TENANTS_TOML)
@@ -305,6 +306,7 @@ def test_a_tenant_reaches_only_its_own_domains_region(start_daemon, open_dir):
         assert sorted(c.stats()["domains"]) == ["default", "tenant-a", "tenant-b"]
 
 
+@needs_root
 def test_a_refused_uid_gets_nothing(start_daemon, open_dir):
     cfg = open_dir / "tenants.toml"
     cfg.write_text(TENANTS_TOML)
@@ -319,6 +321,7 @@ def test_a_refused_uid_gets_nothing(start_daemon, open_dir):
     assert again["hello"][0] == Code.DENIED
 
 
+@needs_root
 def test_a_read_only_client_holds_no_writable_descriptor(start_daemon, open_dir):
     d = start_daemon("--set", "server.socket_mode=0666", "--set", f"access.allowed_uids={UID_A}", tmp=open_dir)
     with d.client() as c:
@@ -332,6 +335,7 @@ def test_a_read_only_client_holds_no_writable_descriptor(start_daemon, open_dir)
     assert out["reopen_rw"] == ["EACCES"]
 
 
+@needs_root
 def test_a_socket_group_deployment_works_end_to_end(start_daemon, open_dir):
     # Any group nobody is a member of; the member uid gets it as a supplementary group only.
     group = next(g for g in grp.getgrall() if g.gr_gid >= 1 and not g.gr_mem)
@@ -368,6 +372,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@needs_root
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_a_daemon_sigkilled_in_its_own_pid_namespace_leaks_no_region(tmp_path):
     from conftest import ROOT
