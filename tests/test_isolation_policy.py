@@ -160,3 +160,35 @@ def test_bad_domains_name_the_problem(domains, needle):
     with pytest.raises(ConfigError, match="access.domains") as e:
         load(None, {"access.domains": domains})
     assert needle in str(e.value)
+
+
+def test_fds_are_never_sent_out_of_order_or_without_a_socket():
+    from kvtierd.regions import send_with_fds
+
+    class Transport:
+        def __init__(self, buffered: int, sock):
+            self.buffered, self.sock, self.written = buffered, sock, b""
+
+        def get_write_buffer_size(self) -> int:
+            return self.buffered
+
+        def get_extra_info(self, name: str):
+            return self.sock
+
+        def write(self, data: bytes) -> None:
+            self.written += data
+
+    with pytest.raises(ProtocolError) as e:        # earlier replies still queued: the fds would overtake them
+        send_with_fds(Transport(5, None), b"frame", [0])
+    assert e.value.code == Code.NO_HELLO
+    with pytest.raises(ProtocolError) as e:        # no socket object: refused, not guessed
+        send_with_fds(Transport(0, None), b"frame", [0])
+    assert e.value.code == Code.INTERNAL
+    a, b = socket.socketpair()
+    with a, b:
+        b.close()                                  # the peer hung up: an error reply, not an exception
+        with pytest.raises(ProtocolError, match="cannot pass the region fds"):
+            send_with_fds(Transport(0, a), b"frame", [a.fileno()])
+    t = Transport(0, None)
+    send_with_fds(t, b"no fds", [])                # nothing to attach: an ordinary write
+    assert t.written == b"no fds"
