@@ -75,16 +75,15 @@ def test_high_watermark_brings_the_tier_down_to_the_low_one(start_daemon):
 
 
 CLIENT_THAT_DIES = textwrap.dedent("""
-    import sys, time
+    import signal, sys
     from kvtierd import Client
     c = Client(sys.argv[1])
     ns = c.namespace("lease", block_size=%d)
     keys = [b"blk%%03d" %% i for i in range(32)]
     lease = ns.acquire(keys)
     res = ns.reserve([b"never-committed"])
-    assert lease.count == 32 and len(res.keys) == 0 or True
     print("holding", lease.count, len(res.keys), flush=True)
-    time.sleep(600)
+    signal.pause()      # holds both until the test SIGKILLs it
 """ % BLOCK)
 
 
@@ -131,9 +130,15 @@ def test_a_client_that_hangs_up_mid_request_leaves_no_lease(start_daemon):
                 body = msgpack.packb([rid, int(op), args], use_bin_type=True)
                 s.sendall(struct.pack("<I", len(body)) + body)
             s.close()        # gone before the acquire (a disk read) can answer
-        # The reads finish after the hang-ups; their leases must end with them, not at the lease timeout.
+        # The reads finish after the hang-ups (each of the five acquires is served its 28 blocks, read up
+        # from disk once); their leases must end with them, not at the lease timeout.
+        def settled(s):
+            return s["tiers"]["host"]["served_blocks"] >= 5 * 28 and s["leases"] == 0
+
         deadline = time.monotonic() + 10
-        while c.stats()["tiers"]["host"]["served_blocks"] < 28 and time.monotonic() < deadline:
+        while not settled(s := c.stats()) and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.2)
-        assert c.stats()["leases"] == 0
+        assert s["tiers"]["host"]["served_blocks"] == 5 * 28, s["tiers"]
+        assert s["tiers"]["disk"]["served_blocks"] == 28, s["tiers"]
+        assert s["leases"] == 0 and s["reservations"] == 0
+        assert c.stats()["lease_timeouts"] == 0

@@ -461,8 +461,8 @@ def test_cost_prefill_slope_ignores_the_fixed_cost_of_a_forward():
 
 
 def test_cost_model_skips_short_hits_when_a_forward_after_a_load_costs_more_than_a_prefill():
-    # CEILINGS.md, TinyLlama-1.1B on an H100: a whole 2K prefill took 17 ms, a 32-token forward after a
-    # loaded prefix ~30 ms; the hit is slower at 2K and 4x faster at 16K
+    # bench/README.md's reference ceilings, TinyLlama-1.1B on an H100: a whole 2K prefill took 17 ms, a
+    # 32-token forward after a loaded prefix ~30 ms; the hit is slower at 2K and 4x faster at 16K
     cm = CostModel(device="cuda", load_rates={"host": 50e9}, request_overhead_s=0.0)
     for n in (512, 2048, 4096, 8192, 16384):
         cm.observe_prefill(n, 0.002 + n * 7.5e-6)

@@ -8,7 +8,8 @@ filesystem accepts it is found by trying (open + one aligned write + read in
 the directory), not by guessing from the filesystem name: old tmpfs refuses
 the open with EINVAL, newer kernels accept it. When it is refused we fall back
 to buffered I/O, log a warning once per directory and report direct_io=False
-in stats, as DESIGN.md asks.
+in stats (and as the kvtierd_disk_direct_io metric): a silent fallback would
+hide a slower, cache-polluting path from the operator.
 
 Anonymous mmap gives page-aligned memory without ctypes; BufferPool keeps
 them for reuse because faulting in a fresh 4 MiB buffer costs ~30 % of the

@@ -1,4 +1,4 @@
-"""Our CUDA C kernels (native/*.cu), compiled at run time by NVRTC via cupy.
+"""Our CUDA C kernels (kvtierd/native/*.cu), compiled at run time by NVRTC via cupy.
 
 Run-time compilation keeps the package pure Python (no nvcc at install, one
 wheel for every GPU): the first use per device and process costs a compile
@@ -16,20 +16,21 @@ from typing import Any
 
 from kvtierd.gpu import cuda
 
-_PKG = Path(__file__).resolve().parent.parent
-# Where native/*.cu may be: $KVTIERD_NATIVE_DIR, a source checkout (repo/native),
-# or shipped inside the package (kvtierd/native) by the wheel build.
-NATIVE_DIRS = [Path(p) for p in (os.environ.get("KVTIERD_NATIVE_DIR"),) if p] + [
-    _PKG.parent / "native", _PKG / "native"]
+# The kernel sources are package data (kvtierd/native/*.cu): the same directory in a
+# source checkout, an editable install, a wheel and the container image.
+# $KVTIERD_NATIVE_DIR, when set, is searched first (to try a changed kernel without reinstalling).
+PACKAGE_NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
+NATIVE_DIRS = [Path(p) for p in (os.environ.get("KVTIERD_NATIVE_DIR"),) if p] + [PACKAGE_NATIVE_DIR]
 
 
 def source(name: str) -> str:
+    """The CUDA C source of kernel file `name` (e.g. "paged_copy.cu")."""
     for d in NATIVE_DIRS:
         path = d / name
         if path.is_file():
             return path.read_text()
     raise FileNotFoundError(f"kernel source {name} not found in {', '.join(map(str, NATIVE_DIRS))} "
-                            "(kvtierd installed without native/?)")
+                            "(kvtierd installed without its package data kvtierd/native/*.cu?)")
 
 
 @functools.cache
@@ -42,7 +43,7 @@ def _module(name: str, device: int) -> Any:
 
 
 def function(name: str, kernel: str, device: int) -> Any:
-    """A compiled kernel (cupy RawKernel) from native/<name>, for one device."""
+    """A compiled kernel (cupy RawKernel) from kvtierd/native/<name>, for one device."""
     return _module(name, device).get_function(kernel)
 
 

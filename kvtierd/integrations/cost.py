@@ -10,7 +10,7 @@ and a hit is worth serving when reuse is the shorter. Each forward kind is
 learned as a line `seconds = fixed + per_token * tokens` by exponentially
 weighted least squares over the forwards observed (they have different
 lengths, which is what lets a slope be fitted). Two lines, not one, because
-their fixed costs differ: CEILINGS.md measured a 32-token forward after a
+their fixed costs differ: we measured (bench/README.md, reference ceilings) a 32-token forward after a
 loaded prefix at ~30 ms in eager transformers on an H100, where a whole 2K
 prefill took 17 ms; with one shared fixed cost the model would serve that
 hit and double the time to first token. Until the forwards seen after a
@@ -26,8 +26,8 @@ best leading part is chosen (`plan`), because a chain is only usable from
 its start.
 
 Priors: prefill per-token cost from the model size (2 * params FLOPs per
-token at a conservative device rate), load rates well below the CEILINGS
-figures, so a cold estimate errs towards recomputing: a wrongly skipped hit
+token at a conservative device rate), load rates well below the measured
+ceilings (bench/README.md), so a cold estimate errs towards recomputing: a wrongly skipped hit
 costs the recompute we would have done anyway, a wrongly taken one more.
 A skipped hit is counted; `probe_every` (off by default) serves one in N
 skipped hits anyway so an estimate spoilt by a cold first load can recover.
@@ -40,7 +40,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-# bytes/s, by destination device kind: a conservative fraction of what CEILINGS.md measured
+# bytes/s, by destination device kind: a conservative fraction of the ceilings in bench/README.md
 _LOAD_PRIORS = {
     "cpu": {"hbm": 2e9, "host": 4e9, "disk": 0.8e9},
     "cuda": {"hbm": 200e9, "host": 10e9, "disk": 0.8e9},
