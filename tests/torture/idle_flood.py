@@ -9,17 +9,24 @@ connects, says hello, stores and reads a block: it must be served within 1 s, an
 the daemon's own memory (resident minus the mapped host region) must stay under
 512 MiB throughout. The run stops sending headers early if the daemon's memory
 passes --memory-cap, so a daemon that allocates per announced frame cannot take
-the machine down with it. All connections come from this process (one uid).
+the machine down with it. The flood comes from a child process running as another uid
+(65534, "nobody"; the daemon's socket is made world-writable for it), as a tenant
+misbehaving on a shared node would: the per-uid connection limit and the hello
+deadline must keep it from locking out the new client, which runs as this uid.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from _common import daemon, memory, mib, raise_fd_limit, verdict
 
@@ -69,6 +76,45 @@ def refused(socks: list[socket.socket]) -> int:
     return n
 
 
+def _flood(path: str, max_frame: int, n_big: int, n_idle: int, cap: int, daemon_pid: int,
+           ready_w: int, stop_r: int) -> int:
+    """In the child, as uid 65534: open the flood, report it on ready_w, hold it until stop_r closes."""
+    out = {"big": 0, "idle": 0, "errors": [], "peak": 0, "capped": False}
+    try:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+        big: list[socket.socket] = []
+        idle: list[socket.socket] = []
+        for _ in range(n_big):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            s.sendall(struct.pack("<I", max_frame) + b"\x93" + b"\0" * 15)
+            big.append(s)
+            # Let the daemon's memory settle (it may fill a buffer for the announced frame over many
+            # milliseconds) so the cap below sees what this header cost.
+            out["peak"] = max(out["peak"], settled_memory(daemon_pid))
+            if out["peak"] > cap:
+                out["capped"] = True
+                break
+        for _ in range(n_idle):
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(path)
+            except OSError as e:
+                out["errors"].append(f"connect {len(idle) + 1} failed: {e}")
+                break
+            idle.append(s)
+        out["big"], out["idle"] = len(big), len(idle)
+        time.sleep(0.5)
+        out["refused_big"], out["refused_idle"] = refused(big), refused(idle)
+    except Exception as e:   # reported to the parent, which fails the run
+        out["errors"].append(f"flood: {type(e).__name__}: {e}")
+    os.write(ready_w, (json.dumps(out) + "\n").encode())
+    os.read(stop_r, 1)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--idle", type=int, default=2000)
@@ -77,35 +123,35 @@ def main() -> int:
     a = ap.parse_args()
     cap = parse_size(a.memory_cap)
     raise_fd_limit(a.idle + a.big + 1000)
-    d = daemon(["--host-bytes", "64MiB"])
+    tmp = Path(tempfile.mkdtemp(prefix="kvtierd-torture-"))
+    tmp.chmod(0o755)                        # the other uid must reach the socket
+    d = daemon(["--host-bytes", "64MiB", "--set", "server.socket_mode=0666", "--set", "access.allowed_uids=0,65534"],
+               tmp)
     problems: list[str] = []
     peak = 0
-    big: list[socket.socket] = []
-    idle: list[socket.socket] = []
     capped = False
+    flood = {"big": 0, "idle": 0, "refused_big": 0, "refused_idle": 0, "errors": []}
+    child = -1
     try:
         with d.client() as c:
             max_frame = c.server_info["max_frame_bytes"]
         base = memory(d.proc.pid)["private"]
-        for _ in range(a.big):
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(d.socket)
-            s.sendall(struct.pack("<I", max_frame) + b"\x93" + b"\0" * 15)
-            big.append(s)
-            # Let the daemon's memory settle (it may fill a buffer for the announced frame over many
-            # milliseconds) so the cap below sees what this header cost.
-            peak = max(peak, settled_memory(d.proc.pid))
-            if peak > cap:
-                capped = True
-                break
-        for _ in range(a.idle):
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect(d.socket)
-            except OSError as e:
-                problems.append(f"connect {len(idle) + 1} failed: {e}")
-                break
-            idle.append(s)
+        ready_r, ready_w = os.pipe()
+        stop_r, stop_w = os.pipe()
+        child = os.fork()
+        if child == 0:                      # the flooding tenant
+            os.close(ready_r)
+            os.close(stop_w)
+            os._exit(_flood(d.socket, max_frame, a.big, a.idle, cap, d.proc.pid, ready_w, stop_r))
+        os.close(ready_w)
+        os.close(stop_r)
+        with os.fdopen(ready_r) as f:
+            line = f.readline()
+        if line:
+            flood.update(json.loads(line))
+        problems += flood["errors"]
+        capped = flood.get("capped", False)
+        peak = max(peak, flood.get("peak", 0))
         time.sleep(0.5)          # the accepts (and any refusals) happen on the daemon's loop
         peak = max(peak, memory(d.proc.pid)["private"])
         took, err = new_client_round_trip(d.socket)
@@ -113,7 +159,10 @@ def main() -> int:
                               capture_output=True, text=True, timeout=30)
         ping_says = ((ping.stdout + ping.stderr).strip().splitlines() or [""])[-1][:200]   # its last line
         peak = max(peak, memory(d.proc.pid)["private"])
-        refused_big, refused_idle = refused(big), refused(idle)
+        os.close(stop_w)                    # the flood may end now
+        _, status = os.waitpid(child, 0)
+        child = -1
+        refused_big, refused_idle = flood["refused_big"], flood["refused_idle"]
         alive = d.proc.poll() is None
         if err or took > 1.0:
             problems.append(f"new client: {err or 'served'} after {took:.2f} s")
@@ -123,13 +172,14 @@ def main() -> int:
         if not alive:
             problems.append(f"daemon exited with {d.proc.returncode}")
     finally:
-        for s in big + idle:
-            s.close()
+        if child > 0:
+            os.kill(child, 9)
+            os.waitpid(child, 0)
         d.stop()
     for p in problems:
         print("problem:", p)
     return verdict("idle-flood", not problems,
-                   f"{len(big)} big headers ({refused_big} refused or closed), {len(idle)} idle connections "
+                   f"{flood['big']} big headers ({refused_big} refused or closed), {flood['idle']} idle connections "
                    f"({refused_idle} refused or closed); new client {'served' if not err else 'FAILED'} in "
                    f"{took:.2f} s; daemon private memory {mib(base)} -> peak {mib(peak)}; "
                    f"`kvtierd ping` said: {ping_says!r}; log {d.log_path}")
