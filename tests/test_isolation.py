@@ -202,10 +202,35 @@ def refused_peer(spec: dict) -> dict:
     return {"code": code, "message": msg, "fds": len(fds), "dev_shm": shm}
 
 
+def reload_peer(spec: dict) -> dict:
+    """Holds a connection across a SIGHUP that widens its rules (the test sends it between
+    the two lines this prints), then tries the new namespace on it and on a new connection."""
+    from kvtierd.client import Client, KvtierdError
+    os.setgroups([])
+    os.setgid(spec["uid"])
+    os.setuid(spec["uid"])
+    out: dict = {}
+    with Client(spec["socket"], timeout=20) as old:
+        out["before"] = sorted(old.regions)
+        print(json.dumps({"connected": True}), flush=True)
+        sys.stdin.readline()                     # the test reloads the daemon meanwhile
+        try:
+            old.namespace(spec["ns"], BLOCK)
+            out["old_connection"] = "ok"
+        except KvtierdError as e:
+            out["old_connection"] = [e.code.name, e.message]
+        with Client(spec["socket"], timeout=20) as new:
+            out["after"] = sorted(new.regions)
+            ns = new.namespace(spec["ns"], BLOCK)
+            out["put"] = ns.put_many([b"k"], [b"n" * BLOCK])
+    return out
+
+
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1])
     sys.path.insert(0, str(HERE.parent))
-    print(json.dumps(refused_peer(spec) if spec.get("refused") else peer(spec)))
+    run = refused_peer if spec.get("refused") else reload_peer if spec.get("reload") else peer
+    print(json.dumps(run(spec)))
     sys.exit(0)
 
 
@@ -319,6 +344,33 @@ def test_a_refused_uid_gets_nothing(start_daemon, open_dir):
     # Refused before any HELLO: the same uid through the client library sees the refusal.
     again = run_peer({"uid": UID_REFUSED, "socket": d.socket})
     assert again["hello"][0] == Code.DENIED
+
+
+@needs_root
+def test_rules_widened_by_sighup_give_a_domain_to_new_connections_only(start_daemon, open_dir):
+    cfg = open_dir / "tenants.toml"
+    cfg.write_text(TENANTS_TOML)
+    d = start_daemon("--config", str(cfg), "--host-bytes", "16MiB", "--set", "host.slab_bytes=1MiB", tmp=open_dir)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent)] + sys.path))
+    spec = {"reload": True, "uid": UID_DEFAULT, "socket": d.socket, "ns": "tenant-a/shared"}
+    p = subprocess.Popen([sys.executable, str(HERE / "test_isolation.py"), json.dumps(spec)], env=env,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(p.stdout.readline()) == {"connected": True}, p.stderr.read()
+        cfg.write_text(TENANTS_TOML.replace(f'"tenant-a" = [{UID_A}]', f'"tenant-a" = [{UID_A}, {UID_DEFAULT}]'))
+        d.send_signal(signal.SIGHUP)
+        d.wait_log("reloaded config")
+        out, err = p.communicate("go\n", timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    out = json.loads(out.strip().splitlines()[-1])
+    assert out["before"] == ["default"]
+    # The open connection has no region for tenant-a: refused, and told to reconnect.
+    assert out["old_connection"][0] == "DENIED" and "reconnect" in out["old_connection"][1]
+    assert out["after"] == ["default", "tenant-a"] and out["put"] == 1
 
 
 @needs_root
