@@ -47,6 +47,7 @@ from kvtierd import regions as regions_mod
 from kvtierd.config import default_socket_path
 from kvtierd.protocol import (
     HEADER,
+    MAX_KEY_BYTES,
     MAX_KEYS_PER_REQUEST,
     PROTOCOL_VERSION,
     Code,
@@ -99,16 +100,34 @@ class _Lost(Exception):
         self.retry = retry
 
 
-def _stale(what: str, handle: int) -> ConnectionLost:
+def _stale(what: str, handle: int, why: Exception | None = None) -> ConnectionLost:
     kind, consequence = (("lease", "bytes read under it may not be what was stored; read them again")
                          if what == "lid" else
                          ("reservation", "its blocks were not stored; put them again"))
-    return ConnectionLost(Code.BAD_HANDLE, f"{kind} {handle} was lost with the connection to kvtierd "
-                                         f"(daemon restart, revocation or idle timeout); {consequence}")
+    cause = f" ({why})" if why is not None else " (daemon restart, revocation or idle timeout)"
+    return ConnectionLost(Code.BAD_HANDLE, f"{kind} {handle} was lost with the connection to kvtierd"
+                                           f"{cause}; {consequence}")
 
 
-def _stale_for(op: Op, args: dict) -> ConnectionLost:
-    return _stale("lid", args["lid"]) if op == Op.RELEASE else _stale("rid", args["rid"])
+def _stale_for(op: Op, args: dict, why: Exception | None = None) -> ConnectionLost:
+    return _stale("lid", args["lid"], why) if op == Op.RELEASE else _stale("rid", args["rid"], why)
+
+
+def _first_error(data: bytes | bytearray) -> KvtierdError | None:
+    """The first error reply among the whole frames in `data` (what a closing daemon said)."""
+    pos = 0
+    while len(data) - pos >= 4:
+        (length,) = HEADER.unpack_from(data, pos)
+        if len(data) - pos - 4 < length:
+            break
+        try:
+            rid, code, result = unpack_body(memoryview(data)[pos + 4:pos + 4 + length])
+        except Exception:
+            return None
+        pos += 4 + length
+        if code != Code.OK:
+            return KvtierdError(Code(code), result)
+    return None
 
 
 def _as_bytes_view(block: Any) -> memoryview:
@@ -172,6 +191,28 @@ def _check_writable(ns: "_NamespaceBase") -> None:
     if not ns.region.writable:
         raise PermissionError(f"namespace {ns.name!r}: this client mapped the host regions read-only "
                               f"(read_only=True); use put_inline to store")
+
+
+def _fits_one_frame(ns: "_NamespaceBase", keys: list[bytes]) -> bool:
+    """The common case, checked in O(1): even keys of the largest size fit in one frame."""
+    return len(keys) <= MAX_KEYS_PER_REQUEST and \
+        len(keys) * (MAX_KEY_BYTES + 2) + FRAME_SLACK <= ns.client.max_frame_bytes
+
+
+def _keys_steps(ns: "_NamespaceBase", op: Op, keys: list[bytes]) -> Steps:
+    """LOOKUP, DELETE or PREFETCH over more keys than one frame carries: (summed n, runs).
+    A lookup stops at the first part with a miss, so n still counts leading keys."""
+    n, runs = 0, []
+    per = min(MAX_KEYS_PER_REQUEST, _per_frame(ns, keys, 0))
+    for s in range(0, len(keys), per):
+        part = keys[s:s + per]
+        r = yield op, {"ns": ns.id, "keys": part}
+        n += r["n"]
+        if op == Op.LOOKUP:
+            runs += r["runs"]
+            if r["n"] < len(part):
+                break
+    return n, runs
 
 
 def _put_steps(ns: "_NamespaceBase", keys: list[bytes], blocks: Sequence[Any]) -> Steps:
@@ -380,13 +421,19 @@ class Namespace(_NamespaceBase):
         """Copies blocks into the caller's writable buffers (no allocation); False for each miss."""
         return self.client._drive(_get_into_steps(self, list(keys), out))
 
+    def _keys_op(self, op: Op, keys: list[bytes]) -> tuple[int, list]:
+        if _fits_one_frame(self, keys):
+            r = self.client._call(op, {"ns": self.id, "keys": keys})
+            return r["n"], r.get("runs", [])
+        return self.client._drive(_keys_steps(self, op, keys))
+
     def lookup(self, keys: list[bytes]) -> int:
         """How many leading keys are present in some tier."""
-        return self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)})["n"]
+        return self._keys_op(Op.LOOKUP, list(keys))[0]
 
     def lookup_tiers(self, keys: list[bytes]) -> list[str]:
         """The tier of each leading present key ('hbm', 'host' or 'disk')."""
-        return _expand_runs(self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)})["runs"])
+        return _expand_runs(self._keys_op(Op.LOOKUP, list(keys))[1])
 
     def put_inline(self, keys: list[bytes], blocks: Sequence[Any]) -> int:
         """Like put_many, with the bytes in the request frames (no shared memory); split so
@@ -398,11 +445,11 @@ class Namespace(_NamespaceBase):
         return self.client._drive(_get_inline_steps(self, list(keys)))
 
     def delete(self, keys: list[bytes]) -> int:
-        return self.client._call(Op.DELETE, {"ns": self.id, "keys": list(keys)})["n"]
+        return self._keys_op(Op.DELETE, list(keys))[0]
 
     def prefetch(self, keys: list[bytes]) -> int:
         """Hint: bring disk blocks up to host in the background."""
-        return self.client._call(Op.PREFETCH, {"ns": self.id, "keys": list(keys)})["n"]
+        return self._keys_op(Op.PREFETCH, list(keys))[0]
 
     def drop(self) -> int:
         """Removes the namespace and all its blocks (its owner or root only); returns the blocks dropped."""
@@ -561,6 +608,13 @@ class Client:
             self.sock.close()
             self.sock = None
 
+    def _lose(self, why: Exception) -> None:
+        """The connection is unusable; the next call reconnects. A revoked one (BAD_HANDLE) stays
+        open until then: its slots stay fenced while this process may still write through old views."""
+        self._broken = why
+        if getattr(why, "code", None) != Code.BAD_HANDLE:
+            self._close_socket()
+
     def _drop_connection(self) -> None:
         """Lets go of the socket and the old mappings (views still exported keep theirs alive)."""
         self._close_socket()
@@ -673,20 +727,7 @@ class Client:
             if not k:
                 break
             data += chunk[:k]
-        pos = 0
-        while len(data) - pos >= 4:
-            (length,) = HEADER.unpack_from(data, pos)
-            if len(data) - pos - 4 < length:
-                break
-            try:
-                msg = unpack_body(memoryview(data)[pos + 4:pos + 4 + length])
-                rid, code, result = msg
-            except Exception:
-                return None
-            pos += 4 + length
-            if code != Code.OK:
-                return KvtierdError(Code(code), result)
-        return None
+        return _first_error(data)
 
     def _read_frame(self) -> Any:
         """One reply, decoded. Small replies come from a reused buffer in one recv;
@@ -721,21 +762,21 @@ class Client:
             self._send_all(frame)
         except (BrokenPipeError, ConnectionResetError) as e:
             refusal = self._pending_error()
-            self._broken = refusal or ConnectionError(f"kvtierd closed the connection ({e.strerror})")
+            self._lose(refusal or ConnectionError(f"kvtierd closed the connection ({e.strerror})"))
             raise _Lost(self._broken, refusal is None or refusal.code in RETRY_CODES) from None
         while True:
             try:
                 rid, code, result = self._read_frame()
             except ConnectionError as e:
-                self._broken = ConnectionError(f"kvtierd closed the connection ({e})")
+                self._lose(ConnectionError(f"kvtierd closed the connection ({e})"))
                 raise _Lost(self._broken, True) from None
             except TimeoutError as e:
-                self._broken = e      # its reply may still come: this connection is out of step
+                self._lose(e)         # its reply may still come: this connection is out of step
                 raise
             if code != Code.OK:
                 err = KvtierdError(Code(code), result)
                 if rid == 0 and code in CLOSING_CODES:
-                    self._broken = err
+                    self._lose(err)
                     raise _Lost(err, code in RETRY_CODES)
                 raise err
             if rid == req_id:
@@ -746,7 +787,7 @@ class Client:
         lost during this request (never for a lease or reservation of the old connection)."""
         if self._broken is not None:
             if op in HANDLE_OPS:
-                raise _stale_for(op, args)
+                raise _stale_for(op, args, self._broken)
             if not self.reconnect_attempts:
                 raise ConnectionError(f"not connected to kvtierd: {self._broken}")
             self._reconnect()
@@ -754,7 +795,7 @@ class Client:
             return self._call_once(op, args)
         except _Lost as lost:
             if op in HANDLE_OPS:
-                raise _stale_for(op, args) from None
+                raise _stale_for(op, args, lost.error) from None
             if not lost.retry or not self.reconnect_attempts:
                 raise lost.error from None
         self._reconnect()
@@ -841,11 +882,17 @@ class AsyncNamespace(_NamespaceBase):
     async def get_into(self, keys: list[bytes], out: Sequence[Any]) -> list[bool]:
         return await self.client._drive(_get_into_steps(self, list(keys), out))
 
+    async def _keys_op(self, op: Op, keys: list[bytes]) -> tuple[int, list]:
+        if _fits_one_frame(self, keys):
+            r = await self.client._call(op, {"ns": self.id, "keys": keys})
+            return r["n"], r.get("runs", [])
+        return await self.client._drive(_keys_steps(self, op, keys))
+
     async def lookup(self, keys: list[bytes]) -> int:
-        return (await self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)}))["n"]
+        return (await self._keys_op(Op.LOOKUP, list(keys)))[0]
 
     async def lookup_tiers(self, keys: list[bytes]) -> list[str]:
-        return _expand_runs((await self.client._call(Op.LOOKUP, {"ns": self.id, "keys": list(keys)}))["runs"])
+        return _expand_runs((await self._keys_op(Op.LOOKUP, list(keys)))[1])
 
     async def put_inline(self, keys: list[bytes], blocks: Sequence[Any]) -> int:
         """See Namespace.put_inline; raises StoreFull the same way."""
@@ -855,10 +902,10 @@ class AsyncNamespace(_NamespaceBase):
         return await self.client._drive(_get_inline_steps(self, list(keys)))
 
     async def delete(self, keys: list[bytes]) -> int:
-        return (await self.client._call(Op.DELETE, {"ns": self.id, "keys": list(keys)}))["n"]
+        return (await self._keys_op(Op.DELETE, list(keys)))[0]
 
     async def prefetch(self, keys: list[bytes]) -> int:
-        return (await self.client._call(Op.PREFETCH, {"ns": self.id, "keys": list(keys)}))["n"]
+        return (await self._keys_op(Op.PREFETCH, list(keys)))[0]
 
     async def drop(self) -> int:
         """See Namespace.drop."""
@@ -970,7 +1017,8 @@ class AsyncClient:
         self._broken = None
         regions: dict[str, HostRegionMapping] = {}
         try:
-            # HELLO by recvmsg (its reply carries the region fds) before the stream reader takes over.
+            # HELLO by recvmsg on the bare socket (its reply carries the region fds; a refusal
+            # sent before a failed send is still read) before the stream reader takes over.
             info, regions = await asyncio.to_thread(_hello, sock, next(self._ids), self.name, 60.0, self.read_only)
             self._reader, self._writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 26)
         except BaseException:
@@ -996,6 +1044,8 @@ class AsyncClient:
                         if code in CLOSING_CODES:
                             self._broken = err
                             self._fail_all(_Lost(err, code in RETRY_CODES))
+                            if code != Code.BAD_HANDLE:   # revoked: stay fenced until we reconnect or close
+                                self._writer.close()
                         else:
                             self._fail_all(err)
                     continue
@@ -1089,10 +1139,14 @@ class AsyncClient:
 
     async def _call(self, op: Op, args: dict) -> dict:
         """See Client._call: the same reconnect rules."""
+        lock = self._reconnecting
+        if lock is not None and lock.locked():
+            async with lock:          # a reconnect is under way: wait until namespaces are reopened
+                pass
         epoch = self._epoch
         if self._broken is not None:
             if op in HANDLE_OPS:
-                raise _stale_for(op, args)
+                raise _stale_for(op, args, self._broken)
             if not self.reconnect_attempts:
                 raise ConnectionError(f"not connected to kvtierd: {self._broken}")
             await self._reconnect(epoch)
@@ -1101,7 +1155,7 @@ class AsyncClient:
             return await self._call_once(op, args)
         except _Lost as lost:
             if op in HANDLE_OPS:
-                raise _stale_for(op, args) from None
+                raise _stale_for(op, args, lost.error) from None
             if not lost.retry or not self.reconnect_attempts:
                 raise lost.error from None
         await self._reconnect(epoch)

@@ -52,8 +52,9 @@ _JSON_C1 = {c: f"\\u{c:04x}" for c in range(0x7f, 0xa0)}
 
 
 def printable(text: Any) -> str:
-    """`text` with every control character (C0, DEL, C1) written as \\xNN: safe on a terminal."""
-    return str(text).translate(_CONTROL)
+    """`text` with every control character (C0, DEL, C1) written as \\xNN: safe on a terminal or a log line."""
+    text = str(text)
+    return text if text.isprintable() else text.translate(_CONTROL)
 
 
 def json_safe(text: str) -> str:
@@ -263,12 +264,3 @@ def shutdown() -> None:
 
 
 atexit.register(shutdown)
-
-
-# C0 and C1 controls and DEL: what a terminal would act on rather than print.
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]}
-
-
-def printable(name: str) -> str:
-    """A client-chosen name made safe for a terminal or a log line: control characters as \\xNN escapes."""
-    return name.translate(_CONTROL) if not name.isprintable() else name

@@ -2,9 +2,10 @@
 
 Frames are parsed out of one reused receive buffer per connection
 (asyncio.BufferedProtocol: the kernel writes straight into it, no per-chunk
-bytes objects). Before hello that buffer is small and so is the largest frame
-accepted (HELLO_FRAME_BYTES), so connections that never speak cost little;
-after hello it grows to RECV_BUFFER. A frame bigger than that buffer gets one
+bytes objects). It starts small, and before hello so is the largest frame
+accepted (HELLO_FRAME_BYTES), so connections that never speak, or only idle,
+cost little; a connection that said hello and gets busy grows it to
+RECV_BUFFER. A frame bigger than that buffer gets one
 of its own, which starts small and doubles as bytes arrive (never the
 announced length up front: a peer that sends only a header costs only what
 it sent). A frame longer than the limit cannot be skipped safely, so it gets
@@ -182,8 +183,10 @@ class Connection(asyncio.BufferedProtocol):
         if quiet < idle:
             self._arm(idle - quiet)
             return
-        if self.busy or self.queue or self.server.holds(self.id):
-            self._arm(idle)          # a request in flight, or a lease or reservation: not idle
+        if self.busy or self.queue or self.revoked or self.server.holds(self.id):
+            # A request in flight, a lease or reservation, or fenced slots that must stay
+            # fenced until the peer itself closes: not idle.
+            self._arm(idle)
             return
         self.server.note_limit("idle_timeout", f"closed a connection of uid={self.uid} pid={self.pid}: "
                                                f"no request for {quiet:.0f} s")
@@ -201,8 +204,6 @@ class Connection(asyncio.BufferedProtocol):
                 grown[:self.big_fill] = big
                 self.big = big = grown
             return memoryview(big)[self.big_fill:]
-        if self.hello and len(self.buf) < RECV_BUFFER:
-            self._grow_buf()
         if self.end == len(self.buf):
             # Slide the unparsed tail to the front to make room.
             tail = self.end - self.start
@@ -211,7 +212,8 @@ class Connection(asyncio.BufferedProtocol):
         return memoryview(self.buf)[self.end:]
 
     def _grow_buf(self) -> None:
-        """After hello: the full-size receive buffer, with the unparsed bytes moved over."""
+        """The full-size receive buffer, with the unparsed bytes moved over: after hello, once
+        the connection gets busy (a recv filled the small one, or a frame did not fit)."""
         tail = self.end - self.start
         buf = bytearray(RECV_BUFFER)
         buf[:tail] = self.buf[self.start:self.end]
@@ -227,7 +229,10 @@ class Connection(asyncio.BufferedProtocol):
                     self._parse()
             return
         self.end += nbytes
+        filled = self.end == len(self.buf)
         self._parse()
+        if filled and self.hello and len(self.buf) < RECV_BUFFER and not self.closed:
+            self._grow_buf()
 
     def _queue_full(self) -> bool:
         cfg = self.server.cfg.server
@@ -258,11 +263,12 @@ class Connection(asyncio.BufferedProtocol):
                 body.release()
                 if self.closed:
                     return
-                if self.hello and len(buf) < RECV_BUFFER:
-                    self._grow_buf()
-                    buf = self.buf
                 continue
             if 4 + length > len(buf):
+                if self.hello and len(buf) < RECV_BUFFER and 4 + length <= RECV_BUFFER:
+                    self._grow_buf()
+                    buf = self.buf
+                    continue
                 # Too big for the shared buffer: receive the rest into its own, grown as it fills.
                 self.big = bytearray(min(length, max(BIG_FIRST, 2 * have)))
                 self.big[:have] = buf[self.start + 4:self.end]
