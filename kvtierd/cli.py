@@ -113,6 +113,16 @@ def render_stats(s: dict) -> str:
                      f"{'  REFUSING WRITES' if d.get('refusing_writes') else ''}  "
                      f"checksum failures {d.get('checksum_failures', 0)}  torn records {d.get('torn_records', 0)}  "
                      f"I/O errors {d.get('io_errors', 0)}  compactions {d.get('compaction_runs', 0)}")
+    r = s.get("remote") or {}
+    if r:
+        lines.append("")
+        dropped = sum((r.get("dropped") or {}).values())
+        where = f"cluster, {r.get('masters', 0)} masters" if r.get("cluster") else "one server"
+        lines.append(f"remote: {r.get('url', '?')} ({where})  breaker {r.get('state', '?')}  "
+                     f"writes {r.get('writes', 0)} ({format_size(r.get('written_bytes', 0))})  "
+                     f"pulled {r.get('hits', 0)} ({format_size(r.get('read_bytes', 0))})  dropped writes {dropped}  "
+                     f"queue {format_size(r.get('inflight_bytes', 0))}  errors {r.get('errors', 0)}  "
+                     f"corrupt {r.get('corrupt', 0)}")
     if s.get("errors"):
         lines.append("errors: " + ", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items())))
     return "\n".join(lines)

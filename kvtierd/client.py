@@ -432,7 +432,7 @@ class Namespace(_NamespaceBase):
         return self._keys_op(Op.LOOKUP, list(keys))[0]
 
     def lookup_tiers(self, keys: list[bytes]) -> list[str]:
-        """The tier of each leading present key ('hbm', 'host' or 'disk')."""
+        """The tier of each leading present key ('hbm', 'host', 'disk' or 'remote')."""
         return _expand_runs(self._keys_op(Op.LOOKUP, list(keys))[1])
 
     def put_inline(self, keys: list[bytes], blocks: Sequence[Any]) -> int:

@@ -276,6 +276,34 @@ class AccessConfig:
     domains: dict = opt({}, _domains, "access domains: name -> { namespaces = [prefix, ...], host_bytes = size }; each has its own host region, sent only to uids that may open one of its namespaces; other namespaces are in the default domain (host.bytes)")
 
 
+def _remote_url(v: Any) -> str:
+    v = _str(v).strip()
+    if v and not re.match(r"^rediss?://[^/?#]+", v):
+        raise ValueError(f"expected redis://HOST:PORT or rediss://HOST:PORT (empty: no remote tier), got {v!r}")
+    return v
+
+
+@dataclass
+class RemoteConfig:
+    url: str = opt("", _remote_url, "redis://HOST:PORT or rediss://HOST:PORT of any node of a Redis/Valkey cluster or a single server; empty: no remote tier")
+    username: str = opt("", _str, "Redis ACL user; empty: the URL's, or the default user")
+    password: str = opt("", _str, "Redis password; empty: the URL's, or $KVTIERD_REMOTE_PASSWORD")
+    tls_ca_file: str = opt("", _str, "with rediss://: CA bundle that signs the servers' certificates; empty: the system's")
+    tls_cert_file: str = opt("", _str, "with rediss://: client certificate (PEM) for mutual TLS")
+    tls_key_file: str = opt("", _str, "with rediss://: private key of tls_cert_file")
+    tls_verify: bool = opt(True, _bool, "with rediss://: check the servers' certificates and host names")
+    bytes: int = opt(0, _size(0), "most bytes this daemon keeps written in the remote (counted until their TTL ends); 0: no limit but Redis's maxmemory")
+    ttl_s: float = opt(86400.0, _num(float, 0), "expiry of the blocks kvtierd writes; 0: none (rely on Redis eviction)")
+    write_policy: str = opt("commit", _choice("commit", "demote", "off"), "commit: write each block soon after commit; demote: when it leaves the local tiers; off: read only")
+    connect_timeout_s: float = opt(1.0, _num(float, 0.001), "time allowed to open a connection to a node")
+    op_timeout_s: float = opt(2.0, _num(float, 0.001), "time allowed for one pipelined round (bounded by pipeline_bytes)")
+    lookup_budget_s: float = opt(0.005, _num(float, 0.0001), "the longest a lookup waits for the remote; later answers count as misses")
+    max_inflight_bytes: int = opt(256 << 20, _size(1 << 20), "bytes of writes queued or in flight at most; further writes are dropped (counted)")
+    pipeline_bytes: int = opt(16 << 20, _size(64 << 10, 1 << 30), "bytes of values per pipelined round at most (redis-py buffers a whole pipeline)")
+    breaker_failures: int = opt(3, _num(int, 1), "failed or slow rounds in a row that open the circuit breaker (the remote is then skipped)")
+    breaker_open_s: float = opt(1.0, _num(float, 0.01), "while open, how often a probe tries to reconnect; the tier resumes when one succeeds")
+
+
 @dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -286,11 +314,13 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
     def summary(self) -> str:
         return (f"socket={self.server.socket} state={self.state.dir} host={format_size(self.host.bytes)} "
                 f"disk={format_size(self.disk.bytes)} hbm={format_size(self.hbm.bytes)} "
-                f"metrics={self.metrics.address or 'off'}")
+                f"metrics={self.metrics.address or 'off'} "
+                f"remote={re.sub(r'//[^@/]*@', '//', self.remote.url) or 'off'}")
 
     def live_keys(self) -> set[str]:
         return {f"{s.name}.{f.name}" for s in dataclasses.fields(self)
@@ -380,6 +410,11 @@ def validate(cfg: Config) -> None:
         host, sep, port = cfg.metrics.address.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ConfigError(f"metrics.address: expected host:port, got {cfg.metrics.address!r}")
+    r = cfg.remote
+    if (r.tls_ca_file or r.tls_cert_file or r.tls_key_file) and not r.url.startswith("rediss://"):
+        raise ConfigError("remote.tls_*: TLS files are used with a rediss:// url only")
+    if bool(r.tls_cert_file) != bool(r.tls_key_file):
+        raise ConfigError("remote.tls_cert_file and remote.tls_key_file go together")
 
 
 def load(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from kvtierd import __version__
 from kvtierd import config as config_mod
-from kvtierd.server import Connection, Server
 from kvtierd.core.store import Store
+from kvtierd.server import Connection, Server
 
 log = logging.getLogger("kvtierd")
 
@@ -115,6 +115,10 @@ class Daemon:
         self.policy = access.AccessPolicy(cfg.access)
         disk = self._build_disk()
         self.store = store = Store(cfg, disk, self._build_regions())
+        if cfg.remote.url:
+            # redis-py is imported only with a remote tier
+            from kvtierd.remote import RemoteTier
+            store.attach_remote(RemoteTier(cfg.remote))
         self.hot = hotkeys.HotKeys(cfg.metrics.hot_keys, cfg.metrics.hot_window_s)
         self.metrics = metrics.Metrics(stats_fn=self._stats_for_metrics,
                                        max_namespaces=cfg.metrics.max_namespaces)

@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,7 @@ class StatsCollector:
         yield from self._session_families(s)
         yield from self._disk_families(s.get("disk"), (s.get("tiers") or {}).get("disk")
                                        if isinstance(s.get("tiers"), Mapping) else None)
+        yield from _remote_families(s.get("remote"))
         errors = s.get("errors")
         if isinstance(errors, Mapping):
             fam = CounterMetricFamily("kvtierd_errors", "Requests refused for bad input, by reason code.",
@@ -351,6 +352,84 @@ class StatsCollector:
             v = get(key)
             if v is not None:
                 yield fam_t(name, doc, value=v, unit=unit)
+
+
+# ------------------------------------------------------------ the remote tier
+# Fed from RemoteTier.stats() (kvtierd/remote/tier.py), which the store puts under "remote".
+
+_REMOTE_SCALARS = (
+    ("masters", "kvtierd_remote_masters", "Masters of the remote cluster the tier is connected to (1: one server).",
+     GaugeMetricFamily, ""),
+    ("breaker_opens", "kvtierd_remote_breaker_opens", "Times the circuit breaker opened (remote skipped until a "
+     "probe succeeds).", CounterMetricFamily, ""),
+    ("lookup_late", "kvtierd_remote_lookup_late", "Remote lookups that missed remote.lookup_budget_s (answered 0).",
+     CounterMetricFamily, ""),
+    ("lookup_shed", "kvtierd_remote_lookup_shed", "Remote lookups answered 0 because too many late rounds were out.",
+     CounterMetricFamily, ""),
+    ("corrupt", "kvtierd_remote_corrupt_values", "Remote values refused: wrong header, size or checksum (misses).",
+     CounterMetricFamily, ""),
+    ("read_bytes", "kvtierd_remote_read", "Payload bytes fetched from the remote tier.", CounterMetricFamily, "bytes"),
+    ("written_bytes", "kvtierd_remote_written", "Payload bytes written to the remote tier.", CounterMetricFamily,
+     "bytes"),
+    ("writes", "kvtierd_remote_writes", "Blocks written to the remote tier.", CounterMetricFamily, ""),
+    ("write_errors", "kvtierd_remote_write_errors", "Blocks whose remote write failed.", CounterMetricFamily, ""),
+    ("errors", "kvtierd_remote_errors", "Remote rounds that failed (connection, timeout, refused command).",
+     CounterMetricFamily, ""),
+    ("timeouts", "kvtierd_remote_timeouts", "Remote rounds that ran past remote.op_timeout_s.", CounterMetricFamily,
+     ""),
+    ("queue_blocks", "kvtierd_remote_queue_blocks", "Blocks waiting to be written to the remote.", GaugeMetricFamily,
+     ""),
+    ("queue_bytes", "kvtierd_remote_queue", "Bytes waiting to be written to the remote.", GaugeMetricFamily, "bytes"),
+    ("inflight_bytes", "kvtierd_remote_inflight", "Bytes of remote writes queued or being sent.", GaugeMetricFamily,
+     "bytes"),
+    ("budget_used_bytes", "kvtierd_remote_budget_used", "Bytes this daemon wrote to the remote whose TTL has not "
+     "ended (against remote.bytes).", GaugeMetricFamily, "bytes"),
+)
+
+
+def _remote_families(r: Any) -> Iterable[Metric]:
+    if not isinstance(r, Mapping):
+        return
+    yield GaugeMetricFamily("kvtierd_remote_up", "1 while the remote tier is connected and its breaker closed.",
+                            value=1.0 if r.get("connected") and r.get("state") == "closed" else 0.0)
+    for key, name, doc, fam_t, unit in _REMOTE_SCALARS:
+        v = _num(r, key)
+        if v is not None:
+            yield fam_t(name, doc, value=v, unit=unit)
+    lookups = CounterMetricFamily("kvtierd_remote_lookup_keys", "Keys asked of the remote by lookups, by result.",
+                                  labels=["result"])
+    asked, found = _num(r, "lookup_keys"), _num(r, "lookup_found")
+    if asked is not None and found is not None:
+        lookups.add_metric(["hit"], found)
+        lookups.add_metric(["miss"], asked - found)
+    yield lookups
+    blocks = CounterMetricFamily("kvtierd_remote_blocks", "Blocks asked of the remote by fetches, by result.",
+                                 labels=["result"])
+    for result, key in (("hit", "hits"), ("miss", "misses")):
+        v = _num(r, key)
+        if v is not None:
+            blocks.add_metric([result], v)
+    yield blocks
+    dropped = r.get("dropped")
+    if isinstance(dropped, Mapping):
+        fam = CounterMetricFamily("kvtierd_remote_dropped_writes", "Remote writes not made: queue full, budget "
+                                  "spent, remote down, closing.", labels=["reason"])
+        for reason in sorted(dropped, key=str):
+            v = _num(dropped, reason)
+            if isinstance(reason, str) and v is not None:
+                fam.add_metric([reason], v)
+        yield fam
+    latency = r.get("latency")
+    if isinstance(latency, Mapping):
+        hist = HistogramMetricFamily("kvtierd_remote_round_duration_seconds", "Time of one pipelined remote round.",
+                                     labels=["op"])
+        for op in sorted(latency, key=str):
+            h = latency[op]
+            if not isinstance(op, str) or not isinstance(h, Mapping) or not isinstance(h.get("buckets"), list):
+                continue
+            buckets = [("+Inf" if le == float("inf") else repr(float(le)), n) for le, n in h["buckets"]]
+            hist.add_metric([op], buckets, sum_value=_num(h, "sum") or 0.0)
+        yield hist
 
 
 class _Pin:

@@ -38,9 +38,11 @@ import collections
 import logging
 import os
 import time
+from types import CoroutineType
 from typing import Any, Callable
 
 from kvtierd import __version__, regions
+from kvtierd.core.store import Store
 from kvtierd.logs import printable
 from kvtierd.protocol import (
     HEADER,
@@ -54,7 +56,6 @@ from kvtierd.protocol import (
     reply_ok,
     unpack_body,
 )
-from kvtierd.core.store import Store
 
 log = logging.getLogger("kvtierd.server")
 
@@ -323,7 +324,7 @@ class Connection(asyncio.BufferedProtocol):
                 raise ProtocolError(Code.SHUTTING_DOWN, "the daemon is shutting down")
             handler, is_async = self.server.handlers[op]
             result = handler(self, **parse_args(op, args))
-            if is_async:
+            if is_async or type(result) is CoroutineType:   # a handler may also decide per call that it waits
                 self.busy = True
                 task = asyncio.ensure_future(self.finish(req_id, op, result, t0))
                 self.server.inflight.add(task)
@@ -439,6 +440,9 @@ class Server:
             Op.STATS: (self.op_stats, False), Op.PREFETCH: (self.op_prefetch, False),
             Op.HOT: (self.op_hot, False), Op.DROP: (self.op_drop, False),
         }
+        # With a remote tier a lookup may wait (bounded by remote.lookup_budget_s) for the chain's rest.
+        if getattr(store, "remote", None) is not None:
+            self.handlers[Op.LOOKUP] = (self.op_lookup_remote, False)
 
     def next_conn_id(self) -> int:
         self._conn_ids += 1
@@ -555,6 +559,20 @@ class Server:
 
     def op_lookup(self, c: Connection, ns: int, keys: list) -> dict:
         runs = self.store.lookup(c.ns(ns), keys)
+        return {"n": sum(count for _, count in runs), "runs": runs}
+
+    def op_lookup_remote(self, c: Connection, ns: int, keys: list) -> Any:
+        """LOOKUP with a remote tier: the local runs, answered at once when they cover every key (or the
+        remote is down); else a coroutine that adds one remote round for the rest (within its budget)."""
+        space = c.ns(ns)
+        runs = self.store.lookup(space, keys)
+        n = sum(count for _, count in runs)
+        if n >= len(keys) or not self.store.remote.tier.available():
+            return {"n": n, "runs": runs}
+        return self._lookup_remote(space, keys, runs)
+
+    async def _lookup_remote(self, space: Any, keys: list, runs: list) -> dict:
+        runs = await self.store.remote.extend_lookup(space, keys, runs)
         return {"n": sum(count for _, count in runs), "runs": runs}
 
     async def op_acquire(self, c: Connection, ns: int, keys: list, prefix: bool = True, tier: str = "host") -> dict:

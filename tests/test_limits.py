@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import pwd
+import re
 import resource
 import shutil
 import struct

@@ -324,6 +324,9 @@ def test_grafana_dashboard_and_operating_doc_name_only_metrics_that_exist():
     stats = full_stats()
     stats["misses"] = 4
     stats["disk"].update(reads=1, writes=1, refused_writes=0)
+    from kvtierd.config import load
+    from kvtierd.remote import RemoteTier
+    stats["remote"] = RemoteTier(load(overrides={"remote.url": "redis://127.0.0.1:1"}).remote).stats()
     m = Metrics(lambda: stats, process_metrics=False)
     m.observe_request("lookup", "ok", 1e-4)
     exported = set()

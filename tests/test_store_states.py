@@ -10,11 +10,11 @@ import asyncio
 import os
 
 import pytest
+from store_fakes import FakeDisk, FakeHbmPool, Gate, small_config
 
 from kvtierd.core.states import DELETED, FREED, MOVING, READY, TransitionError, move
 from kvtierd.core.store import Store
 from kvtierd.protocol import Code, ProtocolError
-from store_fakes import FakeDisk, FakeHbmPool, Gate, small_config
 
 BS = 64 << 10
 

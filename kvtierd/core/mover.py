@@ -21,7 +21,6 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from kvtierd.core import checksums
 from kvtierd.core.index import Entry, Namespace
 from kvtierd.core.lru import MemTier
 from kvtierd.core.states import DELETED, LOADING, MOVING, READY, move
@@ -152,6 +151,8 @@ class Mover:
                     continue
                 else:
                     evicted += not stored[i]
+                    if s.remote is not None:
+                        s.remote.leaving(e)             # write policy demote: offered before it goes
                     s.remove(e)
                 freed += s.settle(e)
             if evicted:
@@ -204,6 +205,8 @@ class Mover:
                 s.relocate(e, e.ns.host, off)
                 e.sum = csum
                 move(e, READY)
+                if s.remote is not None:
+                    s.remote.landed(e)                  # an HBM-committed block reaches the remote from host
                 s.idle_if_unused(e)
                 moved += 1
                 nbytes += e.ns.block_size
@@ -248,6 +251,8 @@ class Mover:
                 if ok and e.state == READY and e.leases == 1 and e.io == 0 and e.tier is s.hbm:
                     s.relocate(e, e.ns.host, off)
                     e.sum = csum
+                    if s.remote is not None:
+                        s.remote.landed(e)
                     moved += 1
                     nbytes += e.ns.block_size
                 else:

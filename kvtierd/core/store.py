@@ -81,6 +81,7 @@ class Store:
         self.host_pin: Any = None
         self.tiers: list[MemTier] = list(self.hosts.values())      # top (fastest) first
         self.disk = disk
+        self.remote: Any = None              # kvtierd.core.remote.RemoteHooks when remote.url is set
         self.registry = Registry(cfg)
         self.handles = Handles()
         self.counters = Counters()
@@ -101,6 +102,11 @@ class Store:
         self.hbm = MemTier("hbm", pool.slots, self.cfg.hbm.high_watermark, self.cfg.hbm.low_watermark)
         self.tiers = [self.hbm, *self.hosts.values()]
 
+    def attach_remote(self, tier: Any) -> None:
+        """Adds the shared remote tier (kvtierd.remote.RemoteTier) below the local ones; see core/remote.py."""
+        from kvtierd.core.remote import RemoteHooks
+        self.remote = RemoteHooks(self, tier)
+
     def hbm_descriptors(self) -> list[dict]:
         """What a client needs to map the pool: sent in the handshake."""
         if self.hbm_pool is None:
@@ -109,6 +115,8 @@ class Store:
                  "handle": self.hbm_pool.ipc_handle()}]
 
     async def start(self) -> None:
+        if self.remote is not None:
+            await self.remote.start()        # never fails for an unreachable remote: it keeps probing
         self._tasks = [asyncio.create_task(self._supervised("demoter", self.mover.demoter), name="demoter"),
                        asyncio.create_task(self._supervised("reaper", self._reaper), name="reaper")]
 
@@ -132,6 +140,8 @@ class Store:
         for t in [*self._tasks, *self._background]:
             t.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        if self.remote is not None:
+            await self.remote.close()        # queued writes end (done) before their slots' region goes
         if flush and self.disk is not None:
             if self.hbm is not None:
                 await self.mover.drain_hbm()
@@ -344,8 +354,10 @@ class Store:
         are copied down first), "any" (a worker that maps both regions: blocks stay where they are) or
         "hbm" (host blocks are promoted). A block that cannot be brought back intact is a miss."""
         got: list[Entry | None] = []
+        remote_keys = await self.remote.wanted(ns, keys, prefix) if self.remote is not None else ()
         try:
             loads: list[Entry] = []
+            pulls: list[Entry] = []
             waits: list[Entry] = []
             entries = ns.entries
             for k in keys:
@@ -360,6 +372,9 @@ class Store:
                     e.leases = 1
                     entries[k] = e
                     loads.append(e)
+                elif e is None and k in remote_keys:
+                    e = self.remote.entry(ns, k)
+                    pulls.append(e)
                 else:
                     if prefix:
                         break
@@ -368,6 +383,8 @@ class Store:
                 got.append(e)
             if loads:
                 await self.mover.load(ns, loads)
+            if pulls:
+                await self.remote.load(ns, pulls)
             for e in waits:
                 await asyncio.shield(e.loaded)
             if tier == "host" and self.hbm is not None:
@@ -486,6 +503,7 @@ class Store:
         self.handles.pop_reservation(res)
         checks = self.cfg.host.checksums
         n = 0
+        ready: list[Entry] = []
         for e in res.entries:
             if e.state != RESERVED:     # its namespace was dropped while reserved
                 self.settle(e)
@@ -495,7 +513,10 @@ class Store:
             move(e, READY)
             self.count(e, 1)
             e.tier.make_idle(e)
+            ready.append(e)
             n += 1
+        if self.remote is not None:
+            self.remote.committed(ready)
         res.ns.bytes_stored += n * res.ns.block_size
         self.wake_demoter_if_needed()
         return n
@@ -597,7 +618,7 @@ class Store:
                              "served_blocks": self.counters.moves.get(("disk", "host", "promote"),
                                                                       MoveCounter()).blocks}
         c = self.counters
-        return {
+        out = {
             "tiers": tiers,
             "domains": {d: {"capacity_bytes": t.slots.capacity_bytes, "used_bytes": t.slots.used_bytes,
                             "blocks": t.blocks} for d, t in self.hosts.items()},
@@ -621,3 +642,6 @@ class Store:
             "disk": self.disk.stats() if self.disk is not None else {},
             "errors": dict(c.errors),
         }
+        if self.remote is not None:
+            self.remote.add_stats(out)
+        return out

@@ -42,9 +42,11 @@ from dataclasses import dataclass, field
 
 # bytes/s, by destination device kind: a conservative fraction of the ceilings in bench/README.md
 _LOAD_PRIORS = {
-    "cpu": {"hbm": 2e9, "host": 4e9, "disk": 0.8e9},
-    "cuda": {"hbm": 200e9, "host": 10e9, "disk": 0.8e9},
+    "cpu": {"hbm": 2e9, "host": 4e9, "disk": 0.8e9, "remote": 0.2e9},
+    "cuda": {"hbm": 200e9, "host": 10e9, "disk": 0.8e9, "remote": 0.2e9},
 }
+# "remote" (Redis/Valkey through the daemon, bench/remote.py): about 0.3-0.6 GB/s on a loaded 2-core loopback
+# cluster; a 10-25 GbE network gives more, but a cold estimate should err towards recomputing.
 # FLOP/s a prefill sustains, conservative: fp32 on a few CPU cores; bf16 on a datacentre GPU
 _FLOPS_PRIORS = {"cpu": 2e10, "cuda": 2e14}
 _REQUEST_OVERHEAD_S = 300e-6  # lookup + acquire + release round trips over the Unix socket

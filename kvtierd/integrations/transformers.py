@@ -399,7 +399,9 @@ class KVTierCache:
                 kv = self._read_blocks(lease.views[:n])
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # release only once the copies are done
-            leased_tiers = list(lease.tiers[:n])
+            # A block the lookup found in the remote tier is leased from host (the daemon pulled it
+            # in for this acquire): its time is the remote's, so it teaches the remote rate.
+            leased_tiers = ["remote" if t == "remote" else lt for t, lt in zip(tiers, lease.tiers[:n])]
         self.cost.observe_load(leased_tiers, g.block_bytes, time.perf_counter() - t0)
         n_cached = min(n * g.chunk_tokens, ids.numel() - 1)
         for layer, (k, v) in enumerate(kv):

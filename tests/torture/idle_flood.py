@@ -168,7 +168,7 @@ def main() -> int:
             problems.append(f"new client: {err or 'served'} after {took:.2f} s")
         if peak > LIMIT:
             problems.append(f"daemon memory beyond the host region reached {mib(peak)} (limit {mib(LIMIT)})"
-                            + (f"; stopped after {len(big)} big headers at the {mib(cap)} cap" if capped else ""))
+                            + (f"; stopped after {flood['big']} big headers at the {mib(cap)} cap" if capped else ""))
         if not alive:
             problems.append(f"daemon exited with {d.proc.returncode}")
     finally:
