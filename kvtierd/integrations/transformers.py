@@ -427,7 +427,8 @@ class KVTierCache:
             regions = self.client.worker_regions()
             for tier in sorted(set(tiers)):
                 idx = [i for i, t in enumerate(tiers) if t == tier]
-                copier.scatter(regions.region(tier, self.ns.domain), [offsets[i] for i in idx], np.asarray(idx, dtype=np.int64))
+                copier.scatter(regions.region(tier, self.ns.domain), [offsets[i] for i in idx],
+                               np.asarray(idx, dtype=np.int64))
         return [(t[0].unsqueeze(0), t[1].unsqueeze(0)) for t in layers]
 
     def _read_blocks(self, views: list[memoryview]) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
