@@ -4,4 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
-exec .venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q "$@"
+# vLLM integration tests: a second step, in their own cached venv (scripts/setup_vllm.sh),
+# so the core suite stays fast and vLLM's pins never touch .venv. Only for a full run
+# (no pytest arguments); KVTIERD_SKIP_VLLM=1 skips it.
+if [ $# -eq 0 ] && [ "${KVTIERD_SKIP_VLLM:-0}" != 1 ]; then
+    VPY=$(scripts/setup_vllm.sh | tail -n 1)
+    TMP=$(mktemp -d)
+    trap 'rm -rf "$TMP"' EXIT
+    "$VPY" -m pytest -q -p no:cacheprovider --basetemp "$TMP/pytest" tests/vllm
+fi
