@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fsck", help="verify (and repair) a stopped daemon's disk tier")
     f.add_argument("state_dir")
-    f.add_argument("--repair", action="store_true", help="drop corrupt and torn records")
+    f.add_argument("--repair", action="store_true",
+                   help="drop corrupt and torn records, replace bad hint files (stray files are only listed)")
     f.set_defaults(func=cmd_fsck)
 
     c = sub.add_parser("config", help="list every config key with its default")

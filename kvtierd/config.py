@@ -231,7 +231,7 @@ class HostConfig:
 @dataclass
 class DiskConfig:
     bytes: int = opt(8 << 30, _size(0), "byte limit of the disk tier; 0 disables it", live=True)
-    segment_bytes: int = opt(1 << 30, _size(1 << 20, 64 << 30), "size of one segment file")
+    segment_bytes: int = opt(0, _size(0, 64 << 30), "size of one segment file; 0: min(1 GiB, disk.bytes / 8), at least 1 MiB, in whole MiB")
     io_threads: int = opt(4, _num(int, 1, 64), "threads doing disk I/O")
     io_depth: int = opt(8, _num(int, 1, 1024), "disk I/Os in flight at most", live=True)
     io_bytes: int = opt(4 << 20, _size(4096, 256 << 20), "bytes per write or read I/O (many blocks per I/O)")
@@ -239,11 +239,17 @@ class DiskConfig:
     fsync_interval_s: float = opt(1.0, _num(float, 0.001), "with durability=interval, the longest a committed write stays unsynced", live=True)
     direct_io: str = opt("auto", _choice("auto", "on", "off"), "O_DIRECT: auto falls back to buffered I/O (and says so) where unsupported")
     flush_on_shutdown: bool = opt(True, _bool, "on clean shutdown write host-tier blocks to disk so a restart keeps them", live=True)
-    checkpoint_interval_s: float = opt(60.0, _num(float, 0.1), "how often the index checkpoint is written", live=True)
     compaction_threshold: float = opt(0.5, _num(float, 0.0, 1.0), "segments whose live fraction falls below this are compacted", live=True)
     compaction_io_share: float = opt(0.25, _num(float, 0.01, 1.0), "largest share of disk time compaction may take", live=True)
     high_watermark: float = opt(0.95, _num(float, 0.0, 1.0), "above this fill, the coldest disk blocks are evicted", live=True)
     low_watermark: float = opt(0.90, _num(float, 0.0, 1.0), "eviction stops at this fill", live=True)
+
+    def effective_segment_bytes(self) -> int:
+        """disk.segment_bytes, or when 0 the size derived from disk.bytes: min(1 GiB, bytes / 8)
+        rounded down to whole MiB, at least 1 MiB (8 segments keep compaction's headroom small)."""
+        if self.segment_bytes:
+            return self.segment_bytes
+        return max(1 << 20, min(1 << 30, self.bytes // 8) >> 20 << 20)
 
 
 @dataclass
@@ -404,8 +410,15 @@ def validate(cfg: Config) -> None:
         if d["host_bytes"] < cfg.host.slab_bytes:
             raise ConfigError(f"access.domains.{name}.host_bytes ({format_size(d['host_bytes'])}) must be at "
                               f"least host.slab_bytes ({format_size(cfg.host.slab_bytes)})")
-    if cfg.disk.bytes and cfg.disk.segment_bytes > cfg.disk.bytes:
-        raise ConfigError("disk.segment_bytes must not exceed disk.bytes")
+    seg = cfg.disk.segment_bytes
+    if cfg.disk.bytes and cfg.disk.bytes < (1 << 20):
+        raise ConfigError(f"disk.bytes ({format_size(cfg.disk.bytes)}) must be 0 (no disk tier) or at least 1 MiB")
+    if seg and seg < (1 << 20):
+        raise ConfigError(f"disk.segment_bytes ({format_size(seg)}) must be 0 (derived from disk.bytes) "
+                          "or at least 1 MiB")
+    if cfg.disk.bytes and seg > cfg.disk.bytes:
+        raise ConfigError(f"disk.segment_bytes ({format_size(seg)}) must not exceed disk.bytes "
+                          f"({format_size(cfg.disk.bytes)}); leave disk.segment_bytes at 0 to derive it")
     if cfg.metrics.address:
         host, sep, port = cfg.metrics.address.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:

@@ -104,7 +104,7 @@ class Daemon:
     def _build_disk(self):
         if not self.cfg.disk.bytes:
             return None
-        from kvtierd.tiers.disk import DiskTier
+        from kvtierd.disk.tier import DiskTier
         return DiskTier(self.cfg.disk, Path(self.cfg.state.dir))
 
     async def run(self) -> int:

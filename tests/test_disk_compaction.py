@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 import time
 
-from test_disk_roundtrip import open_store, payloads, read_back, segment_files, small_cfg
+from test_disk_roundtrip import drop_hints, open_store, payloads, read_back, segment_files, small_cfg
 
-from kvtierd.disk.compaction import Maintenance, compact_segment, pick_victim
+from kvtierd.disk.compaction import compact_segment, pick_victim
+from kvtierd.disk.maintenance import Maintenance
+from kvtierd.disk.types import SEG
 
 SIZE = 32768
 
@@ -19,7 +21,7 @@ def test_compaction_rewrites_live_records_and_deletes_the_segment(tmp_path):
     for i in range(0, 60, 10):
         assert all(s.write_batch([("ns", k, d) for k, d in zip(keys[i:i + 10], data[i:i + 10], strict=True)]))
     first = min(s.segments)
-    victims_keys = [k for k in keys if s.keydir[("ns", k)].seg.id == first]
+    victims_keys = [k for k in keys if s.kd.get("ns", k)[SEG] == first]
     for k in victims_keys[: int(len(victims_keys) * 0.8)]:
         s.delete("ns", k)
     victim = pick_victim(s)
@@ -30,7 +32,7 @@ def test_compaction_rewrites_live_records_and_deletes_the_segment(tmp_path):
     res, outs = read_back(s, "ns", [keys[i] for i in alive], [SIZE] * len(alive))
     assert all(res) and all(bytes(o) == bytes(data[i]) for o, i in zip(outs, alive, strict=True))
     s.close()
-    (tmp_path / "disk" / "checkpoint").unlink()    # deletes must survive the move, also by scan
+    assert drop_hints(tmp_path)                    # deletes must survive the move, also by scan
     s = open_store(tmp_path)
     assert sorted(s.keys("ns")) == sorted(keys[i] for i in alive)
     res, outs = read_back(s, "ns", [keys[i] for i in alive], [SIZE] * len(alive))
@@ -187,8 +189,8 @@ def test_a_segment_dropped_to_make_room_keeps_the_deletes_it_records(tmp_path):
     assert s.delete("ns", old[0])
     cold = [b"c%d" % i for i in range(3)]          # written with the tombstone of a0, in one segment
     assert s.write_batch([("ns", k, data[8 + i]) for i, k in enumerate(cold)]) == [True] * 3
-    tomb_seg = s.keydir[("ns", cold[0])].seg.id
-    assert s.tombs[("ns", old[0])].seg.id == tomb_seg
+    tomb_seg = s.kd.get("ns", cold[0])[SEG]
+    assert s.kd.tomb(("ns", old[0])).seg.id == tomb_seg
     hot = old[1:] + [b"b%d" % i for i in range(4)]
     res, _ = read_back(s, "ns", hot, [block] * len(hot))    # everything but the c blocks is warm
     assert all(res)
@@ -199,8 +201,34 @@ def test_a_segment_dropped_to_make_room_keeps_the_deletes_it_records(tmp_path):
     assert s.stats()["used_bytes"] <= cfg.bytes
     s.close()
     assert not any(p.name == f"{tomb_seg:016x}.seg" for p in segment_files(tmp_path))
-    (tmp_path / "disk" / "checkpoint").unlink()    # a scan must still find the delete
+    assert drop_hints(tmp_path)                    # a scan must still find the delete
     s = open_store(tmp_path, cfg)
     assert not s.contains("ns", old[0])
     assert all(s.contains("ns", k) for k in old[1:])
+    s.close()
+
+
+def test_a_segment_found_dead_at_start_is_deleted(tmp_path):
+    cfg = small_cfg(segment_bytes=8 * (SIZE + 4096))
+    s = open_store(tmp_path, cfg)
+    old = payloads(8, SIZE, seed=8)
+    new = payloads(8, SIZE, seed=9)
+    keys = [b"%d" % i for i in range(8)]
+    assert all(s.write_batch([("ns", k, d) for k, d in zip(keys, old, strict=True)]))   # fills segment 1
+    assert all(s.write_batch([("ns", k, d) for k, d in zip(keys, new, strict=True)]))   # overwrites it all
+    s.close()
+    first = segment_files(tmp_path)[0]
+    s = open_store(tmp_path, cfg)                   # nothing in the first segment is live any more
+    m = Maintenance(s)
+    m.start()
+    try:
+        deadline = time.monotonic() + 10
+        while first.exists():
+            assert time.monotonic() < deadline, "the dead segment was never deleted"
+            time.sleep(0.02)
+    finally:
+        m.stop()
+        m.join()
+    res, outs = read_back(s, "ns", keys, [SIZE] * 8)
+    assert all(res) and all(bytes(o) == bytes(d) for o, d in zip(outs, new, strict=True))
     s.close()

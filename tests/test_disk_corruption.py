@@ -1,11 +1,10 @@
-"""Damage on disk is a miss, counted and logged, never wrong bytes; recovery copes with any checkpoint."""
+"""Damage on disk is a miss, counted and logged, never wrong bytes; recovery copes with any hint file."""
 
 from __future__ import annotations
 
 import os
-import shutil
 
-from test_disk_roundtrip import flip_byte, open_store, payloads, read_back, segment_files, small_cfg
+from test_disk_roundtrip import drop_hints, flip_byte, open_store, payloads, read_back, segment_files, small_cfg
 
 from kvtierd.disk.format import PAGE, record_size
 
@@ -39,7 +38,7 @@ def test_flipped_payload_byte_is_a_miss_and_the_block_is_dropped(tmp_path):
 def test_flipped_header_byte_drops_only_that_record(tmp_path):
     s, keys, data = _fill(tmp_path)
     s.close()
-    (tmp_path / "disk" / "checkpoint").unlink()    # make recovery read the headers
+    assert drop_hints(tmp_path)                    # make recovery read the headers
     flip_byte(segment_files(tmp_path)[0], 5 * REC + 20)
     s = open_store(tmp_path)
     st = s.stats()
@@ -53,7 +52,7 @@ def test_flipped_header_byte_drops_only_that_record(tmp_path):
 def test_truncated_tail_is_torn_and_dropped(tmp_path):
     s, keys, data = _fill(tmp_path)
     s.close()
-    (tmp_path / "disk" / "checkpoint").unlink()
+    assert drop_hints(tmp_path)
     seg = segment_files(tmp_path)[0]
     os.truncate(seg, os.path.getsize(seg) - 5000)  # cut into the last record's payload
     s = open_store(tmp_path)
@@ -65,27 +64,30 @@ def test_truncated_tail_is_torn_and_dropped(tmp_path):
     s.close()
 
 
-def test_truncated_tail_with_checkpoint_read_is_short_and_a_miss(tmp_path):
+def test_truncated_segment_with_a_hint_is_scanned_instead(tmp_path):
     s, keys, data = _fill(tmp_path)
     s.close()
     seg = segment_files(tmp_path)[0]
     os.truncate(seg, os.path.getsize(seg) - 5000)
-    s = open_store(tmp_path)                       # the checkpoint entry runs past the file: dropped
+    s = open_store(tmp_path)                       # the hint covers more than the file: scanned
+    assert any("covers" in p for p in s.hint_problems)
+    assert s.stats()["torn_records"] == 1
     res, outs = read_back(s, "ns", keys, [SIZE] * N)
     assert res == [True] * (N - 1) + [False]
     s.close()
 
 
-def test_missing_and_corrupt_checkpoint_fall_back_to_scanning(tmp_path):
+def test_missing_and_corrupt_hints_fall_back_to_scanning(tmp_path):
     s, keys, data = _fill(tmp_path)
     s.close()
-    ck = tmp_path / "disk" / "checkpoint"
-    flip_byte(ck, os.path.getsize(ck) - 10)
+    hint = next((tmp_path / "disk").glob("*.hint"))
+    flip_byte(hint, os.path.getsize(hint) - 10)
     s = open_store(tmp_path)
     assert s.stats()["blocks"] == N
-    assert "checksum" in s.checkpoint_problem
+    assert any("checksum" in p for p in s.hint_problems)
+    assert s.progress["bytes_scanned"] > 0
     s.close()
-    ck.unlink()
+    drop_hints(tmp_path)
     s = open_store(tmp_path)
     assert s.stats()["blocks"] == N and s.progress["bytes_scanned"] > 0
     res, outs = read_back(s, "ns", keys, [SIZE] * N)
@@ -93,21 +95,26 @@ def test_missing_and_corrupt_checkpoint_fall_back_to_scanning(tmp_path):
     s.close()
 
 
-def test_checkpoint_older_than_segments(tmp_path):
+def test_a_clean_restart_reads_hints_only_and_a_crash_scans_only_the_open_tail(tmp_path):
     s, keys, data = _fill(tmp_path)
     s.close()
-    old = tmp_path / "old_checkpoint"
-    shutil.copy(tmp_path / "disk" / "checkpoint", old)
-    s = open_store(tmp_path, small_cfg())
+    s = open_store(tmp_path)
+    assert s.stats()["blocks"] == N and s.progress["bytes_scanned"] == 0     # hints only
     more = payloads(N, SIZE, seed=99)
     keys2 = [b"new%02d" % i for i in range(N)]
     assert all(s.write_batch([("ns", k, d) for k, d in zip(keys2, more, strict=True)]))
     assert s.delete("ns", keys[0])
-    s.close()
-    shutil.copy(old, tmp_path / "disk" / "checkpoint")   # as if the daemon died before its next checkpoint
+    s.flush_tombstones()
+    tail = s.active.size
+    # As if the daemon died here: nothing is closed, the open segment has no hint.
+    for seg in list(s.segments.values()):
+        os.close(seg.fd)
+        seg.fd = -1
+    os.close(s._lock_fd)
     s = open_store(tmp_path)
+    assert s.progress["bytes_scanned"] == tail                             # just the open tail
     assert s.stats()["blocks"] == 2 * N - 1
-    assert not s.contains("ns", keys[0])                  # the tombstone after the checkpoint wins
+    assert not s.contains("ns", keys[0])                  # the tombstone in the tail wins
     res, outs = read_back(s, "ns", keys2, [SIZE] * N)
     assert all(res) and all(bytes(o) == bytes(d) for o, d in zip(outs, more, strict=True))
     s.close()

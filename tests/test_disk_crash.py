@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from kvtierd.config import DiskConfig
 from kvtierd.disk.segments import SegmentStore
-from kvtierd.disk.compaction import Maintenance
+from kvtierd.disk.maintenance import Maintenance
 
 def payload(key, ver):
     size = 16384 if ver % 2 else 20000
@@ -34,7 +34,6 @@ def payload(key, ver):
 cfg = DiskConfig()
 cfg.bytes = 64 << 20; cfg.segment_bytes = 1 << 20; cfg.io_bytes = 128 << 10
 cfg.durability = "batch"; cfg.compaction_threshold = 0.9; cfg.compaction_io_share = 1.0
-cfg.checkpoint_interval_s = 0.3
 s = SegmentStore(cfg, Path(sys.argv[1])); s.open(); s.recover()
 m = Maintenance(s); m.start()
 run = int(sys.argv[2]); n = 0

@@ -323,8 +323,7 @@ def test_concurrent_acquires_of_the_same_disk_blocks_read_each_block_once(start_
 CRASH_BLOCK = 64 << 10
 CRASH_ARGS = ("--host-bytes", "4MiB", "--set", "host.slab_bytes=1MiB",
               "--disk-bytes", "512MiB", "--set", "disk.segment_bytes=1MiB", "--set", "disk.durability=batch",
-              "--set", "disk.compaction_threshold=0.9", "--set", "disk.compaction_io_share=1.0",
-              "--set", "disk.checkpoint_interval_s=0.5")
+              "--set", "disk.compaction_threshold=0.9", "--set", "disk.compaction_io_share=1.0")
 
 
 class Writer:

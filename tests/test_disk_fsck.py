@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 
-from test_disk_roundtrip import flip_byte, open_store, payloads, read_back, segment_files
+from test_disk_roundtrip import drop_hints, flip_byte, open_store, payloads, read_back, segment_files
 
 from kvtierd.disk import fsck
 from kvtierd.disk.format import PAGE, record_size
@@ -59,16 +59,16 @@ def test_damage_is_found_and_repaired(tmp_path):
     s.close()
 
 
-def test_corrupt_checkpoint_is_reported_and_rewritten(tmp_path):
+def test_corrupt_hint_is_reported_and_rewritten(tmp_path):
     _make(tmp_path)
-    ck = tmp_path / "disk" / "checkpoint"
-    flip_byte(ck, 30)
+    hint = next((tmp_path / "disk").glob("*.hint"))
+    flip_byte(hint, 30)
     code, text = _run(tmp_path)
-    assert code == 1 and "checkpoint: BAD" in text
+    assert code == 1 and f"hint {hint.name}: BAD" in text
     code, text = _run(tmp_path, "--repair")
-    assert code == 0
+    assert code == 0 and "wrote 1 hint file" in text
     code, text = _run(tmp_path)
-    assert code == 0 and "checkpoint: ok (10 entries" in text
+    assert code == 0 and f"hint {hint.name}: ok (10 records)" in text
 
 
 def test_refuses_a_directory_in_use_and_a_missing_one(tmp_path):
@@ -92,7 +92,7 @@ def test_after_a_repair_fsck_is_clean_and_a_scan_does_not_bring_the_dropped_bloc
     code, text = _run(tmp_path)
     assert code == 0 and "fsck: clean" in text, text
     assert "1 dead damaged records" in text and "0 of them on bad records" in text
-    (tmp_path / "disk" / "checkpoint").unlink()           # the next start rebuilds the index by scan
+    drop_hints(tmp_path)                                  # the next start rebuilds the index by scan
     s = open_store(tmp_path)
     try:
         assert not s.contains("ns", keys[4])
@@ -104,3 +104,22 @@ def test_after_a_repair_fsck_is_clean_and_a_scan_does_not_bring_the_dropped_bloc
         s.close()
     code, text = _run(tmp_path)
     assert code == 0 and "fsck: clean" in text, text
+
+
+def test_a_torn_tail_under_a_valid_hint_is_cut_and_the_hint_goes_with_it(tmp_path):
+    keys, data = _make(tmp_path)
+    seg = segment_files(tmp_path)[0]
+    os.truncate(seg, os.path.getsize(seg) - 3000)        # tear the last record
+    drop_hints(tmp_path)
+    s = open_store(tmp_path)                              # scans the torn segment ...
+    s.close()                                             # ... and writes its hint, covering the tear
+    assert list((tmp_path / "disk").glob("*.hint"))
+    code, text = _run(tmp_path, "--repair")
+    assert code == 0 and "truncated" in text, text
+    code, text = _run(tmp_path)
+    assert code == 0 and "fsck: clean" in text, text
+    s = open_store(tmp_path)
+    good = list(range(9))
+    res, outs = read_back(s, "ns", [keys[i] for i in good], [SIZE] * len(good))
+    assert all(res) and all(bytes(o) == bytes(data[i]) for o, i in zip(outs, good, strict=True))
+    s.close()

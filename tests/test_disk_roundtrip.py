@@ -17,7 +17,6 @@ def small_cfg(**kw) -> DiskConfig:
     cfg.io_bytes = 256 << 10
     cfg.io_threads = 2
     cfg.io_depth = 4
-    cfg.checkpoint_interval_s = 3600
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -60,6 +59,14 @@ def segment_files(state: Path) -> list[Path]:
     return sorted((state / "disk").glob("*.seg"))
 
 
+def drop_hints(state: Path) -> int:
+    """Remove every hint file, so the next start scans every segment; returns how many."""
+    found = list((state / "disk").glob("*.hint"))
+    for p in found:
+        p.unlink()
+    return len(found)
+
+
 def flip_byte(path: Path, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -76,7 +83,7 @@ import asyncio  # noqa: E402
 
 import pytest  # noqa: E402
 
-from kvtierd.tiers.disk import DiskTier  # noqa: E402
+from kvtierd.disk.tier import DiskTier  # noqa: E402
 
 SIZES = [4096, 5000, 65536, 200_000, (1 << 20) - 4096]
 
@@ -104,7 +111,7 @@ def test_every_byte_round_trips_and_survives_restart(tmp_path, aligned, direct):
     s.close()
 
 
-def test_delete_and_namespace_delete_stay_deleted_without_checkpoint(tmp_path):
+def test_delete_and_namespace_delete_stay_deleted_without_hints(tmp_path):
     s = open_store(tmp_path)
     data = payloads(6, 8192)
     assert all(s.write_batch([("a", b"%d" % i, d) for i, d in enumerate(data[:3])]
@@ -114,7 +121,7 @@ def test_delete_and_namespace_delete_stay_deleted_without_checkpoint(tmp_path):
     assert s.delete_namespace("b") == 3
     assert not s.contains("a", b"1") and not s.contains("b", b"0")
     s.close()
-    (tmp_path / "disk" / "checkpoint").unlink()     # force a full scan: tombstones must hide them
+    assert drop_hints(tmp_path)                     # force a full scan: tombstones must hide them
     s = open_store(tmp_path)
     assert s.contains("a", b"0") and s.contains("a", b"2")
     assert not s.contains("a", b"1")
@@ -122,7 +129,7 @@ def test_delete_and_namespace_delete_stay_deleted_without_checkpoint(tmp_path):
     # the namespace can be used again after its delete
     assert s.write_batch([("b", b"0", data[0])]) == [True]
     s.close()
-    (tmp_path / "disk" / "checkpoint").unlink()
+    assert drop_hints(tmp_path)
     s = open_store(tmp_path)
     assert s.keys("b") == [b"0"]
     s.close()
@@ -145,7 +152,7 @@ def test_newer_write_of_a_key_wins_after_restart(tmp_path):
     assert s.write_batch([("ns", b"k", a)]) == [True]
     assert s.write_batch([("ns", b"k", b)]) == [True]
     s.close()
-    (tmp_path / "disk" / "checkpoint").unlink()
+    assert drop_hints(tmp_path)
     s = open_store(tmp_path)
     res, outs = read_back(s, "ns", [b"k"], [4096])
     assert res == [True] and bytes(outs[0]) == bytes(b)

@@ -28,8 +28,10 @@ def full_stats() -> dict:
                   {"src": "disk", "dst": "host", "kind": "promote", "blocks": 4, "bytes": 4 << 16}],
         "evictions": {"host": 0, "disk": 7},
         "namespaces": [{"name": "llama", "block_size": 65536, "blocks": 300, "hits": 120, "misses": 25,
-                        "tokens_per_block": 16, "tokens_served": 1920}],
-        "clients": 3, "leases": 5, "reservations": 2, "lease_timeouts": 1,
+                        "tokens_per_block": 16, "tokens_served": 1920, "bytes_served": 7 << 16,
+                        "bytes_stored": 9 << 16, "acquire_misses": 2}],
+        "clients": 3, "leases": 5, "reservations": 2, "lease_timeouts": 1, "reservation_timeouts": 1,
+        "quarantined_slots": 2, "corrupt_blocks": 1, "full_keys": 3, "bad_frees": 0,
         "disk": {"checksum_failures": 2, "torn_records": 1, "corrupt_records": 0, "recovery_seconds": 0.25,
                  "compaction_runs": 4, "compaction_bytes": 1 << 20, "io_errors": 6, "direct_io": True,
                  "refusing_writes": False, "read_bytes": 5 << 20, "written_bytes": 9 << 20, "segments": 3,
@@ -56,6 +58,10 @@ def test_store_stats_become_metrics_with_the_documented_names():
     assert v[("kvtierd_lookup_keys_total", (("result", "hit"), ("tier", "host")))] == 100
     assert v[("kvtierd_lookup_keys_total", (("result", "miss"), ("tier", "disk")))] == 5
     assert v[("kvtierd_blocks_served_total", (("tier", "disk"),))] == 30
+    assert v[("kvtierd_namespace_block_bytes_total", (("kind", "stored"), ("namespace", "llama")))] == 9 << 16
+    assert v[("kvtierd_namespace_acquire_misses_total", (("namespace", "llama"),))] == 2
+    assert v[("kvtierd_quarantined_slots", ())] == 2
+    assert v[("kvtierd_host_corrupt_blocks_total", ())] == 1
     assert v[("kvtierd_block_moves_total", (("dst", "disk"), ("kind", "demote"), ("src", "host")))] == 10
     assert v[("kvtierd_block_moves_total", (("dst", "host"), ("kind", "promote"), ("src", "disk")))] == 4
     # bytes are summed over kinds for one src->dst pair

@@ -1,21 +1,28 @@
 """The disk tier's storage engine: append-only, checksummed segment files.
 
 Bitcask-shaped: records are appended to segment files, an in-memory keydir
-maps (namespace, key) to the newest record, a checkpoint plus a scan of what
-follows it rebuilds the keydir at start, and compaction rewrites segments
-whose records have mostly died. One module per job:
+maps (namespace, key) to the newest record, each sealed segment gets a hint
+file listing its records so a start reads hints instead of segments, and
+compaction rewrites segments whose records have mostly died. One module per
+job:
 
-- format       record and checkpoint byte layouts, the checksum
+- format       the record byte layout, the checksum
+- names        file names of the directory, strays, epoch and sequence-number spaces
+- types        the shared data types (segments, entries, tombstones, jobs, plans)
+- keydir       the index: entries in LRU order, per-namespace maps, tombstones
 - aligned_io   aligned buffers, O_DIRECT detection, batched pwritev/preadv, fault injection
-- segments     SegmentStore: segment files, keydir, LRU, capacity, batched reads/writes
-- checkpoint   the checksummed keydir snapshot
-- recovery     checkpoint load + segment scan, incremental, with progress
+- jobs         running one write or read job (iovecs, checksums)
+- capacity     room accounting, LRU eviction, segment retirement (SegmentStore mixin)
+- segments     SegmentStore: segment files, batched reads/writes/deletes, sealing, hints due
+- hints        per-segment hint files
+- recovery     hints + segment scans at start, incremental, with progress
 - compaction   rewriting live records out of mostly-dead segments, throttled
+- maintenance  the background thread: tombstones, syncs, hints, room, compaction, retries
+- tier         DiskTier, the asyncio adapter the store uses
 - fsck         offline verification and repair (`kvtierd fsck STATE_DIR [--repair]`)
-
-kvtierd.tiers.disk.DiskTier wraps SegmentStore for the asyncio store.
 """
 
 from kvtierd.disk.segments import SegmentStore
+from kvtierd.disk.tier import DiskTier
 
-__all__ = ["SegmentStore"]
+__all__ = ["DiskTier", "SegmentStore"]

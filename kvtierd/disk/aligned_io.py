@@ -19,8 +19,14 @@ preadv/pwritev take many buffers per syscall, so one I/O carries many
 records. Short transfers are retried from where they stopped; a read that
 hits end of file returns what it got and the caller decides.
 
-Fault injection: FAULTS.arm("write" | "read" | "sync", errno, count, after)
-makes the next matching calls raise OSError(errno), for tests of ENOSPC/EIO.
+A probe that fails for lack of space (or EIO, EROFS) decides nothing: the
+store runs buffered and probes again from its maintenance thread, so a
+daemon started on a full disk still gets O_DIRECT once space returns.
+
+Fault injection: FAULTS.arm(op, errno, count, after) makes the next matching
+calls raise OSError(errno), for tests of ENOSPC/EIO/EROFS. op: "write",
+"read", "sync" (segment data), "meta" (epoch and hint files), "probe" (the
+O_DIRECT probe's write).
 Subprocess tests arm it with KVTIERD_DISK_FAULTS="write:ENOSPC:count:after,...".
 It is a couple of attribute reads per I/O when unarmed.
 """
@@ -93,6 +99,9 @@ class BufferPool:
 
 # ------------------------------------------------------------------ faults
 
+OPS = ("write", "read", "sync", "meta", "probe")
+
+
 class FaultInjector:
     """Makes chosen I/O calls fail with a chosen errno; off unless armed."""
 
@@ -102,8 +111,8 @@ class FaultInjector:
         self.armed = False
 
     def arm(self, op: str, err: int, count: int = -1, after: int = 0) -> None:
-        if op not in ("write", "read", "sync"):
-            raise ValueError(f"fault op must be write, read or sync, not {op!r}")
+        if op not in OPS:
+            raise ValueError(f"fault op must be one of {', '.join(OPS)}, not {op!r}")
         with self._lock:
             self._rules[op] = [err, count, after]
             self.armed = True
@@ -155,15 +164,20 @@ _probe_cache: dict[str, tuple[bool, str]] = {}
 _probe_lock = threading.Lock()
 _warned: set[str] = set()
 
+# A probe that fails with one of these says nothing about O_DIRECT: it is not cached, the
+# store uses buffered I/O meanwhile and probes again later (SegmentStore.reprobe_direct).
+UNDECIDED = (errno_mod.ENOSPC, errno_mod.EDQUOT, errno_mod.EIO, errno_mod.EROFS)
 
-def probe_direct_io(directory: Path) -> tuple[bool, str]:
-    """(usable, reason): whether O_DIRECT aligned writes and reads work in `directory`."""
+
+def probe_direct_io(directory: Path) -> tuple[bool | None, str]:
+    """(usable, reason): whether O_DIRECT aligned writes and reads work in `directory`;
+    usable is None when the probe could not tell (no free space, I/O error, read-only)."""
     key = str(Path(directory).resolve())
     with _probe_lock:
         if key in _probe_cache:
             return _probe_cache[key]
         if not O_DIRECT:
-            result = (False, "this platform has no O_DIRECT")
+            result: tuple[bool | None, str] = (False, "this platform has no O_DIRECT")
         else:
             path = Path(directory) / f".direct_io_probe.{os.getpid()}"
             buf = alloc_aligned(PAGE)
@@ -171,6 +185,7 @@ def probe_direct_io(directory: Path) -> tuple[bool, str]:
             fd = -1
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | O_DIRECT, 0o600)
+                FAULTS.check("probe")
                 if os.pwritev(fd, [buf], 0) != PAGE:
                     raise OSError(errno_mod.EIO, "short probe write")
                 back = alloc_aligned(PAGE)
@@ -178,7 +193,10 @@ def probe_direct_io(directory: Path) -> tuple[bool, str]:
                     raise OSError(errno_mod.EIO, "probe read returned other bytes")
                 result = (True, "O_DIRECT works")
             except OSError as e:
-                result = (False, f"O_DIRECT refused here ({e.strerror or e})")
+                if e.errno in UNDECIDED:
+                    result = (None, f"O_DIRECT not tested yet ({e.strerror or e}); probing again later")
+                else:
+                    result = (False, f"O_DIRECT refused here ({e.strerror or e})")
             finally:
                 if fd >= 0:
                     os.close(fd)
@@ -186,23 +204,30 @@ def probe_direct_io(directory: Path) -> tuple[bool, str]:
                     path.unlink()
                 except OSError:
                     pass
-        _probe_cache[key] = result
+        if result[0] is not None:
+            _probe_cache[key] = result
         return result
 
 
-def choose_direct(directory: Path, mode: str) -> bool:
-    """Resolve disk.direct_io (auto|on|off) for a directory; logs the fallback once."""
+def choose_direct(directory: Path, mode: str, quiet: bool = False) -> tuple[bool | None, str]:
+    """Resolve disk.direct_io (auto|on|off) for a directory: (use O_DIRECT, why).
+
+    None: undecided (see probe_direct_io); buffered I/O until a later probe decides.
+    Logs the fallback once per directory (an undecided probe unless quiet); mode=on and a
+    refusal raise OSError."""
     if mode == "off":
-        return False
+        return False, "disk.direct_io=off"
     ok, reason = probe_direct_io(directory)
     if ok:
-        return True
-    if mode == "on":
+        return True, reason
+    if mode == "on" and ok is False:
         raise OSError(errno_mod.EINVAL, f"disk.direct_io=on but {reason} in {directory}")
-    if str(directory) not in _warned:
+    if ok is False and str(directory) not in _warned:
         _warned.add(str(directory))
         log.warning("disk tier: %s in %s; using buffered I/O (page cache) instead", reason, directory)
-    return False
+    elif ok is None and not quiet:
+        log.warning("disk tier: %s in %s; buffered I/O until then", reason, directory)
+    return ok, reason
 
 
 def open_file(path: Path, direct: bool, create: bool) -> int:

@@ -2,7 +2,8 @@
 
 Compaction picks the sealed segment with the lowest live fraction once that
 fraction is below disk.compaction_threshold (or, when segment files fill
-more than high_watermark of disk.bytes, the lowest one below 1.0), copies
+more than high_watermark of disk.bytes, the lowest one below 1.0 other than
+the segment that holds the coldest block, which eviction is emptying), copies
 its live records byte for byte to the active segment (same sequence numbers),
 fdatasyncs them, repoints the keydir entries that are still current, writes
 again any tombstone that still has something to hide, and only then unlinks
@@ -24,10 +25,7 @@ Its disk time is bounded: after each chunk (disk.io_bytes) it sleeps long
 enough that copying takes at most disk.compaction_io_share of the wall
 time, leaving the rest to foreground reads and writes.
 
-The maintenance thread, woken by the store or every 0.2 s, writes pending
-tombstones, fdatasyncs under durability=interval, deletes dead segments,
-brings segment bytes under the high watermark (after recovery, or when
-disk.bytes was lowered), compacts, and writes the checkpoint when it is due.
+The maintenance thread (maintenance.py) runs it.
 """
 
 from __future__ import annotations
@@ -37,9 +35,8 @@ import threading
 import time
 
 from kvtierd.disk import aligned_io
-from kvtierd.disk.checkpoint import write_checkpoint
 from kvtierd.disk.format import PAGE, Header, checksum, parse_header
-from kvtierd.disk.segments import PendingRecord, Segment
+from kvtierd.disk.types import CSUM, KEY, NS, OFF, PLEN, SEG, SEQ, PendingRecord, ReportedError, Segment, entry_size
 
 log = logging.getLogger("kvtierd.disk")
 
@@ -47,14 +44,22 @@ log = logging.getLogger("kvtierd.disk")
 def pick_victim(store) -> Segment | None:
     with store.lock:
         cands = [s for s in store.segments.values()
-                 if s.sealed and s.size and not s.inflight and not s.doomed and s is not store._active]
+                 if s.sealed and s.size and not s.inflight and not s.doomed and s is not store.active]
         if not cands:
             return None
         best = min(cands, key=lambda s: s.live_bytes / s.size)
         frac = best.live_bytes / best.size
-        pressure = store._used > store.cfg.high_watermark * store.cfg.bytes
-        if frac < store.cfg.compaction_threshold or (pressure and frac < 1.0):
+        if frac < store.cfg.compaction_threshold:
             return best
+        if store.stats_used() > store.cfg.high_watermark * store.cfg.bytes:
+            # Under pressure, but not the segment eviction is emptying (it holds the coldest
+            # block): copying its blocks would mix the coldest blocks into the newest segment,
+            # where evicting them frees nothing.
+            coldest = store.kd.coldest()
+            cands = [s for s in cands if coldest is None or s.id != coldest[SEG]]
+            best = min(cands, key=lambda s: s.live_bytes / s.size, default=None)
+            if best is not None and best.live_bytes < best.size:
+                return best
     return None
 
 
@@ -64,15 +69,15 @@ def compact_segment(store, seg: Segment, stop: threading.Event | None = None) ->
     with store.lock:
         if seg.doomed or seg.fd < 0:
             return False
-        live = sorted(seg.live.values(), key=lambda e: e.off)
-        res = store.reserve(sum(e.size for e in live))
+        live = sorted(seg.live.values(), key=lambda e: e[OFF])
+        res = store.reserve(sum(entry_size(e) for e in live))
         if res is None:
             return False          # no room for the copies now
         seg.refs += 1
     t_start = time.monotonic()
     moved = 0
     try:
-        for job in store._group([(None, e, None) for e in live], write=False):
+        for job in store.group([(None, e, None, seg) for e in live], write=False):
             if (stop is not None and stop.is_set()) or seg.doomed:
                 return False      # stopping, or the write path retired the segment meanwhile
             t0 = time.monotonic()
@@ -81,27 +86,27 @@ def compact_segment(store, seg: Segment, stop: threading.Event | None = None) ->
             try:
                 n = aligned_io.preadv_all(seg.fd, [mv], job.off)
             except OSError as e:
-                store.counters["io_errors"] += 1
-                log.error("disk tier: compaction read of %s failed (%s); will retry later", seg.path.name, e.strerror)
-                return False
+                store.pool.put(buf)
+                # The maintenance thread logs it once, counts it and backs off.
+                raise OSError(e.errno, f"reading {seg.path.name}: {e.strerror or e}") from None
             recs = []
             bad = []
-            for _i, e, _d in job.recs:
-                rel = e.off - job.off
-                rec = mv[rel:rel + e.size]
-                h = parse_header(rec) if rel + e.size <= n else None
-                if (isinstance(h, Header) and h.seq == e.seq and h.key == e.key and h.ns == e.ns
-                        and checksum(rec[PAGE:PAGE + e.plen]) == e.csum):
-                    recs.append(PendingRecord(-1, 0, e.ns, None, e.key, None, e.plen, e.seq, raw=rec, old=e))
+            for _i, e, _d, _s in job.recs:
+                rel = e[OFF] - job.off
+                size = entry_size(e)
+                rec = mv[rel:rel + size]
+                h = parse_header(rec) if rel + size <= n else None
+                if (isinstance(h, Header) and h.seq == e[SEQ] and h.key == e[KEY] and h.ns == e[NS]
+                        and checksum(rec[PAGE:PAGE + e[PLEN]]) == e[CSUM]):
+                    recs.append(PendingRecord(-1, 0, e[NS], None, e[KEY], None, e[PLEN], e[SEQ], raw=rec, old=e))
                 else:
                     bad.append(e)
             if bad:
                 with store.lock:
                     for e in bad:
                         store.counters["checksum_failures"] += 1
-                        store._remove(e)
-                    res.left -= sum(e.size for e in bad)      # no copy of them: give their room back
-                    store._reserved -= sum(e.size for e in bad)
+                        store.kd.remove(e)
+                    store.give_back(res, sum(entry_size(e) for e in bad))    # no copy of them: their room goes back
                 log.error("disk tier: compaction found %d corrupt records in %s; dropped", len(bad), seg.path.name)
             ok = store.write_records_durably(recs, res)
             for r in recs:
@@ -109,8 +114,9 @@ def compact_segment(store, seg: Segment, stop: threading.Event | None = None) ->
             del recs, mv
             store.pool.put(buf)
             if not ok:
-                log.warning("disk tier: compaction of %s stopped: writing the copies failed", seg.path.name)
-                return False
+                if store.refusing_writes():      # the write error was logged and counted where it happened
+                    raise ReportedError(0, f"writing the copies out of {seg.path.name} failed")
+                return False                     # no room for the copies now: a later round
             moved += job.nbytes
             store.counters["compaction_bytes"] += job.nbytes
             _throttle(time.monotonic() - t0, share, stop)
@@ -126,7 +132,7 @@ def compact_segment(store, seg: Segment, stop: threading.Event | None = None) ->
     finally:
         store.release(res)
         with store.lock:
-            store._unpin(seg)
+            store.unpin(seg)
 
 
 def _throttle(busy: float, share: float, stop: threading.Event | None) -> None:
@@ -136,52 +142,3 @@ def _throttle(busy: float, share: float, stop: threading.Event | None) -> None:
             stop.wait(pause)
         else:
             time.sleep(pause)
-
-
-class Maintenance(threading.Thread):
-    """Background housekeeping for one SegmentStore; stop() and join() before close()."""
-
-    def __init__(self, store):
-        super().__init__(name="kvtierd-disk-maint", daemon=True)
-        self.store = store
-        self.stopping = threading.Event()
-        self.paused = threading.Event()     # tests pause compaction to stage crashes
-
-    def stop(self) -> None:
-        self.stopping.set()
-        with self.store.lock:
-            self.store.wake.notify_all()
-
-    def run(self) -> None:
-        store = self.store
-        cfg = store.cfg
-        last_sync = last_ckpt = time.monotonic()
-        while not self.stopping.is_set():
-            with store.lock:
-                store.wake.wait(timeout=min(0.2, cfg.fsync_interval_s))
-            if self.stopping.is_set():
-                break
-            try:
-                if store._pending:
-                    store.flush_tombstones()
-                now = time.monotonic()
-                if cfg.durability == "interval" and now - last_sync >= cfg.fsync_interval_s:
-                    err = store.sync_dirty()
-                    if err:
-                        log.error("disk tier: fdatasync failed: %s", err)
-                    last_sync = now
-                if not store.recovered.is_set() or self.paused.is_set():
-                    continue
-                store.reap_dead_segments()
-                store.make_room()
-                victim = pick_victim(store)
-                if victim is not None:
-                    compact_segment(store, victim, self.stopping)
-                now = time.monotonic()
-                if store.wants_checkpoint or now - last_ckpt >= cfg.checkpoint_interval_s:
-                    store.wants_checkpoint = False
-                    write_checkpoint(store)
-                    last_ckpt = now
-            except Exception:
-                log.exception("disk tier: maintenance step failed; retrying")
-                self.stopping.wait(1.0)

@@ -1,11 +1,14 @@
 """Offline verification and repair of a disk tier: `kvtierd fsck STATE_DIR [--repair]`.
 
 Refuses to run while a daemon holds the directory (the store's flock). It
-reads every record of every segment, header and payload, and checks both
-checksums; checks the checkpoint's own checksums; then rebuilds the keydir
-the way the daemon would (checkpoint + scan) and checks that every block the
-daemon would serve lies on a record that verified. Nothing is written
-without --repair.
+names every file in the directory that kvtierd did not write (strays: never
+opened, never touched, not even by --repair); reads every record of every
+segment, header and payload, and checks both checksums; checks each hint
+file's checksums and that every record it lists is a record the segment
+holds; then rebuilds the keydir the way the daemon would (hints + scans)
+and checks that every block the daemon would serve lies on a record that
+verified. Nothing is written without --repair. Any file content, however
+damaged, gives a report, never a crash (tests/test_disk_fsck.py fuzzes it).
 
 Damage counts as a problem only where the index points (a live record), or
 as a torn tail; a damaged record no index entry refers to -- one a repair
@@ -15,12 +18,12 @@ reclaims it. So fsck reports clean after a successful repair.
 
 --repair: truncates torn segment tails (bytes after the last whole record
 that run to the end of the file), forgets blocks whose records are damaged
-and writes a tombstone for each (a later start without a usable checkpoint
-scans headers only and would otherwise bring the damaged record back),
-deletes segment files that are empty, and writes a fresh checkpoint from the
-verified keydir (which also replaces a corrupt one). Damaged records in the
-middle of a segment are left in place: they are skipped on every scan, and
-compaction reclaims them.
+and writes a tombstone for each (hints and scans read headers only and
+would otherwise bring the damaged record back), deletes segment files that
+are empty, removes hint files that are corrupt or disagree with their
+segment, and writes the hint of every segment that lacks one. Damaged
+records in the middle of a segment are left in place: they are skipped on
+every scan, and compaction reclaims them.
 
 Exit status: 0 clean (or repaired), 1 problems found and not repaired, 2
 could not run (no such directory, in use, I/O error).
@@ -35,9 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvtierd.config import DiskConfig
-from kvtierd.disk import aligned_io, checkpoint
+from kvtierd.disk import aligned_io, hints
 from kvtierd.disk.format import PAGE, Header, checksum, parse_header
 from kvtierd.disk.segments import SegmentStore
+from kvtierd.disk.types import KEY, NS, OFF, SEG, entry_size
 
 
 @dataclass
@@ -50,6 +54,7 @@ class SegmentReport:
     corrupt_regions: list[tuple[int, int]] = field(default_factory=list)
     valid_end: int = 0             # end of the last whole, valid record
     torn_from: int = -1            # damage from here to the end of the file
+    starts: set[int] = field(default_factory=set)               # offsets of valid records
 
 
 def verify_segment(fd: int, size: int, name: str, chunk: int) -> SegmentReport:
@@ -97,6 +102,7 @@ def verify_segment(fd: int, size: int, name: str, chunk: int) -> SegmentReport:
                 rep.tombstones += 1
             else:
                 rep.records += 1
+            rep.starts.add(pos)
             pos += h.size
             rep.valid_end = pos
         if bad_start >= 0 or rep.valid_end < size:
@@ -119,28 +125,47 @@ def run(state_dir: Path, repair: bool, out=sys.stdout) -> int:
         return 2
     problems = 0
     try:
-        ckpt, why = checkpoint.load(checkpoint.path_of(store))
-        if ckpt is not None:
-            print(f"checkpoint: ok ({len(ckpt.entries)} entries, {len(ckpt.tombs)} tombstones)", file=out)
-        elif why:
-            print(f"checkpoint: BAD: {why}", file=out)
-            problems += 1
-        else:
-            print("checkpoint: none (a start scans every segment)", file=out)
+        for name in store.strays:
+            print(f"stray: {name} (not written by kvtierd; ignored, left in place)", file=out)
+        if store.strays:
+            print(f"strays: {len(store.strays)} file(s) the daemon ignores; remove them by hand if unwanted",
+                  file=out)
 
         reports = {}
         for seg in sorted(store.segments.values(), key=lambda s: s.id):
             reports[seg.id] = verify_segment(seg.fd, seg.size, seg.path.name, max(PAGE, cfg.io_bytes))
 
+        bad_hints: list[int] = []
+        for seg in sorted(store.segments.values(), key=lambda s: s.id):
+            if seg.id not in store.hint_files:
+                print(f"hint {hints.path_of(store.dir, seg.id).name}: none (a start scans the segment)", file=out)
+                continue
+            h, why = hints.load(store.dir, seg.id)
+            if h is not None:
+                stray = [int(o) for o in h.records["off"].tolist() if int(o) not in reports[seg.id].starts]
+                if h.covered > seg.size:
+                    why = f"covers {h.covered} bytes, the segment has {seg.size}"
+                elif stray:
+                    why = f"{len(stray)} of its records are not records of the segment (first at {stray[0]})"
+            if why:
+                print(f"hint {hints.path_of(store.dir, seg.id).name}: BAD: {why}", file=out)
+                bad_hints.append(seg.id)
+                problems += 1
+            else:
+                print(f"hint {hints.path_of(store.dir, seg.id).name}: ok ({len(h.records)} records)", file=out)
+        for seg_id in bad_hints:         # the daemon's view must not rest on a hint fsck distrusts
+            store.hint_files.discard(seg_id)
+
         store.recover()          # the keydir a daemon would build
         bad = []
         live_offsets: dict[int, set[int]] = {}
         with store.lock:
-            for e in list(store.keydir.values()):
-                rep = reports.get(e.seg.id)
-                live_offsets.setdefault(e.seg.id, set()).add(e.off)
-                if (rep is None or e.off in rep.bad_payloads or e.off + e.size > rep.valid_end
-                        or any(a <= e.off < b for a, b in rep.corrupt_regions)):
+            for e in list(store.kd):
+                seg_id, off = e[SEG], e[OFF]
+                rep = reports.get(seg_id)
+                live_offsets.setdefault(seg_id, set()).add(off)
+                if (rep is None or off in rep.bad_payloads or off + entry_size(e) > rep.valid_end
+                        or any(a <= off < b for a, b in rep.corrupt_regions)):
                     bad.append(e)
 
         # Damage only matters where the index points: a damaged record nothing refers to (a
@@ -164,7 +189,7 @@ def run(state_dir: Path, repair: bool, out=sys.stdout) -> int:
             print(f"segment {rep.name}: {rep.size} bytes, {rep.records} records, {rep.tombstones} tombstones"
                   + (f"; PROBLEMS: {', '.join(flags)}" if flags else "; ok") + note, file=out)
 
-        print(f"index: {len(store.keydir)} blocks the daemon would serve, {len(bad)} of them on bad records",
+        print(f"index: {store.kd.blocks} blocks the daemon would serve, {len(bad)} of them on bad records",
               file=out)
         problems += bool(bad)
         if problems == 0:
@@ -174,41 +199,48 @@ def run(state_dir: Path, repair: bool, out=sys.stdout) -> int:
             print(f"fsck: {problems} problem(s) found; run with --repair to fix what can be fixed", file=out)
             return 1
 
-        # Forget the bad blocks through delete(): its tombstone keeps them forgotten when a
-        # later start has no usable checkpoint and scans the segments, which read headers
-        # only and would otherwise bring back the damaged record (or an older copy).
+        # Forget the bad blocks through delete(): its tombstone keeps them forgotten, as hints
+        # and scans read headers only and would otherwise bring back the damaged record
+        # (or an older copy).
         with store.lock:
             for e in bad:
-                store.delete(e.ns, e.key)
+                store.delete(e[NS], e[KEY])
         for seg in list(store.segments.values()):
             rep = reports[seg.id]
             if rep.torn_from >= 0 and rep.torn_from >= rep.valid_end:
                 os.ftruncate(seg.fd, rep.valid_end)
                 os.fsync(seg.fd)
-                with store.lock:
-                    store._used -= seg.size - rep.valid_end
-                    seg.size = rep.valid_end
+                store.truncated(seg, rep.valid_end)
                 print(f"repair: truncated {rep.name} to {rep.valid_end} bytes", file=out)
+                if seg.id not in bad_hints and seg.id in store.hint_files and seg.index is None:
+                    # Its hint covered the cut bytes: the next start scans the segment instead
+                    # and the daemon writes a new hint.
+                    bad_hints.append(seg.id)
+        for seg_id in bad_hints:
+            hints.path_of(store.dir, seg_id).unlink(missing_ok=True)
+            print(f"repair: removed the bad hint of {seg_id:016x}.seg", file=out)
         store.readonly = False
-        store._write_epoch()
+        store.ensure_epoch()
         store.reap_dead_segments()
         store.flush_tombstones()
         with store.lock:
-            unwritten = len(store._pending)
+            unwritten = len(store.pending_tombstones())
         if unwritten:
             raise OSError(f"{unwritten} tombstones of dropped blocks could not be written")
         err = store.sync_dirty()
         if err:
             raise OSError(err)
-        checkpoint.write_checkpoint(store)
-        print(f"repair: dropped {len(bad)} bad blocks, wrote a fresh checkpoint ({len(store.keydir)} blocks)",
+        with store.lock:
+            store.seal()
+        written = store.write_due_hints()
+        print(f"repair: dropped {len(bad)} bad blocks, wrote {written} hint file(s) ({store.kd.blocks} blocks)",
               file=out)
         return 0
     except OSError as e:
         print(f"fsck: I/O error: {e}", file=out)
         return 2
     finally:
-        store.readonly = True     # never write a second checkpoint from close()
+        store.readonly = True     # close() writes nothing for fsck
         store.close()
 
 
@@ -216,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kvtierd fsck", description="verify (and repair) a kvtierd disk tier")
     ap.add_argument("state_dir", type=Path, help="the daemon's state directory (holds disk/)")
     ap.add_argument("--repair", action="store_true",
-                    help="truncate torn tails, drop bad blocks, rewrite the checkpoint")
+                    help="truncate torn tails, drop bad blocks, replace bad hint files")
     args = ap.parse_args(argv)
     return run(args.state_dir, args.repair)
 

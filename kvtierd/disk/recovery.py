@@ -1,18 +1,21 @@
-"""Rebuilding the keydir at start: checkpoint first, then a header scan of what follows.
+"""Rebuilding the keydir at start: each segment's hint file, else a header scan of the segment.
 
-Runs in its own thread while the daemon already serves: every entry goes into
-the keydir as soon as it is known (lookups see what is recovered so far) and
-store.progress says how far it got. Writes and deletes made meanwhile carry
-sequence numbers above anything on disk (segments.py), so a recovered record
-never replaces them and a delete made during recovery hides the old record
-even when recovery finds it later.
+Runs in its own thread while the daemon already serves: entries go into
+the keydir in batches of APPLY_BATCH per lock hold (lookups see what is
+recovered so far, and the event loop never waits for more than one batch),
+and store.progress says how far it got. Writes and deletes made meanwhile
+carry sequence numbers above anything on disk (names.py), so a recovered
+record never replaces them and a delete made during recovery hides the old
+record even when recovery finds it later.
 
-Order: tombstones and entries from the checkpoint (if it is intact), then
-each segment that existed at open, from the offset the checkpoint covered
-(0 for segments it does not know, everything when there is no usable
-checkpoint). The scan reads header pages only: in large sequential reads
-while records are small, one page per record once they are large, so
-payloads are not read (they are verified on every read instead).
+Order: the segments that existed at open, oldest first. A segment with a
+valid hint (hints.py) is applied from it and scanned only past what the
+hint covers; one without (the segment open at a crash, or one sealed just
+before it) is scanned, and the records the scan finds become its index, so
+the maintenance thread writes its hint and the next start reads that. The
+scan reads header pages only: in large sequential reads while records are
+small, one page per record once they are large, so payloads are not read
+(they are verified on every read instead).
 
 What a scan does with damage:
 - a header whose record runs past the end of the file, or unreadable pages
@@ -23,6 +26,9 @@ What a scan does with damage:
   the scan steps page by page to the next valid header, counts the region in
   corrupt_records, and verifies the payload checksum of records found this
   way, because after damage a payload could imitate a header.
+
+A namespace tombstone hides entries found before it: those are removed in
+batches too, after the batch that found the tombstone.
 """
 
 from __future__ import annotations
@@ -31,133 +37,153 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from kvtierd.disk import aligned_io, checkpoint
-from kvtierd.disk.format import FLAG_NS_TOMBSTONE, FLAG_TOMBSTONE, PAGE, Header, align_up, checksum, parse_header
-from kvtierd.disk.segments import SEG_SHIFT, Entry, Segment, Tomb
+from kvtierd.disk import aligned_io, hints
+from kvtierd.disk.format import FLAG_NS_TOMBSTONE, FLAG_TOMBSTONE, MAX_KEY, PAGE, Header, align_up, checksum, parse_header
+from kvtierd.disk.types import KEY, NS, SEG, SEQ, Segment, Tomb, entry
 
 log = logging.getLogger("kvtierd.disk")
 
 _BIG_RECORD = 64 << 10      # above this, read one header page per record instead of whole chunks
-_APPLY_CHUNK = 4096
+APPLY_BATCH = 512           # records applied per lock hold
 
 
 def recover(store) -> None:
     t0 = time.monotonic()
     progress = store.progress
-    ckpt, why = checkpoint.load(checkpoint.path_of(store))
-    if why:
-        log.warning("disk tier: %s; rebuilding the index from the segments", why)
-        store.checkpoint_problem = why
-    with store.lock:
-        old = sorted((s for s in store.segments.values() if (s.id >> SEG_SHIFT) < store._epoch),
-                     key=lambda s: s.id)
-    covered = ckpt.covered if ckpt is not None else {}
-    scans = [(s, min(covered.get(s.id, 0), s.size)) for s in old]
-    scan_bytes = sum(s.size - start for s, start in scans)
-    n_ckpt = 0 if ckpt is None else len(ckpt.entries) + len(ckpt.tombs)
-    work_total = max(1, n_ckpt * PAGE + scan_bytes)       # an entry counts as one page of scanning
-    work = 0
+    plans = []
+    for seg in store.boot_segments:
+        h, why = hints.load(store.dir, seg.id) if seg.id in store.hint_files else (None, "")
+        if h is not None and h.covered > seg.size:
+            h, why = None, f"{hints.path_of(store.dir, seg.id).name}: covers {h.covered} bytes, the segment has {seg.size}"
+        if why:
+            log.warning("disk tier: hint %s; scanning the segment instead", why)
+            store.hint_problems.append(why)
+        plans.append((seg, h))
+    scan_bytes = sum(seg.size - (h.covered if h is not None else 0) for seg, h in plans)
+    hinted = sum(len(h.records) for _s, h in plans if h is not None)
+    work_total = max(1, hinted * PAGE + scan_bytes)      # a hinted record counts as one page of scanning
+    state = {"work": 0, "records": 0, "scanned": 0}
 
-    def report() -> None:
-        progress.update(records=records, bytes_scanned=scanned,
-                        fraction=min(1.0, work / work_total), seconds=time.monotonic() - t0)
+    def tick(nbytes: int, nrecords: int, scanned: int = 0) -> None:
+        state["work"] += nbytes
+        state["scanned"] += scanned
+        state["records"] += nrecords
+        progress.update(records=state["records"], bytes_scanned=state["scanned"],
+                        fraction=min(1.0, state["work"] / work_total), seconds=time.monotonic() - t0)
 
-    records = scanned = 0
-    if ckpt is not None:
-        by_id = {s.id: s for s in old}
-        _load_tombs(store, ckpt, by_id)
-        names = ckpt.names
-        ent = ckpt.entries
-        ns_l, kl_l, seg_l, off_l, pl_l, seq_l, cs_l = (ent[f].tolist() for f in
-                                                       ("ns", "klen", "seg", "off", "plen", "seq", "csum"))
-        keys = ent["key"].tobytes()
-        for start in range(0, len(ent), _APPLY_CHUNK):
-            with store.lock:
-                for i in range(start, min(len(ent), start + _APPLY_CHUNK)):
-                    seg = by_id.get(seg_l[i])
-                    size = PAGE + align_up(pl_l[i])
-                    if seg is None or off_l[i] % PAGE or off_l[i] + size > seg.size:
-                        continue      # compacted away or truncated: the scan finds any newer copy
-                    k0 = i * 64
-                    if _insert(store, names[ns_l[i]], keys[k0:k0 + kl_l[i]], seg, off_l[i], pl_l[i],
-                               seq_l[i], cs_l[i]):
-                        records += 1
-            work += (min(len(ent), start + _APPLY_CHUNK) - start) * PAGE
-            report()
-        work += len(ckpt.tombs) * PAGE
-
-    def tick(nbytes: int, nrecords: int) -> None:
-        nonlocal work, scanned, records
-        work += nbytes
-        scanned += nbytes
-        records += nrecords
-        report()
-
-    for seg, start in scans:
-        _scan_segment(store, seg, start, tick)
+    from_hints = 0
+    for seg, h in plans:
+        if h is not None:
+            n = _apply_hint(store, seg, h, tick)
+            from_hints += n
+            seg.hinted = True
+            start = h.covered
+        else:
+            start = 0
+        if start < seg.size or h is None:
+            index = [] if h is None else None
+            _scan_segment(store, seg, start, tick, index)
+            if index is not None:
+                with store.lock:
+                    seg.index = index          # its hint is written by the maintenance thread
 
     store.recovery_seconds = time.monotonic() - t0
+    with store.lock:
+        for seg in store.boot_segments:
+            store.kd.segment_sealed(seg)       # one with nothing live is free to drop now
     store.prune_tombs()
-    report()
+    tick(0, 0)
     progress.update(done=True, fraction=1.0)
-    store.wants_checkpoint = True
     store.recovered.set()
     with store.lock:
         store.wake.notify_all()
-    log.info("disk tier: recovered %d blocks (%d from the checkpoint) in %.2f s, scanned %d bytes",
-             len(store.keydir), 0 if ckpt is None else len(ckpt.entries), store.recovery_seconds, scanned)
+    log.info("disk tier: recovered %d blocks (%d from hint files) in %.2f s, scanned %d bytes",
+             store.kd.blocks, from_hints, store.recovery_seconds, state["scanned"])
 
 
-def _load_tombs(store, ckpt, by_id: dict[int, Segment]) -> None:
-    tb = ckpt.tombs
-    keys = tb["key"].tobytes()
+def _apply_hint(store, seg: Segment, h, tick) -> int:
+    rec = h.records
+    cols = [rec[f].tolist() for f in ("off", "flags", "ns", "klen", "plen", "seq", "csum", "aux")]
+    keys = rec["key"].tobytes()
+    ns_names = h.names
+    inserted = 0
+    n = len(rec)
+    for start in range(0, n, APPLY_BATCH):
+        end = min(n, start + APPLY_BATCH)
+        batch = []
+        for i in range(start, end):
+            off, flags, nsi, klen, plen, seq, csum, aux = (c[i] for c in cols)
+            batch.append((off, flags, ns_names[nsi], keys[i * MAX_KEY:i * MAX_KEY + klen], plen, seq, csum, aux))
+        got = apply_records(store, seg, batch)
+        inserted += got
+        tick((end - start) * PAGE, got)
+    return inserted
+
+
+def apply_records(store, seg: Segment, recs: list[tuple]) -> int:
+    """Apply found records (off, flags, ns, key, plen, seq, csum, aux) of seg under one lock
+    hold, then hide what namespace tombstones among them cover. Returns entries inserted."""
+    sweeps = []
+    inserted = 0
     with store.lock:
-        for i, (ns_i, klen, flags, seg_id, seq, horizon) in enumerate(zip(
-                *(tb[f].tolist() for f in ("ns", "klen", "flags", "seg", "seq", "horizon")), strict=True)):
-            ns = ckpt.names[ns_i]
-            key = keys[i * 64:i * 64 + klen] if flags & FLAG_TOMBSTONE else None
-            _tomb(store, (ns, key), flags, seq, horizon, by_id.get(seg_id))
+        for off, flags, ns, key, plen, seq, csum, aux in recs:
+            if flags & (FLAG_TOMBSTONE | FLAG_NS_TOMBSTONE):
+                k = (ns, key if flags & FLAG_TOMBSTONE else None)
+                if _tomb(store, k, flags, seq, aux, seg):
+                    sweeps.append((ns, seq))
+            elif _insert(store, ns, key, seg, off, plen, seq, csum):
+                inserted += 1
+    for ns, seq in sweeps:
+        _sweep_namespace(store, ns, seq)
+    return inserted
 
 
 def _insert(store, ns: str, key: bytes, seg: Segment, off: int, plen: int, seq: int, csum: int) -> bool:
     """Add a recovered record if nothing newer is known. Caller holds the lock."""
-    if store.hidden_by_tomb(ns, key, seq):
+    kd = store.kd
+    if kd.hidden_by_tomb(ns, key, seq):
         return False
-    cur = store.keydir.get((ns, key))
-    if cur is not None and (cur.seq > seq or (cur.seq == seq and cur.seg.id >= seg.id)):
+    cur = kd.current((ns, key))
+    if cur is not None and (cur[SEQ] > seq or (cur[SEQ] == seq and cur[SEG] >= seg.id)):
         return False
-    store._insert(Entry(ns, key, seg, off, plen, seq, csum))
+    kd.insert(entry(ns, key, seg.id, off, plen, seq, csum))
     return True
 
 
-def _tomb(store, k: tuple, flags: int, seq: int, horizon: int, seg: Segment | None) -> None:
-    """Register a recovered tombstone and hide what it covers. Caller holds the lock."""
-    t = store.tombs.get(k)
+def _tomb(store, k: tuple, flags: int, seq: int, horizon: int, seg: Segment) -> bool:
+    """Register a recovered tombstone and hide the key it covers. Caller holds the lock.
+    True when it is a new namespace tombstone whose entries must be swept."""
+    kd = store.kd
+    t = kd.tomb(k)
     if t is not None and t.seq > seq:
-        return
+        return False
     if t is not None and t.seq == seq:
         t.horizon = max(t.horizon, horizon)
-        if t.seg is None and seg is not None:
+        if t.seg is None:
             t.seg = seg
             seg.tombs.add(k)
-        return
+        return False
     if t is not None and t.seg is not None:
         t.seg.tombs.discard(k)
-    t = Tomb(flags, seq, horizon, seg)
-    store.tombs[k] = t
-    if seg is not None:
-        seg.tombs.add(k)
-    else:
-        store._pending.append((k, t))      # known only from the checkpoint: write it again
+    kd.add_tomb(k, Tomb(flags, seq, horizon, seg))
+    seg.tombs.add(k)
     ns, key = k
     if key is not None:
-        cur = store.keydir.get(k)
-        if cur is not None and cur.seq < seq:
-            store._remove(cur)
-    else:
-        for e in list(store._by_ns.get(ns, {}).values()):
-            if e.seq < seq:
-                store._remove(e)
+        cur = kd.current(k)
+        if cur is not None and cur[SEQ] < seq:
+            kd.remove(cur)
+        return False
+    return True
+
+
+def _sweep_namespace(store, ns: str, seq: int) -> None:
+    """Remove entries of ns older than a namespace tombstone, APPLY_BATCH per lock hold."""
+    victims = list(store.kd.by_ns.get(ns, {}).values())     # a snapshot (one C-level copy)
+    for start in range(0, len(victims), APPLY_BATCH):
+        with store.lock:
+            for e in victims[start:start + APPLY_BATCH]:
+                if e[SEQ] < seq and store.kd.current((e[NS], e[KEY])) is e:
+                    store.kd.remove(e)
 
 
 class _ReadAhead:
@@ -182,7 +208,10 @@ class _ReadAhead:
             n = self.ahead[2].result()
         else:
             if self.ahead is not None:
-                self.ahead[2].result()           # never let two reads share a buffer
+                try:
+                    self.ahead[2].result()       # never let two reads share a buffer
+                except OSError:
+                    pass
             n = self._read(i, off, length)
         self.ahead = None
         self.turn = 1 - i
@@ -203,8 +232,8 @@ class _ReadAhead:
             b.close()
 
 
-def _scan_segment(store, seg: Segment, start: int, tick) -> tuple[int, int]:
-    """Apply every record header in seg from `start`; returns (bytes scanned, records)."""
+def _scan_segment(store, seg: Segment, start: int, tick, index: list | None) -> None:
+    """Apply every record header in seg from `start` (appending them to index when given)."""
     size = seg.size - seg.size % PAGE
     chunk = max(PAGE, store.cfg.io_bytes)
     ra = _ReadAhead(seg.fd, chunk)
@@ -213,10 +242,18 @@ def _scan_segment(store, seg: Segment, start: int, tick) -> tuple[int, int]:
     pos = start
     big = False
     bad_start = -1
-    total_records = 0
     last_tick = pos
+    batch: list[tuple] = []
     pending_records = 0
-    lock = store.lock
+
+    def flush() -> None:
+        nonlocal pending_records
+        if batch:
+            pending_records += apply_records(store, seg, batch)
+            if index is not None:
+                index.extend(batch)
+            batch.clear()
+
     try:
         while pos + PAGE <= size:
             if not (buf_off >= 0 and buf_off <= pos and pos + PAGE <= buf_off + buf_len):
@@ -252,26 +289,24 @@ def _scan_segment(store, seg: Segment, start: int, tick) -> tuple[int, int]:
                 store.counters["corrupt_records"] += 1
                 log.warning("disk tier: %s: unreadable bytes %d..%d skipped", seg.path.name, bad_start, pos)
                 bad_start = -1
-            with lock:
-                if h.flags & (FLAG_TOMBSTONE | FLAG_NS_TOMBSTONE):
-                    key = h.key if h.flags & FLAG_TOMBSTONE else None
-                    _tomb(store, (h.ns, key), h.flags, h.seq, h.aux, seg)
-                elif _insert(store, h.ns, h.key, seg, pos, h.payload_len, h.seq, h.payload_csum):
-                    pending_records += 1
+            batch.append((pos, h.flags, h.ns, h.key, h.payload_len, h.seq, h.payload_csum, h.aux))
+            if len(batch) >= APPLY_BATCH:
+                flush()
             pos += rsize
             big = rsize > _BIG_RECORD
-            total_records += 1
             if pos - last_tick >= (8 << 20) or pending_records >= 4096:
-                tick(pos - last_tick, pending_records)
+                flush()
+                tick(pos - last_tick, pending_records, pos - last_tick)
                 last_tick, pending_records = pos, 0
         if bad_start >= 0:
             store.counters["torn_records"] += 1
             log.warning("disk tier: %s: torn tail from %d dropped", seg.path.name, bad_start)
-        tick(max(0, min(pos, seg.size) - last_tick), pending_records)
+        flush()
+        done = max(0, min(pos, seg.size) - last_tick)
+        tick(done, pending_records, done)
     finally:
         mv = None
         ra.close()
-    return pos - start, total_records
 
 
 def _payload_ok(seg: Segment, pos: int, h: Header) -> bool:

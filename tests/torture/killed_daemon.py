@@ -3,7 +3,7 @@
     python tests/torture/killed_daemon.py [--kills 20] [--writers 3]
 
 One state directory across every life of the daemon. Each life: start (recovering
-what the last one left: torn records, a stale checkpoint), check every block it
+what the last one left: torn records, segments without hint files), check every block it
 serves, then let writers store, read and delete blocks over a host tier small
 enough that demotion writes to disk all the time, and SIGKILL it 0.5 to 2.5 s in.
 The durability mode rotates through batch, interval and never. A block is always
@@ -103,7 +103,7 @@ def main() -> int:
     kills = 0
     survived = []
     base = ["--host-bytes", "8MiB", "--set", "host.slab_bytes=1MiB", "--disk-bytes", "512MiB",
-            "--set", "disk.segment_bytes=32MiB", "--set", "disk.checkpoint_interval_s=2", "--metrics-address", ""]
+            "--set", "disk.segment_bytes=32MiB", "--metrics-address", ""]
     d = None
     try:
         for life in range(a.kills + 1):
