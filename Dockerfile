@@ -3,9 +3,10 @@
 #   docker build -t kvtierd .                                  # CPU: host + disk tiers
 #   docker build -t kvtierd:gpu --build-arg VARIANT=gpu .      # CUDA 12 runtime base + the [gpu-cu12] extra (HBM tier)
 #
-# Run it next to the inference containers, sharing the socket directory and IPC
-# namespace (clients map the host tier from /dev/shm), see README.md, "Run in a container":
-#   docker run -d --name kvtierd --ipc=shareable --shm-size=2g \
+# Run it next to the inference containers, sharing the socket directory (the host
+# tier's memory comes over the socket) and, for the HBM tier's CUDA IPC, the IPC
+# namespace; see README.md, "Run in a container":
+#   docker run -d --name kvtierd --ipc=shareable \
 #     -v kvtierd-run:/run/kvtierd -v kvtierd-state:/var/lib/kvtierd -p 127.0.0.1:9477:9477 kvtierd
 #
 # The wheel is built once in a slim stage (kvtierd is pure Python; its CUDA kernels ship as

@@ -6,7 +6,8 @@ socket and `AsyncClient` over asyncio streams with pipelining. So the two
 flavours cannot drift apart.
 
 Bulk bytes take the shared-memory path: `reserve` returns slot offsets in the
-daemon's host region, which this process has mapped, and the client copies
+host region of the namespace's access domain, which this process mapped from
+the fd the daemon sent with the HELLO reply (kvtierd.regions), and the client copies
 into them before `commit`; `acquire` leases slots and hands out read-only
 views of them until `release`. `put_inline`/`get_inline` send bytes in the
 frame for clients that cannot map the region (another host, a debug shell).
@@ -24,7 +25,7 @@ slot leased or reserved), put_many/put_inline store what fits and raise
 
 Both clients reconnect: when the daemon went away (restart, idle timeout),
 the next call dials again (`reconnect_attempts` tries, backoff doubling from
-`reconnect_backoff_s`), says hello, maps the new host region and reopens
+`reconnect_backoff_s`), says hello, maps the new host regions and reopens
 every namespace by name, then goes on. A lease or reservation taken on the
 old connection died with it: releasing or committing it raises ConnectionLost
 (a KvtierdError with code BAD_HANDLE, and a ConnectionError) saying so, and
@@ -42,6 +43,7 @@ import time
 import weakref
 from typing import Any, Generator, Sequence
 
+from kvtierd import regions as regions_mod
 from kvtierd.config import default_socket_path
 from kvtierd.protocol import (
     HEADER,
@@ -170,7 +172,7 @@ def _chunks(ns: "_NamespaceBase", keys: list[bytes]) -> range:
     """Batch starts, so one request never asks for more than a quarter of the host
     tier at once (a bigger lease or reservation could not be satisfied whole), nor
     more keys than one frame carries."""
-    per = min(max(1, ns.client.region.size // (4 * ns.slot_bytes)), MAX_KEYS_PER_REQUEST,
+    per = min(max(1, ns.region.size // (4 * ns.slot_bytes)), MAX_KEYS_PER_REQUEST,
               _per_frame(ns, keys, 0))
     return range(0, len(keys), per)
 
@@ -183,6 +185,12 @@ def _inline_chunks(ns: "_NamespaceBase", keys: list[bytes]) -> range:
                                                  f"{ns.client.max_frame_bytes}); use put_many/get_many")
     per = min(MAX_KEYS_PER_REQUEST, _per_frame(ns, keys, ns.block_size + 8))
     return range(0, len(keys), per)
+
+
+def _check_writable(ns: "_NamespaceBase") -> None:
+    if not ns.region.writable:
+        raise PermissionError(f"namespace {ns.name!r}: this client mapped the host regions read-only "
+                              f"(read_only=True); use put_inline to store")
 
 
 def _fits_one_frame(ns: "_NamespaceBase", keys: list[bytes]) -> bool:
@@ -209,6 +217,7 @@ def _keys_steps(ns: "_NamespaceBase", op: Op, keys: list[bytes]) -> Steps:
 
 def _put_steps(ns: "_NamespaceBase", keys: list[bytes], blocks: Sequence[Any]) -> Steps:
     views = _check_blocks(ns, keys, blocks)
+    _check_writable(ns)
     stored = 0
     not_stored: list[bytes] = []
     starts = _chunks(ns, keys)
@@ -218,7 +227,7 @@ def _put_steps(ns: "_NamespaceBase", keys: list[bytes], blocks: Sequence[Any]) -
         if res.get("full"):
             not_stored += [part[i] for i in res["full"]]
         try:
-            region = ns.client.region
+            region = ns.region
             for i, off in zip(res["index"], res["offsets"]):
                 region.slot(off, ns.block_size)[:] = views[s + i]
         except BaseException:
@@ -262,7 +271,7 @@ def _get_steps(ns: "_NamespaceBase", keys: list[bytes]) -> Steps:
         part = keys[s:s + starts.step]
         lease = yield Op.ACQUIRE, {"ns": ns.id, "keys": part, "prefix": False}
         try:
-            region = ns.client.region
+            region = ns.region
             out += [bytes(region.slot(off, ns.block_size)) if off >= 0 else None for off in lease["offsets"]]
         finally:
             yield Op.RELEASE, {"lid": lease["lid"]}
@@ -278,7 +287,7 @@ def _get_into_steps(ns: "_NamespaceBase", keys: list[bytes], out: Sequence[Any])
     for s in starts:
         lease = yield Op.ACQUIRE, {"ns": ns.id, "keys": keys[s:s + starts.step], "prefix": False}
         try:
-            region = ns.client.region
+            region = ns.region
             for off, dst in zip(lease["offsets"], dests[s:s + starts.step]):
                 if off >= 0:
                     dst[:ns.block_size] = region.slot(off, ns.block_size)
@@ -300,7 +309,7 @@ class Lease:
         self.offsets: list[int] = reply["offsets"]
         self.tiers: list[str | None] = reply["tiers"]
         self.keys = keys[:len(self.offsets)]
-        region = ns.client.region
+        region = ns.region
         self.views: list[memoryview | None] = [
             region.slot(off, ns.block_size).toreadonly() if off >= 0 and tier == "host" else None
             for off, tier in zip(self.offsets, self.tiers)]
@@ -340,7 +349,7 @@ class Reservation:
         self.full: list[bytes] = [keys[i] for i in reply.get("full", ())]
         self.offsets: list[int] = reply["offsets"]
         self.tier: str = reply["tier"]
-        region = ns.client.region
+        region = ns.region
         # Slots in HBM are written by the worker copy path, not through views.
         self.views = [region.slot(off, ns.block_size) for off in self.offsets] if self.tier == "host" else []
         self.done = False
@@ -358,12 +367,40 @@ class _NamespaceBase:
         self.id: int = reply["ns"]
         self.block_size: int = reply["block_size"]
         self.slot_bytes: int = reply["slot_bytes"]
+        self.domain: str = reply.get("domain", "default")
+
+    @property
+    def region(self) -> HostRegionMapping:
+        """This process's mapping of the host region that holds the namespace's blocks."""
+        region = self.client.regions.get(self.domain)
+        if region is None:
+            raise KvtierdError(Code.DENIED, f"no host region of access domain {self.domain!r} is mapped here")
+        return region
 
     def _reopen_args(self) -> dict:
         args = {"name": self.name, "block_size": self.block_size}
         if self.tokens_per_block:
             args["tokens_per_block"] = self.tokens_per_block
         return args
+
+
+# ------------------------------------------------------------------ handshake
+
+def _hello(sock: socket.socket, req_id: int, name: str, timeout: float | None,
+           read_only: bool) -> tuple[dict, dict[str, HostRegionMapping]]:
+    """HELLO as the first request of a connection: (server info, {domain: mapping}).
+    Its reply carries the region fds, so it is read by recvmsg (kvtierd.regions)."""
+    try:
+        return regions_mod.hello(sock, req_id, {"version": PROTOCOL_VERSION, "client": name or "python",
+                                                "pid": os.getpid()}, timeout, writable=not read_only)
+    except ProtocolError as e:
+        raise KvtierdError(e.code, e.message) from None
+
+
+def _close_regions(regions: dict[str, HostRegionMapping]) -> None:
+    for region in regions.values():
+        region.close()
+    regions.clear()
 
 
 # ------------------------------------------------------------------ sync flavour
@@ -445,6 +482,8 @@ class Namespace(_NamespaceBase):
         """Slots for the keys not yet stored; commits at the end of a `with` block, aborts on error.
         tier="hbm" asks for HBM slots (written with the worker copy path; `views` is empty then).
         Keys the daemon had no room for are in the reservation's `full`."""
+        if tier == "host":
+            _check_writable(self)
         reply = self.client._call(Op.RESERVE, {"ns": self.id, "keys": list(keys), "tier": tier})
         return SyncReservation(self, list(keys), reply)
 
@@ -497,7 +536,7 @@ class Client:
 
     def __init__(self, socket_path: str | os.PathLike | None = None, *, timeout: float | None = 60.0,
                  name: str = "", spin_us: float = 200.0, reconnect_attempts: int = 10,
-                 reconnect_backoff_s: float = 0.05):
+                 reconnect_backoff_s: float = 0.05, read_only: bool = False):
         """`spin_us`: the longest busy-poll for a reply before sleeping in poll(2). A reply
         usually comes within tens of microseconds, and a sleeping thread costs a wakeup
         (about 50 µs on small VMs), so a short spin halves small-request latency. The
@@ -507,9 +546,13 @@ class Client:
         `reconnect_attempts`, `reconnect_backoff_s`: when the connection was lost, the next
         call dials up to that many times, waiting the backoff (doubling, at most 1 s)
         between tries, before it raises ConnectionError. 0 attempts: never reconnect.
-        Refusals (DENIED, LIMIT) are raised as KvtierdError with the daemon's reason."""
+        Refusals (DENIED, LIMIT) are raised as KvtierdError with the daemon's reason.
+
+        `read_only`: map the host regions read-only (a reader process then cannot
+        write them at all; reserve/put_many fail, put_inline still works)."""
         self.socket_path = str(socket_path or default_socket_path())
         self.name = name
+        self.read_only = read_only
         self._timeout = timeout
         self._timeout_ms = -1 if timeout is None else int(timeout * 1000)
         self._spin_max = spin_us / 1e6
@@ -522,9 +565,14 @@ class Client:
         self._broken: Exception | None = None  # why the current connection is unusable
         self._namespaces: weakref.WeakSet = weakref.WeakSet()
         self.sock: socket.socket | None = None
-        self.region: HostRegionMapping | None = None
+        self.regions: dict[str, HostRegionMapping] = {}
         self._worker_regions: Any = None
         self._connect()
+
+    @property
+    def region(self) -> HostRegionMapping | None:
+        """The default domain's host region, where this client received it."""
+        return self.regions.get("default")
 
     def _connect(self) -> None:
         """Dials, says hello and maps the host region (a new epoch)."""
@@ -546,18 +594,13 @@ class Client:
         self._rs = self._re = 0
         self._broken = None
         try:
-            info = self._call_once(Op.HELLO, {"version": PROTOCOL_VERSION, "client": self.name or "python",
-                                              "pid": os.getpid()})
-        except _Lost as lost:
-            self._close_socket()
-            raise lost.error from None
+            info, regions = _hello(sock, next(self._ids), self.name, self._timeout, self.read_only)
         except BaseException:
             self._close_socket()
             raise
         self.server_info = info
         self.max_frame_bytes: int = info.get("max_frame_bytes", 64 << 20)
-        host = info["host"]
-        self.region = HostRegionMapping(host["path"], host["size"])
+        self.regions = regions
         self._epoch += 1
 
     def _close_socket(self) -> None:
@@ -580,9 +623,7 @@ class Client:
                 self._worker_regions.close()
             finally:
                 self._worker_regions = None
-        if self.region is not None:
-            self.region.close()
-            self.region = None
+        _close_regions(self.regions)
 
     def _reconnect(self) -> None:
         """A new connection after the old one was lost: bounded retries, then every namespace reopened."""
@@ -923,6 +964,8 @@ class AsyncReservationContext:
         self.res: AsyncReservation | None = None
 
     async def __aenter__(self) -> AsyncReservation:
+        if self.tier == "host":
+            _check_writable(self.ns)
         reply = await self.ns.client._call(Op.RESERVE, {"ns": self.ns.id, "keys": self.keys, "tier": self.tier})
         self.res = AsyncReservation(self.ns, self.keys, reply)
         return self.res
@@ -941,14 +984,16 @@ class AsyncClient:
     Reconnects like Client (same `reconnect_attempts` and `reconnect_backoff_s`)."""
 
     def __init__(self, socket_path: str | os.PathLike | None = None, *, name: str = "",
-                 reconnect_attempts: int = 10, reconnect_backoff_s: float = 0.05):
+                 reconnect_attempts: int = 10, reconnect_backoff_s: float = 0.05, read_only: bool = False):
+        """`read_only`: map the host regions read-only, as for Client."""
         self.socket_path = str(socket_path or default_socket_path())
         self.name = name
+        self.read_only = read_only
         self.reconnect_attempts = reconnect_attempts
         self.reconnect_backoff_s = reconnect_backoff_s
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
-        self.region: HostRegionMapping | None = None
+        self.regions: dict[str, HostRegionMapping] = {}
         self._reader_task: asyncio.Task | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._epoch = 0
@@ -956,60 +1001,36 @@ class AsyncClient:
         self._namespaces: weakref.WeakSet = weakref.WeakSet()
         self._reconnecting: asyncio.Lock | None = None
 
+    @property
+    def region(self) -> HostRegionMapping | None:
+        return self.regions.get("default")
+
     async def connect(self) -> "AsyncClient":
-        loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            await loop.sock_connect(sock, self.socket_path)
+            await asyncio.get_running_loop().sock_connect(sock, self.socket_path)
         except OSError as e:
             sock.close()
             raise ConnectionError(f"cannot reach kvtierd at {self.socket_path}: {e.strerror or e}; "
                                   f"is the daemon running?") from None
-        # Hello on the bare socket: a daemon that refuses us has already said why and closed,
-        # and a failed send must not hide that (a stream would drop what it had read).
-        req_id = next(self._ids)
-        try:
-            await loop.sock_sendall(sock, request(req_id, Op.HELLO, {
-                "version": PROTOCOL_VERSION, "client": self.name or "python", "pid": os.getpid()}))
-        except OSError as e:
-            refusal = await self._refusal_on(sock)
-            sock.close()
-            raise refusal or ConnectionError(f"kvtierd closed the connection ({e.strerror or e})") from None
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 26)
         self._broken = None
-        fut = loop.create_future()
-        self._waiting[req_id] = fut
-        self._reader_task = asyncio.create_task(self._read_replies())
+        regions: dict[str, HostRegionMapping] = {}
         try:
-            info = await fut
-        except _Lost as lost:
-            await self._drop_connection()
-            raise lost.error from None
+            # HELLO by recvmsg on the bare socket (its reply carries the region fds; a refusal
+            # sent before a failed send is still read) before the stream reader takes over.
+            info, regions = await asyncio.to_thread(_hello, sock, next(self._ids), self.name, 60.0, self.read_only)
+            self._reader, self._writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 26)
         except BaseException:
-            await self._drop_connection()
+            _close_regions(regions)
+            sock.close()
             raise
+        self._reader_task = asyncio.create_task(self._read_replies())
         self.server_info = info
         self.max_frame_bytes: int = info.get("max_frame_bytes", 64 << 20)
-        host = info["host"]
-        self.region = HostRegionMapping(host["path"], host["size"])
+        self.regions = regions
         self._epoch += 1
         return self
-
-    @staticmethod
-    async def _refusal_on(sock: socket.socket) -> KvtierdError | None:
-        """What the daemon wrote before it closed `sock` (read to the end, for at most 5 s)."""
-        loop = asyncio.get_running_loop()
-        data = bytearray()
-        try:
-            while len(data) < (1 << 20):
-                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), timeout=5.0)
-                if not chunk:
-                    break
-                data += chunk
-        except (OSError, asyncio.TimeoutError):
-            pass
-        return _first_error(data)
 
     async def _read_replies(self) -> None:
         try:
@@ -1079,9 +1100,7 @@ class AsyncClient:
             except (ConnectionError, OSError):
                 pass
             self._writer = None
-        if self.region is not None:
-            self.region.close()
-            self.region = None
+        _close_regions(self.regions)
 
     async def _reconnect(self, epoch: int) -> None:
         if self._reconnecting is None:

@@ -151,6 +151,37 @@ def _ns_acl(v: Any) -> dict[str, tuple[int, ...]]:
     return {str(k): _int_list(x) for k, x in v.items()}
 
 
+_DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_DOMAINS = 63          # one region fd each in a HELLO reply, beside the default domain's
+
+
+def _domains(v: Any) -> dict[str, dict[str, Any]]:
+    """access.domains: name -> {namespaces = [prefix, ...], host_bytes = size}."""
+    if not isinstance(v, dict):
+        raise ValueError('expected a table such as { tenant-a = { namespaces = ["tenant-a"], host_bytes = "1GiB" } }')
+    if len(v) > MAX_DOMAINS:
+        raise ValueError(f"at most {MAX_DOMAINS} domains, got {len(v)}")
+    out: dict[str, dict[str, Any]] = {}
+    seen: dict[str, str] = {}
+    for name, d in v.items():
+        if not isinstance(name, str) or not _DOMAIN_NAME_RE.match(name) or name == "default":
+            raise ValueError(f"domain name {name!r}: use letters, digits, '.', '_', '-' (and not 'default', "
+                             f"which is every namespace no domain names)")
+        if not isinstance(d, dict) or set(d) - {"namespaces", "host_bytes"} or "namespaces" not in d \
+                or "host_bytes" not in d:
+            raise ValueError(f"domain {name!r}: expected {{ namespaces = [prefix, ...], host_bytes = size }}")
+        prefixes = d["namespaces"]
+        if not isinstance(prefixes, (list, tuple)) or not prefixes or \
+                not all(isinstance(p, str) and p.strip("/") for p in prefixes):
+            raise ValueError(f"domain {name!r}: namespaces must be a non-empty list of non-empty prefixes")
+        for p in prefixes:
+            other = seen.setdefault(p.rstrip("/"), name)
+            if other != name:
+                raise ValueError(f"namespace prefix {p!r} is in domains {other!r} and {name!r}; give it to one")
+        out[name] = {"namespaces": tuple(prefixes), "host_bytes": parse_size(d["host_bytes"])}
+    return out
+
+
 def opt(default: Any, parse: Callable[[Any], Any], doc: str, live: bool = False) -> Any:
     """A config key: its default, parser, doc line, and whether SIGHUP may change it."""
     meta = {"parse": parse, "doc": doc, "live": live}
@@ -164,7 +195,7 @@ def opt(default: Any, parse: Callable[[Any], Any], doc: str, live: bool = False)
 @dataclass
 class ServerConfig:
     socket: str = opt("", _str, "Unix socket path; empty: /run/kvtierd/kvtierd.sock or the per-user runtime dir")
-    socket_mode: int = opt(0o660, _mode, "permission bits of the socket and shared-memory regions")
+    socket_mode: int = opt(0o660, _mode, "permission bits of the socket")
     socket_group: str = opt("", _str, "group owning the socket; empty: the daemon's group")
     max_frame_bytes: int = opt(64 << 20, _size(4096, 1 << 30), "largest request frame accepted, and largest reply sent (a GET whose reply would be bigger is refused)", live=True)
     max_connections: int = opt(1024, _num(int, 1), "connections beyond this are refused", live=True)
@@ -186,11 +217,11 @@ class StateConfig:
 
 @dataclass
 class HostConfig:
-    bytes: int = opt(1 << 30, _size(1 << 20), "size of the shared-memory host tier (one region in /dev/shm)")
+    bytes: int = opt(1 << 30, _size(1 << 20), "size of the host tier of the default domain (a shared-memory region handed to clients as an fd)")
     slab_bytes: int = opt(16 << 20, _size(1 << 16, 1 << 30), "slab size: the region is split into slabs, each holding slots of one size class")
     high_watermark: float = opt(0.95, _num(float, 0.0, 1.0), "above this fill, the coldest blocks move down a tier", live=True)
     low_watermark: float = opt(0.85, _num(float, 0.0, 1.0), "demotion stops at this fill", live=True)
-    shm_dir: str = opt("/dev/shm", _str, "where the shared-memory region file is created")
+    shm_dir: str = opt("/dev/shm", _str, "where daemons before memfd regions left region files; scanned only to remove their leftovers")
     pin: bool = opt(True, _bool, "page-lock the region with cudaHostRegister when CUDA is present")
     reserve_wait_s: float = opt(1.0, _num(float, 0.0, 60.0), "a reserve that finds no room waits this long for moves in flight before answering FULL for the keys it could not place", live=True)
     checksums: bool = opt(True, _bool, "take an xxh3 of each host block at commit and check it before the block is persisted or sent elsewhere", live=True)
@@ -248,6 +279,7 @@ class AccessConfig:
     allowed_uids: tuple = opt((), _int_list, "uids admitted on the socket; empty: the daemon's own uid (root is always admitted)", live=True)
     allowed_gids: tuple = opt((), _int_list, "gids admitted on the socket; empty: the daemon's own gid", live=True)
     namespaces: dict = opt({}, _ns_acl, "namespace-name prefix -> uids allowed to open it", live=True)
+    domains: dict = opt({}, _domains, "access domains: name -> { namespaces = [prefix, ...], host_bytes = size }; each has its own host region, sent only to uids that may open one of its namespaces; other namespaces are in the default domain (host.bytes)")
 
 
 def _remote_url(v: Any) -> str:
@@ -374,6 +406,10 @@ def validate(cfg: Config) -> None:
     if cfg.host.slab_bytes > cfg.host.bytes:
         raise ConfigError(f"host.slab_bytes ({format_size(cfg.host.slab_bytes)}) must not exceed "
                           f"host.bytes ({format_size(cfg.host.bytes)})")
+    for name, d in cfg.access.domains.items():
+        if d["host_bytes"] < cfg.host.slab_bytes:
+            raise ConfigError(f"access.domains.{name}.host_bytes ({format_size(d['host_bytes'])}) must be at "
+                              f"least host.slab_bytes ({format_size(cfg.host.slab_bytes)})")
     seg = cfg.disk.segment_bytes
     if cfg.disk.bytes and cfg.disk.bytes < (1 << 20):
         raise ConfigError(f"disk.bytes ({format_size(cfg.disk.bytes)}) must be 0 (no disk tier) or at least 1 MiB")

@@ -5,9 +5,11 @@ socket (a lock file beside it decides; a socket left by a crashed daemon is
 replaced), build the tiers (the disk tier recovers in the background so
 `ping`/`stats` answer during recovery), listen, then tell systemd READY=1 once
 recovery is done. SIGTERM/SIGINT drain: stop accepting, let in-flight requests
-finish, flush the host tier to disk if configured, remove the socket and the
-shared-memory region. SIGHUP re-reads the config and applies what may change
-live, naming what needs a restart.
+finish, flush the host tier to disk if configured, remove the socket. The host
+regions (one memfd per access domain) have no path: they go with the daemon and
+its clients' mappings, also after a crash, so there is nothing to clean up.
+SIGHUP re-reads the config and applies what may change live, naming what needs
+a restart.
 """
 
 from __future__ import annotations
@@ -79,6 +81,26 @@ class Daemon:
         self.owns_socket = True
         return sock
 
+    def _build_regions(self) -> dict:
+        """One host region per access domain: the default one (host.bytes) and each of
+        access.domains. memfds, so nothing to find or remove after a crash; files that
+        daemons before memfd regions left in host.shm_dir are removed once."""
+        from kvtierd.tiers.host import HostRegion, remove_legacy_regions
+        for p in remove_legacy_regions(self.cfg.host.shm_dir):
+            log.info("removed %s, a shared-memory region file left by an earlier kvtierd version", p)
+        slab = self.cfg.host.slab_bytes
+        regions = {"default": HostRegion(self.cfg.host.bytes, slab)}
+        try:
+            for name, d in self.cfg.access.domains.items():
+                regions[name] = HostRegion(d["host_bytes"], slab, domain=name)
+        except BaseException:
+            for r in regions.values():
+                r.close()
+            raise
+        if len(regions) > 1:
+            log.info("access domains: %s", ", ".join(f"{n} ({r.size >> 20} MiB)" for n, r in regions.items()))
+        return regions
+
     def _build_disk(self):
         if not self.cfg.disk.bytes:
             return None
@@ -90,27 +112,28 @@ class Daemon:
         cfg = self.cfg
         self._take_lock()
         Path(cfg.state.dir).mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.policy = access.AccessPolicy(cfg.access)
         disk = self._build_disk()
-        self.store = store = Store(cfg, disk)
+        self.store = store = Store(cfg, disk, self._build_regions())
         if cfg.remote.url:
             # redis-py is imported only with a remote tier
             from kvtierd.remote import RemoteTier
             store.attach_remote(RemoteTier(cfg.remote))
-        self.policy = access.AccessPolicy(cfg.access)
         self.hot = hotkeys.HotKeys(cfg.metrics.hot_keys, cfg.metrics.hot_window_s)
         self.metrics = metrics.Metrics(stats_fn=self._stats_for_metrics,
                                        max_namespaces=cfg.metrics.max_namespaces)
         server = self.server = Server(
             cfg, store, admit=self._admit, observe=self.metrics.observe_request,
             refuse_open=self._refuse_open, extra_stats=self._extra_stats,
-            hot=self.hot.top, record_reads=self.hot.record)
+            hot=self.hot.top, record_reads=self.hot.record, gate=access.Gate(self.policy, store))
         # GPU set-up (pinning a large region takes seconds) happens before the socket
         # exists, so no client waits on a socket that listens but does not serve yet.
         try:
             await self._attach_gpu(store)
             sock = self._bind()
         except BaseException:
-            store.host_region.close()
+            for region in store.regions.values():
+                region.close()
             raise
         loop = asyncio.get_running_loop()
         # Signals first: a SIGTERM that comes while we start must still drain, not kill.
@@ -190,11 +213,9 @@ class Daemon:
     # ------------------------------------------------------------ runtime
 
     def _admit(self, conn: Connection, sock: socket.socket | None) -> str | None:
-        from kvtierd.access import peer_credentials, peer_groups
-        if sock is None:
-            return None
-        conn.pid, conn.uid, conn.gid = peer_credentials(sock)
-        ok, reason = self.policy.admit(conn.uid, conn.gid, peer_groups(sock))
+        ok, reason, creds = self.policy.admit_peer(sock)      # fails closed: no socket, no credentials
+        if creds is not None:
+            conn.pid, conn.uid, conn.gid = creds
         if not ok:
             self.server.count_error("denied")
             log.warning("refused connection from pid=%d uid=%d gid=%d: %s", conn.pid, conn.uid, conn.gid, reason)

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2          # 2: host regions are fds passed with the HELLO reply
 HEADER = struct.Struct("<I")
 MAX_KEY_BYTES = 64
 MAX_KEYS_PER_REQUEST = 65536

@@ -41,7 +41,7 @@ import time
 from types import CoroutineType
 from typing import Any, Callable
 
-from kvtierd import __version__
+from kvtierd import __version__, regions
 from kvtierd.core.store import Store
 from kvtierd.logs import printable
 from kvtierd.protocol import (
@@ -82,6 +82,7 @@ class Connection(asyncio.BufferedProtocol):
         self.hello = False
         self.uid = self.gid = self.pid = -1
         self.namespaces: set[int] = set()
+        self.domains: frozenset[str] = frozenset()     # access domains whose regions it received
         self.queue: collections.deque = collections.deque()
         self.queued_bytes = 0
         self.busy = False
@@ -337,17 +338,23 @@ class Connection(asyncio.BufferedProtocol):
             return
         self.reply(req_id, op, result, t0)
 
-    def reply(self, req_id: int, op: Op, result: dict, t0: float) -> None:
+    def reply(self, req_id: int, op: Op, result: Any, t0: float) -> None:
+        fds = None
+        if isinstance(result, regions.WithFds):     # HELLO: the reply frame carries the region fds
+            result, fds = result.reply, result.fds
         try:
             data = reply_ok(req_id, result)
             limit = self.server.cfg.server.max_frame_bytes
             if len(data) - 4 > limit:
                 raise ProtocolError(Code.FRAME_TOO_LARGE, f"the reply would be {len(data) - 4} bytes, over "
                                                           f"server.max_frame_bytes ({limit}); ask for less at once")
+            if fds is not None and not self.closed:
+                regions.send_with_fds(self.transport, data, fds)
         except ProtocolError as e:
             self.fail(req_id, op, e, t0)
             return
-        self.send(data)
+        if fds is None:
+            self.send(data)
         self.server.observe(op, "ok", time.perf_counter() - t0)
 
     async def finish(self, req_id: int, op: Op, coro: Any, t0: float) -> None:
@@ -401,7 +408,8 @@ class Server:
                  refuse_open: Callable[[str, int], str | None] | None = None,
                  extra_stats: Callable[[], dict] | None = None,
                  hot: Callable[[str | None], dict] | None = None,
-                 record_reads: Callable[[str, list], None] | None = None):
+                 record_reads: Callable[[str, list], None] | None = None,
+                 gate: Any = None):
         self.cfg = cfg
         self.store = store
         self.conns: dict[int, Connection] = {}
@@ -415,6 +423,7 @@ class Server:
         self._extra_stats = extra_stats
         self._hot = hot
         self._record_reads = record_reads
+        self.gate = gate            # access.Gate: regions at HELLO, domains, STATS/HOT filtering
         self.uid_conns: dict[int, int] = {}          # open connections per peer uid
         self._limit_log: dict[str, tuple[float, int]] = {}
         try:
@@ -447,7 +456,7 @@ class Server:
                                                     f"(server.max_connections = {cfg.max_connections})")
             return Code.DENIED, f"too many connections (limit {cfg.max_connections})"
         sock = transport.get_extra_info("socket")
-        refusal = self._admit(conn, sock) if self._admit else None
+        refusal = self._admit(conn, sock) if self._admit else "the daemon has no admission policy"
         if refusal:
             return Code.DENIED, refusal
         held = self.uid_conns.get(conn.uid, 0)
@@ -520,22 +529,21 @@ class Server:
         c.hello = True
         if c.pid < 0:
             c.pid = pid
-        region = self.store.host_region
-        return {"version": PROTOCOL_VERSION, "server": f"kvtierd {__version__}", "pid": os.getpid(),
-                "host": {"path": str(region.path), "size": region.size},
-                "hbm": self.store.hbm_descriptors(),
-                "max_frame_bytes": self.cfg.server.max_frame_bytes}
+        reply = {"version": PROTOCOL_VERSION, "server": f"kvtierd {__version__}", "pid": os.getpid(),
+                 "host": [], "hbm": [], "max_frame_bytes": self.cfg.server.max_frame_bytes}
+        return self.gate.hello(c, reply) if self.gate else reply   # regions go only where access allows
 
     def op_ping(self, c: Connection) -> dict:
         return {"time": time.time(), "draining": self.draining}
 
     def op_open(self, c: Connection, name: str, block_size: int, tokens_per_block: int = 0) -> dict:
-        refusal = self._refuse_open(name, c.uid) if self._refuse_open else None
+        refusal = self._refuse_open(name, c.uid) if self._refuse_open else "the daemon has no access policy"
         if refusal:
             raise ProtocolError(Code.DENIED, refusal)
-        ns = self.store.open_namespace(name, block_size, tokens_per_block, uid=c.uid)
+        domain = self.gate.domain_for_open(c, name) if self.gate else "default"
+        ns = self.store.open_namespace(name, block_size, tokens_per_block, uid=c.uid, domain=domain)
         c.namespaces.add(ns.id)
-        return {"ns": ns.id, "block_size": ns.block_size, "slot_bytes": ns.slot_bytes}
+        return {"ns": ns.id, "block_size": ns.block_size, "slot_bytes": ns.slot_bytes, "domain": domain}
 
     async def op_reserve(self, c: Connection, ns: int, keys: list, tier: str = "host") -> dict:
         res = await self.store.reserve(c.ns(ns), keys, c.id, "host" if tier == "any" else tier)
@@ -633,10 +641,11 @@ class Server:
                        "socket": self.cfg.server.socket, "draining": self.draining}
         if self._extra_stats:
             s.update(self._extra_stats())
-        return s
+        return self.gate.stats(c, s) if self.gate else s
 
     def op_hot(self, c: Connection, ns: str | None = None) -> dict:
-        return {"hot": self._hot(ns) if self._hot else {}}
+        hot = self._hot(ns) if self._hot else {}
+        return {"hot": self.gate.hot(c, hot) if self.gate else hot}
 
     def op_drop(self, c: Connection, ns: int) -> dict:
         space = c.ns(ns)

@@ -1,7 +1,8 @@
 """A frame fuzzer that reaches the store: every op, on open namespaces, valid and hostile arguments mixed.
 
 Used by tests/test_bad_input.py (a few thousand frames) and tests/torture/fuzz.py (100k).
-It speaks the protocol on a bare socket and maps the host region itself, so it can
+It speaks the protocol on a bare socket and maps the host region itself (from the
+fd on the HELLO reply), so it can
 do what a real client does (reserve, write the slots, commit; acquire, read, release)
 between the hostile frames. Every block it writes holds `content(ns, key)`, so
 whatever the daemon serves — during the run and after — can be checked byte for byte.
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import mmap
-import os
 import random
 import socket
 import struct
@@ -24,6 +23,7 @@ import time
 import msgpack
 
 from kvtierd.protocol import PROTOCOL_VERSION, Code, Op
+from kvtierd.regions import hello
 
 # (name, block size): a page-sized, an odd-sized and a large class, so several slab classes fight.
 SPACES = [("fuzz-small", 4096), ("fuzz-odd", 12_345), ("fuzz-large", 256 << 10)]
@@ -54,13 +54,10 @@ class FrameFuzzer:
         self.transient_misses = 0
         self.wrote: dict[bytes, str] = {}   # seed -> which block, by which request: to name stray bytes
         self.history: collections.deque = collections.deque(maxlen=2000)   # (request id, op, args, code)
-        hello = self.call(Op.HELLO, {"version": PROTOCOL_VERSION, "client": "fuzz"})
-        host = hello["host"]
-        fd = os.open(host["path"], os.O_RDWR)
-        try:
-            self.mm = mmap.mmap(fd, host["size"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
+        # The HELLO reply carries the host region's fd (SCM_RIGHTS): read it the way clients do.
+        _, self.regions = hello(self.s, self.next_id, {"version": PROTOCOL_VERSION, "client": "fuzz"}, timeout)
+        self.next_id += 1
+        self.mm = self.regions["default"].mmap
         self.spaces: dict[int, tuple[str, int]] = {}
         for name, size in SPACES:
             self.spaces[self.call(Op.OPEN, {"name": name, "block_size": size})["ns"]] = (name, size)
@@ -444,7 +441,8 @@ class FrameFuzzer:
         self.quiesce()
 
     def close(self) -> None:
-        self.mm.close()
+        for region in self.regions.values():
+            region.close()
         self.s.close()
 
 

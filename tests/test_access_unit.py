@@ -70,21 +70,32 @@ def test_supplementary_groups_admit_members_of_an_allowed_group():
 
 
 def test_namespace_rules_use_the_longest_matching_prefix():
-    p = AccessPolicy(cfg(uids=[1000, 2000, 3000], namespaces={"llama": [2000], "llama-tenantB": [3000]}),
+    p = AccessPolicy(cfg(uids=[1000, 2000, 3000], namespaces={"llama": [2000], "llama/tenantB": [3000]}),
                      own_uid=1000, own_gid=1000)
-    assert p.may_open("llama-3-8b", 2000)
-    assert not p.may_open("llama-3-8b", 3000)
-    assert p.may_open("llama-tenantB-x", 3000)
-    assert not p.may_open("llama-tenantB-x", 2000)   # the longer prefix decides, not the first
+    assert p.may_open("llama/3-8b", 2000)
+    assert not p.may_open("llama/3-8b", 3000)
+    assert p.may_open("llama/tenantB/x", 3000)
+    assert not p.may_open("llama/tenantB/x", 2000)   # the longer prefix decides, not the first
     assert p.may_open("mistral", 3000)                # matches no prefix: open to admitted clients
-    assert p.may_open("llama-tenantB-x", 0) and p.may_open("llama-tenantB-x", 1000)   # root, the daemon
-    assert "prefix 'llama-tenantB'" in p.why_not("llama-tenantB-x", 2000)
+    assert p.may_open("llama/tenantB/x", 0) and p.may_open("llama/tenantB/x", 1000)   # root, the daemon
+    assert "prefix 'llama/tenantB'" in p.why_not("llama/tenantB/x", 2000)
+
+
+def test_prefixes_match_whole_path_segments():
+    p = AccessPolicy(cfg(uids=[2000, 3000], namespaces={"tenant-a": [2000], "tenant-b/": [3000]}),
+                     own_uid=1000, own_gid=1000)
+    assert p.may_open("tenant-a", 2000) and p.may_open("tenant-a/x/y", 2000)
+    assert not p.may_open("tenant-a", 3000) and not p.may_open("tenant-a/x", 3000)
+    assert p.may_open("tenant-ab", 3000)              # not under 'tenant-a': no rule applies
+    assert p.may_open("tenant-b", 3000) and not p.may_open("tenant-b/x", 2000)   # a trailing '/' is the same rule
+    assert p.may_open("tenant-bb/x", 2000)
 
 
 def test_an_empty_prefix_closes_every_other_namespace():
     p = AccessPolicy(cfg(namespaces={"": [2000], "public": [2000, 3000]}), own_uid=1000, own_gid=1000)
     assert not p.may_open("anything", 3000)
-    assert p.may_open("public-x", 3000)
+    assert p.may_open("public/x", 3000)
+    assert not p.may_open("public-x", 3000)
     assert p.may_open("anything", 2000)
 
 
@@ -94,14 +105,14 @@ def test_reload_swaps_the_rules():
     p.reload(cfg(uids=[2000], namespaces={"a": [1]}))
     assert p.admit(2000, 2000)[0]
     assert not p.admit(1000, 5000)[0]                 # an explicit uid list replaces the default own uid
-    assert not p.may_open("abc", 2000)
+    assert not p.may_open("a/bc", 2000) and p.may_open("abc", 2000)
     with pytest.raises(ValueError, match="access.namespaces"):
         p.reload(cfg(namespaces={"a": [-1]}))
     assert p.admit(2000, 2000)[0]                     # a bad reload leaves the old rules in force
 
 
 def test_apply_socket_mode_sets_mode_and_group(tmp_path):
-    f = tmp_path / "region"
+    f = tmp_path / "sock"
     f.write_bytes(b"")
     own_group = __import__("grp").getgrgid(os.getgid()).gr_name
     apply_socket_mode(f, 0o640, own_group)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from test_disk_roundtrip import drop_hints, flip_byte, open_store, payloads, read_back, segment_files, small_cfg
+from test_disk_roundtrip import drop_hints, flip_byte, open_store, payloads, read_back, segment_files
 
 from kvtierd.disk.format import PAGE, record_size
 

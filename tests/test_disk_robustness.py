@@ -11,8 +11,18 @@ import subprocess
 import time
 
 import pytest
-from test_disk_daemon import ARGS, BLOCK, HOST_SLOTS, SMALL_HOST, keys, moved, put, restart, wait_for, \
-    wait_recovered, wrong_and_missing
+from test_disk_daemon import (
+    ARGS,
+    BLOCK,
+    HOST_SLOTS,
+    SMALL_HOST,
+    keys,
+    moved,
+    put,
+    restart,
+    wait_recovered,
+    wrong_and_missing,
+)
 from test_disk_roundtrip import open_store, payloads, read_back, segment_files, small_cfg
 
 from kvtierd import config

@@ -11,8 +11,22 @@ import pytest
 from conftest import DaemonProcess
 
 
-def regions_of(pid):
-    return glob.glob(f"/dev/shm/kvtierd.{os.getuid()}.{pid}.*")
+def memfds_of(pid):
+    """The memfds a process holds (its host regions), by /proc/PID/fd links."""
+    out = []
+    for n in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{n}")
+        except FileNotFoundError:       # an fd closed while we looked
+            continue
+        if link.startswith("/memfd:kvtierd:"):
+            out.append(link)
+    return out
+
+
+def shm_files(pid):
+    """Region files in /dev/shm named after `pid`, as kvtierd versions before memfd regions made."""
+    return glob.glob(f"/dev/shm/kvtierd.*.{pid}.*")
 
 
 def test_sigterm_drains_and_removes_socket_and_shared_memory(daemon):
@@ -21,12 +35,12 @@ def test_sigterm_drains_and_removes_socket_and_shared_memory(daemon):
     ns.put_many([b"a"], [b"1" * 4096])
     lease = ns.acquire([b"a"])           # a lease still open at shutdown
     pid = daemon.proc.pid
-    assert regions_of(pid)
+    assert set(memfds_of(pid)) == {"/memfd:kvtierd:default (deleted)"}   # its fd and mmap's dup
     assert daemon.stop(signal.SIGTERM) == 0
     log = daemon.log()
     assert "draining" in log and "stopped" in log
     assert not os.path.exists(daemon.socket)
-    assert regions_of(pid) == []
+    assert shm_files(pid) == []                  # the region never had a file
     with pytest.raises((ConnectionError, OSError)):
         c.ping()
     del lease
@@ -57,14 +71,27 @@ def test_a_stale_socket_from_a_crashed_daemon_is_replaced(start_daemon, tmp_path
         assert c.ping()
 
 
-def test_sigkilled_daemon_leaves_a_region_the_next_one_removes(start_daemon, tmp_path):
-    d = start_daemon()
-    pid = d.proc.pid
-    d.kill()
-    assert regions_of(pid)                       # SIGKILL cannot clean up
-    d2 = start_daemon()
-    assert regions_of(pid) == []
-    assert "stale" in d2.log()
+def test_region_files_left_by_an_earlier_version_are_removed_at_start(start_daemon, tmp_path):
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    # Pid 1 never looks dead: what a daemon that crashed in a container left behind.
+    legacy = shm / f"kvtierd.{os.getuid()}.1.0badf00d"
+    legacy.write_bytes(b"x" * 4096)
+    in_use = shm / f"kvtierd.{os.getuid()}.99999999.0badf00d"      # a dead pid, but still mapped: kept
+    in_use.write_bytes(b"x" * 4096)
+    holder = subprocess.Popen([sys.executable, "-c", "import mmap, sys; f = open(sys.argv[1], 'r+b'); "
+                               "m = mmap.mmap(f.fileno(), 4096); f.close(); print('mapped', flush=True); "
+                               "sys.stdin.read()", str(in_use)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "mapped"
+        d = start_daemon("--set", f"host.shm_dir={shm}")
+        assert not legacy.exists() and in_use.exists()
+        assert "left by an earlier kvtierd version" in d.log()
+        assert os.listdir(shm) == [in_use.name]       # and the daemon made no file of its own
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
 
 
 def test_cli_ping_and_stats(daemon):

@@ -198,12 +198,12 @@ def test_access_control_refuses_unknown_uids_and_foreign_namespaces(start_daemon
     shutil.rmtree(open_dir, ignore_errors=True)
 
 
-def test_socket_and_region_modes_follow_config(start_daemon):
+def test_socket_mode_follows_config_and_the_region_has_no_file(start_daemon):
     d = start_daemon("--set", "server.socket_mode=0600")
     assert os.stat(d.socket).st_mode & 0o777 == 0o600
-    import glob
-    regions = glob.glob(f"/dev/shm/kvtierd.{os.getuid()}.{d.proc.pid}.*")
-    assert regions and os.stat(regions[0]).st_mode & 0o777 == 0o600
+    from test_lifecycle import memfds_of
+    assert set(memfds_of(d.proc.pid)) == {"/memfd:kvtierd:default (deleted)"}   # anonymous memory, no path
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith("kvtierd.") and f".{d.proc.pid}." in n]
 
 
 def test_stats_json_and_hot_keys_from_the_cli(daemon):

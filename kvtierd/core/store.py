@@ -68,8 +68,7 @@ class Store:
     def __init__(self, cfg: Any, disk: Any | None = None, regions: dict[str, Any] | None = None):
         self.cfg = cfg
         if regions is None:
-            regions = {DEFAULT_DOMAIN: HostRegion(cfg.host.shm_dir, cfg.host.bytes, cfg.host.slab_bytes,
-                                                  cfg.server.socket_mode)}
+            regions = {DEFAULT_DOMAIN: HostRegion(cfg.host.bytes, cfg.host.slab_bytes)}
         self.regions = regions
         self.hosts: dict[str, MemTier] = {
             d: MemTier("host", r.slots, cfg.host.high_watermark, cfg.host.low_watermark, r, d)

@@ -38,7 +38,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from kvtierd.disk import aligned_io, hints
-from kvtierd.disk.format import FLAG_NS_TOMBSTONE, FLAG_TOMBSTONE, MAX_KEY, PAGE, Header, align_up, checksum, parse_header
+from kvtierd.disk.format import (
+    FLAG_NS_TOMBSTONE,
+    FLAG_TOMBSTONE,
+    MAX_KEY,
+    PAGE,
+    Header,
+    align_up,
+    checksum,
+    parse_header,
+)
 from kvtierd.disk.types import KEY, NS, SEG, SEQ, Segment, Tomb, entry
 
 log = logging.getLogger("kvtierd.disk")

@@ -45,8 +45,26 @@ from kvtierd.disk.aligned_io import BufferPool
 from kvtierd.disk.capacity import Capacity
 from kvtierd.disk.format import FLAG_NS_TOMBSTONE, FLAG_TOMBSTONE, record_size, validate_name
 from kvtierd.disk.keydir import KeyDir
-from kvtierd.disk.types import (CSUM, KEY, NS, OFF, PLEN, SEG, SEQ, Backoff, Entry, IOJob, PendingRecord, ReadPlan, Segment,
-                                Tomb, WritePlan, entry, entry_size, new_counters)
+from kvtierd.disk.types import (
+    CSUM,
+    KEY,
+    NS,
+    OFF,
+    PLEN,
+    SEG,
+    SEQ,
+    Backoff,
+    Entry,
+    IOJob,
+    PendingRecord,
+    ReadPlan,
+    Segment,
+    Tomb,
+    WritePlan,
+    entry,
+    entry_size,
+    new_counters,
+)
 
 log = logging.getLogger("kvtierd.disk")
 

@@ -28,18 +28,22 @@ class WorkerRegions:
 
     def __init__(self, client: Any):
         self.client = client
-        self.pin: Any = None
+        self.pins: dict[str, Any] = {}
         self.pool: Any = None
-        self._host: Any = None
+        self._hosts: dict[str, Any] = {}
 
-    def host(self) -> Any:
-        if self._host is None:
+    def host(self, domain: str = "default") -> Any:
+        """The host region of access domain `domain` (a namespace's `.domain`)."""
+        if domain not in self._hosts:
             from kvtierd.gpu import paged, pinning
-            mm = self.client.region.mmap
+            mapping = self.client.regions.get(domain)
+            if mapping is None:
+                raise PermissionError(f"no host region of access domain {domain!r} is mapped in this process")
+            mm = mapping.mmap
             if cuda.driver_present() and cuda.torch_cuda():
-                self.pin = pinning.pin_buffer(mm)
-            self._host = paged.Region.from_buffer(mm, pinned=self.pin)
-        return self._host
+                self.pins[domain] = pinning.pin_buffer(mm)
+            self._hosts[domain] = paged.Region.from_buffer(mm, pinned=self.pins.get(domain))
+        return self._hosts[domain]
 
     def hbm(self) -> Any:
         if self.pool is None:
@@ -50,15 +54,15 @@ class WorkerRegions:
             self.pool = ipc.open_pool(pools[0]["handle"])
         return self.pool.region()
 
-    def region(self, tier: str) -> Any:
-        return self.hbm() if tier == "hbm" else self.host()
+    def region(self, tier: str, domain: str = "default") -> Any:
+        return self.hbm() if tier == "hbm" else self.host(domain)
 
     def close(self) -> None:
-        # Unregister before the client unmaps the region; close our IPC mapping.
-        self._host = None
-        if self.pin is not None:
-            self.pin.close()
-            self.pin = None
+        # Unregister before the client unmaps the regions; close our IPC mapping.
+        self._hosts.clear()
+        for pin in self.pins.values():
+            pin.close()
+        self.pins.clear()
         if self.pool is not None:
             self.pool.close()
             self.pool = None
@@ -96,7 +100,7 @@ def store_pages(ns: Any, copier: Any, page_ids: Sequence[int], keys: Sequence[by
         client._call(Op.COMMIT, {"rid": res["rid"]})
         return 0
     try:
-        region = client.worker_regions().region(res["tier"])
+        region = client.worker_regions().region(res["tier"], ns.domain)
         _wait(copier.gather(_block_pages(page_ids, g, res["index"]), region, res["offsets"], stream))
     except BaseException:
         client._call(Op.ABORT, {"rid": res["rid"]})
@@ -121,7 +125,7 @@ def load_pages(ns: Any, copier: Any, keys: Sequence[bytes], page_ids: Sequence[i
         for t in ("hbm", "host"):
             blocks = [i for i, bt in enumerate(tiers) if bt == t]
             if blocks:
-                events.append(copier.scatter(regions.region(t), [offsets[i] for i in blocks],
+                events.append(copier.scatter(regions.region(t, ns.domain), [offsets[i] for i in blocks],
                                              _block_pages(page_ids, g, blocks), stream))
         for ev in events:      # the slots are ours only until release
             _wait(ev)

@@ -427,7 +427,8 @@ class KVTierCache:
             regions = self.client.worker_regions()
             for tier in sorted(set(tiers)):
                 idx = [i for i, t in enumerate(tiers) if t == tier]
-                copier.scatter(regions.region(tier), [offsets[i] for i in idx], np.asarray(idx, dtype=np.int64))
+                copier.scatter(regions.region(tier, self.ns.domain), [offsets[i] for i in idx],
+                               np.asarray(idx, dtype=np.int64))
         return [(t[0].unsqueeze(0), t[1].unsqueeze(0)) for t in layers]
 
     def _read_blocks(self, views: list[memoryview]) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
@@ -492,7 +493,7 @@ class KVTierCache:
         # [head, chunk, token, dim] views of [1, head, seq, dim] (contiguous in seq after the
         # forward's torch.cat); reshape copies only a tensor with strides no view can describe.
         planes = [(t[0, :, :hi * T].reshape(H, hi, T, D), 1) for k, v in layers for t in (k, v)]
-        region = self._host_region() if tier == "host" else self.client.worker_regions().region(tier)
+        region = self._host_region() if tier == "host" else self.client.worker_regions().region(tier, self.ns.domain)
         self._copier(planes).gather(np.asarray(chunks, dtype=np.int64), region, offsets)
 
     def _copier(self, planes: list[tuple["torch.Tensor", int]]) -> Any:
@@ -543,7 +544,7 @@ class KVTierCache:
     def _host_region(self) -> Any:
         """The host tier as a copy region of this process, page-locked and mapped where
         CUDA allows (once per client; the client unpins it when it closes)."""
-        return self.client.worker_regions().host()
+        return self.client.worker_regions().host(self.ns.domain)
 
     def pin_host_tier(self) -> bool:
         """Page-lock this process's mapping of the host tier once, so GPU copies run at DMA speed.

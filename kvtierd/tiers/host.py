@@ -1,65 +1,93 @@
-"""The host tier: one shared-memory region in /dev/shm, split into slots.
+"""The host tier: anonymous shared-memory regions (memfd), split into slots.
 
-The daemon creates the region file, reserves its pages up front with
-posix_fallocate (a tmpfs that is too small fails here with a clear message
-instead of SIGBUS-ing a client later) and maps it. Clients map the same file
-by path (sent in the handshake) and copy block bytes themselves, so bulk data
-never crosses the socket. The daemon never maps worker memory: a worker that
-dies leaves nothing stale in the daemon.
+The daemon creates each region with memfd_create: it has no name in any
+filesystem, so nobody can open it by path, whatever the modes. Its pages are
+reserved up front with posix_fallocate (a machine that cannot back the region
+fails here with a clear message instead of SIGBUS-ing a client later), then
+the size is sealed (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL): a client that
+holds the fd cannot truncate it under the daemon or other clients, nor add
+seals that would stop others from mapping it.
+
+Clients get the fd over the socket after admission (kvtierd.regions) and map
+it themselves, so bulk data never crosses the socket; the daemon never maps
+worker memory. A region lives as long as some process holds its fd or a
+mapping: when the daemon dies (even by SIGKILL, in a container or not) and its
+clients let go, the kernel frees the memory. Nothing is left to clean up.
 
 Slots come from a SlabAllocator, so any offset handed out is 4 KiB aligned
-(O_DIRECT writes straight from a slot). Regions of daemons that died without
-cleaning up are found by name (the pid is part of it) and removed at start.
+(O_DIRECT writes straight from a slot).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
 import re
-import secrets
 from pathlib import Path
 
 from kvtierd.tiers.slabs import SlabAllocator
 
 log = logging.getLogger("kvtierd.host")
 
-_NAME_RE = re.compile(r"^kvtierd\.(\d+)\.(\d+)\.[0-9a-f]+$")
+# Regions of earlier kvtierd versions lived in /dev/shm as kvtierd.<uid>.<pid>.<hex>.
+_LEGACY_NAME_RE = re.compile(r"^kvtierd\.(\d+)\.(\d+)\.[0-9a-f]+$")
+_SEALS = (getattr(fcntl, "F_SEAL_SHRINK", 0x0002) | getattr(fcntl, "F_SEAL_GROW", 0x0004)
+          | getattr(fcntl, "F_SEAL_SEAL", 0x0001))
+_F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
 
 
 class HostRegionError(RuntimeError):
     pass
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def remove_legacy_regions(shm_dir: str | Path, uid: int | None = None) -> list[Path]:
+    """Unlinks region files that kvtierd versions before memfd regions left in `shm_dir`.
 
-
-def remove_stale_regions(shm_dir: Path) -> list[Path]:
-    """Unlinks our uid's regions whose daemon is gone; returns what was removed."""
-    removed = []
-    uid = os.getuid()
+    Only for upgrades: today's daemon creates no files. A legacy file of our uid
+    is removed when no process has it open or mapped, which the kernel tells by
+    granting a write lease. Unlike the pid in its name, that holds across pid
+    namespaces (a crashed daemon that was pid 1 in a container is recognised).
+    """
+    removed: list[Path] = []
+    uid = os.getuid() if uid is None else uid
+    shm_dir = Path(shm_dir)
     try:
         names = os.listdir(shm_dir)
     except OSError:
         return removed
     for name in names:
-        m = _NAME_RE.match(name)
-        if not m or int(m.group(1)) != uid or _pid_alive(int(m.group(2))):
+        m = _LEGACY_NAME_RE.match(name)
+        if not m or int(m.group(1)) != uid:
             continue
-        try:
-            (shm_dir / name).unlink()
+        if _unlink_if_unused(shm_dir / name):
             removed.append(shm_dir / name)
-        except OSError:
-            pass
     return removed
+
+
+def _unlink_if_unused(path: Path) -> bool:
+    """Unlinks `path` if nobody else has it open or mapped; False if in use or unsure."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        try:
+            # Refused (EAGAIN) while any other open file or mapping exists. While we hold
+            # it, an open() by someone else waits for us, so the unlink cannot race one.
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        except OSError:
+            return False            # in use, or leases unavailable here: keep it
+        try:
+            path.unlink()
+            return True
+        except OSError:
+            return False
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    finally:
+        os.close(fd)
 
 
 def _unmap(view: memoryview, mm: mmap.mmap) -> None:
@@ -73,32 +101,41 @@ def _unmap(view: memoryview, mm: mmap.mmap) -> None:
 
 
 class HostRegion:
-    """The daemon's side of the shared-memory region."""
+    """The daemon's side of one shared-memory region (one per access domain)."""
 
-    def __init__(self, shm_dir: str | Path, nbytes: int, slab_bytes: int, mode: int = 0o660):
-        self.dir = Path(shm_dir)
-        for p in remove_stale_regions(self.dir):
-            log.info("removed stale shared-memory region %s", p)
-        self.path = self.dir / f"kvtierd.{os.getuid()}.{os.getpid()}.{secrets.token_hex(4)}"
+    def __init__(self, nbytes: int, slab_bytes: int, domain: str = "default"):
+        self.domain = domain
         self.size = nbytes // slab_bytes * slab_bytes
+        if self.size <= 0:
+            raise HostRegionError(f"host region of domain {domain!r}: {nbytes} bytes is less than one slab "
+                                  f"({slab_bytes} bytes)")
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+            fd = os.memfd_create(f"kvtierd:{domain}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except OSError as e:
-            raise HostRegionError(f"cannot create shared-memory region {self.path}: {e.strerror}") from None
+            raise HostRegionError(f"cannot create the shared-memory region of domain {domain!r}: "
+                                  f"{e.strerror}") from None
         try:
-            os.fchmod(fd, mode)  # umask must not widen or narrow what config asked for
+            # The inode's mode decides who may reopen an fd of it through /proc/PID/fd/N:
+            # only the daemon's uid for writing; a client holding a read-only fd cannot
+            # upgrade it to a writable one.
+            os.fchmod(fd, 0o644)
+            os.ftruncate(fd, self.size)
             try:
                 os.posix_fallocate(fd, 0, self.size)
             except OSError as e:
                 raise HostRegionError(
-                    f"cannot reserve {self.size} bytes in {self.dir} for the host tier ({e.strerror}); "
-                    f"lower host.bytes or enlarge {self.dir}") from None
+                    f"cannot reserve {self.size} bytes of shared memory for the host tier of domain "
+                    f"{domain!r} ({e.strerror}); lower host.bytes / access.domains.*.host_bytes") from None
+            try:
+                fcntl.fcntl(fd, _F_ADD_SEALS, _SEALS)
+            except OSError as e:      # a kernel without sealing: still private, only not size-locked
+                log.warning("cannot seal the host region of domain %r (%s); clients could truncate it",
+                            domain, e.strerror)
             self.mmap = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
-            self.path.unlink(missing_ok=True)
             raise
-        os.close(fd)
+        self.fd = fd                 # kept open: sent to admitted clients of this domain
         self.view = memoryview(self.mmap)
         self.slots = SlabAllocator(self.size, slab_bytes)
 
@@ -107,26 +144,34 @@ class HostRegion:
 
     def close(self) -> None:
         _unmap(self.view, self.mmap)
-        self.path.unlink(missing_ok=True)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class HostRegionMapping:
-    """A client's mapping of the daemon's region (by path, read-write)."""
+    """A client's mapping of one of the daemon's regions, from the fd it was sent.
 
-    def __init__(self, path: str, size: int):
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError as e:
-            raise HostRegionError(f"cannot open the daemon's shared-memory region {path}: {e.strerror}") from None
+    `writable=False` maps it read-only from a read-only file description, so this
+    process cannot write the region even with mprotect.
+    """
+
+    def __init__(self, fd: int, size: int, writable: bool = True, domain: str = "default"):
         try:
             actual = os.fstat(fd).st_size
-            if actual < size:
-                raise HostRegionError(f"shared-memory region {path} is {actual} bytes, expected {size}")
-            self.mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
-        self.path = path
+        except OSError as e:
+            raise HostRegionError(f"cannot inspect the region fd of domain {domain!r}: {e.strerror}") from None
+        if actual < size:
+            raise HostRegionError(f"shared-memory region of domain {domain!r} is {actual} bytes, expected {size}")
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        try:
+            self.mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+        except OSError as e:
+            raise HostRegionError(f"cannot map the shared-memory region of domain {domain!r}: "
+                                  f"{e.strerror}") from None
+        self.domain = domain
         self.size = size
+        self.writable = writable
         self.view = memoryview(self.mmap)
 
     def slot(self, offset: int, length: int) -> memoryview:

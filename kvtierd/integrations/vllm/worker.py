@@ -190,7 +190,7 @@ class WorkerHalf:
                 p.extend(t.block_ids[i * g:(i + 1) * g])
             loaded += ok
         try:
-            self._scatter(ns.client, batches)
+            self._scatter(ns, batches)
         except DAEMON_ERRORS + (RuntimeError,) as e:
             log.warning("kvtierd load failed (%s); %d blocks go back to vLLM for recompute", e, len(all_ids))
             self._report(all_ids)
@@ -208,17 +208,18 @@ class WorkerHalf:
             for ev in self._layer_events.values():
                 cur.wait_event(ev)
 
-    def _scatter(self, client: Any, batches: dict[str, tuple[list[int], list[int]]]) -> None:
-        regions = client.worker_regions()
+    def _scatter(self, ns: Any, batches: dict[str, tuple[list[int], list[int]]]) -> None:
+        regions = ns.client.worker_regions()      # host slots are in the namespace's domain region
         parts = []
         for tier, (offs, pages) in batches.items():
             o = np.asarray(offs, dtype=np.int64)
             p = np.asarray(pages, dtype=np.int64)
             if np.unique(o).size == o.size:
-                parts.append((regions.region(tier), o, p))
+                parts.append((regions.region(tier, ns.domain), o, p))
             else:   # the same chunk loaded into two requests' blocks: one batch per copy of it
                 for i in range(o.size):
-                    parts.append((regions.region(tier), o[i:i + 1], p[i * self.group:(i + 1) * self.group]))
+                    parts.append((regions.region(tier, ns.domain), o[i:i + 1],
+                                  p[i * self.group:(i + 1) * self.group]))
         torch = self._torch
         if self.layout.is_cuda:
             ready = torch.cuda.Event()
@@ -293,7 +294,7 @@ class WorkerHalf:
         self._res_reqs = {owners[i] for i in res.index}
         self._res_offsets = np.asarray(res.offsets, dtype=np.int64)
         self._res_pages = np.asarray([p for i in res.index for p in pages[i]], dtype=np.int64)
-        self._res_region = ns.client.worker_regions().region(res.tier) if res.index else None
+        self._res_region = ns.client.worker_regions().region(res.tier, ns.domain) if res.index else None
         return True
 
     def save_layer(self, layer_name: str) -> None:
