@@ -66,9 +66,9 @@ def test_cross_instance_prefix_reuse_matches_an_engine_without_kvtierd(engines):
 
 
 def test_a_wrong_load_changes_the_output(engines):
-    """Negative control: overwrite a stored block's bytes in the daemon's shared memory
-    (no checksum guards the host tier); the engine that loads it must produce different
-    logprobs, which shows the loaded K/V is what the model runs on."""
+    """Negative control: replace a stored block with garbage under the same key (deleted, then stored again
+    through the daemon, so the garbage carries a valid checksum); the engine that loads it must produce
+    different logprobs, which shows the loaded K/V is what the model runs on."""
     ids = prompt("negative", 200)
     suffix = prompt("negative-suffix", 5)
     engines.a.generate([ids])
@@ -76,10 +76,10 @@ def test_a_wrong_load_changes_the_output(engines):
         ns = vllm_namespace(c)
         keys = block_keys(ids)
         assert ns.lookup(keys) == len(keys)
-        with ns.acquire(keys[:2]) as lease:
-            off = lease.offsets[1]
-            slot = c.region.slot(off, BLOCK_BYTES)
-            slot[:] = bytes((i * 37 + 11) % 256 for i in range(BLOCK_BYTES))
+        assert ns.delete([keys[1]]) == 1
+        garbage = bytes((i * 37 + 11) % 256 for i in range(BLOCK_BYTES))
+        assert ns.put_many([keys[1]], [garbage]) == 1
+        assert ns.lookup(keys) == len(keys)
     out_b = engines.b.generate([ids + suffix])[0]
     ref = engines.reference(ids + suffix)
     assert out_b["cached"] == len(keys) * BLOCK

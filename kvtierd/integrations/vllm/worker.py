@@ -163,21 +163,26 @@ class WorkerHalf:
             return
         all_ids = [b for t in plan.loads for b in t.block_ids]
         keys = [k for t in plan.loads for k in t.keys]
-        got = self._call(plan, lambda ns: ns.acquire(keys, prefix=False, tier=self.tier))
+        # Two requests of one step may load the same chunk; the daemon takes each key once per request.
+        uniq = list(dict.fromkeys(keys))
+        got = self._call(plan, lambda ns: ns.acquire(uniq, prefix=False, tier=self.tier))
         if got is None:
             self._report(all_ids)
             return
         lease, ns = got
         self._ns = ns
         self._leases.append(lease)
+        at = {k: i for i, k in enumerate(uniq)}
+        lease_offsets = [lease.offsets[at[k]] for k in keys]
+        lease_tiers = [lease.tiers[at[k]] for k in keys]
         g = self.group
         batches: dict[str, tuple[list[int], list[int]]] = {}   # tier -> (slot offsets, page ids)
         pos = 0
         loaded = 0
         for t in plan.loads:
             n = len(t.keys)
-            offs = lease.offsets[pos:pos + n]
-            tiers = lease.tiers[pos:pos + n]
+            offs = lease_offsets[pos:pos + n]
+            tiers = lease_tiers[pos:pos + n]
             pos += n
             ok = 0
             while ok < n and offs[ok] >= 0 and tiers[ok] in ("host", "hbm"):
