@@ -398,3 +398,21 @@ def test_random_interleavings_keep_slots_accounted(tmp_path):
         assert store.host.slots.used_bytes == live
         await store.close(flush=False)
     run(go())
+
+
+def test_the_deadline_heap_follows_the_handles_held_not_the_request_rate(cfg):
+    """Ended handles leave the heap long before their deadline, so memory does not grow with
+    requests per second times the lease timeout."""
+    async def go():
+        store = Store(cfg)
+        ns = store.open_namespace("n", BS)
+        await put(store, ns, keys(4), blocks(4))
+        held = await store.acquire(ns, keys(1), owner=2)
+        for i in range(20000):
+            lease = await store.acquire(ns, keys(4), owner=1)
+            store.release(lease.lid, 1)
+        assert len(store.handles._deadlines) <= 2 * 1 + 1024 + 1
+        store.expire(held.deadline + 1)                  # the one still held is still found by its deadline
+        assert store.counters.lease_timeouts == 1
+        store.regions["default"].close()
+    run(go())

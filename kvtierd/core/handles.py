@@ -59,6 +59,14 @@ class Handles:
             ids.discard(hid)
             if not ids:
                 del self._by_owner[owner]
+        # Ended handles stay in the deadline heap until their deadline; past twice the live count the
+        # heap is rebuilt from the live ones (amortised O(1) per handle), so its size follows the number of
+        # handles held, not the request rate times the timeout.
+        if len(self._deadlines) > 2 * (len(self.leases) + len(self.reservations)) + 1024:
+            live = [(h.deadline, i) for i, h in self.leases.items()]
+            live += [(h.deadline, i) for i, h in self.reservations.items()]
+            heapq.heapify(live)
+            self._deadlines = live
 
     def add_lease(self, owner: int, entries: list[Entry | None], deadline: float) -> Lease:
         lease = Lease(next(self._ids), owner, entries, deadline)
