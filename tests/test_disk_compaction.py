@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
+import pytest
 from test_disk_roundtrip import drop_hints, open_store, payloads, read_back, segment_files, small_cfg
 
 from kvtierd.disk.compaction import compact_segment, pick_victim
@@ -231,4 +233,57 @@ def test_a_segment_found_dead_at_start_is_deleted(tmp_path):
         m.join()
     res, outs = read_back(s, "ns", keys, [SIZE] * 8)
     assert all(res) and all(bytes(o) == bytes(d) for o, d in zip(outs, new, strict=True))
+    s.close()
+
+
+def _crash(s) -> None:
+    """As if the daemon were killed here: nothing is flushed, synced or closed cleanly."""
+    for seg in list(s.segments.values()):
+        if seg.fd >= 0:
+            os.close(seg.fd)
+            seg.fd = -1
+    os.close(s._lock_fd)
+    s._lock_fd = -1
+
+
+@pytest.mark.parametrize("whole_namespace", [False, True])
+def test_a_delete_racing_a_compaction_copy_stays_deleted_after_a_crash_and_later_maintenance(tmp_path,
+                                                                                             whole_namespace):
+    # Deleted after compaction looked at its segment but before the copy was allocated: the
+    # copy (old sequence number) lands in a segment newer than the tombstone's horizon. A kill
+    # before the widened tombstone is written again leaves the durable tombstone with the
+    # narrow horizon; recovery must still keep it as long as the copy exists.
+    s = open_store(tmp_path)
+    data = payloads(2, SIZE, seed=11)
+    assert s.write_batch([("gone", b"gone", data[0]), ("kept", b"kept", data[1])]) == [True, True]
+    with s.lock:
+        victim = s.active
+        s.seal()
+    real_write = s.write_records_durably
+    raced = []
+
+    def delete_first(recs, res=None):
+        if not raced:
+            raced.append(True)
+            assert (s.delete_namespace("gone") == 1) if whole_namespace else s.delete("gone", b"gone")
+            s.flush_tombstones()                # the tombstone goes into a new segment...
+            with s.lock:
+                s.seal()                        # ...and the copies into the one after it
+        return real_write(recs, res)
+
+    s.write_records_durably = delete_first
+    if not compact_segment(s, victim):          # what a namespace delete hid is not copied: reaped first
+        assert whole_namespace
+        s.reap_hidden()
+        assert compact_segment(s, victim)
+    assert raced and victim.id not in s.segments
+    _crash(s)
+
+    s = open_store(tmp_path)
+    assert not s.contains("gone", b"gone") and s.contains("kept", b"kept")
+    s.reap_dead_segments()                      # the tombstone's segment holds nothing live
+    s.close()
+    s = open_store(tmp_path)
+    assert not s.contains("gone", b"gone")
+    assert read_back(s, "kept", [b"kept"], [SIZE])[1][0] == bytes(data[1])
     s.close()

@@ -370,7 +370,12 @@ def test_sigkill_at_random_moments_never_returns_wrong_bytes_and_loses_at_most_t
         assert w.ready.wait(10), why
         time.sleep(rnd.uniform(0.6, 1.6))
         with d.client() as c:           # the disk never filled up, so nothing was dropped for room
-            s = c.stats()
+            # On a loaded machine the writer may not yet have pushed more than the host tier
+            # holds down to disk: the kill waits for that (condition, not time).
+            def demoted_enough(c=c):
+                st = c.stats()
+                return st if moved(st, "host", "disk", "demote") > host_blocks else None
+            s = wait_for(demoted_enough, timeout=30, what=f"more than {host_blocks} demotions {why}")
             assert s["disk"]["refused_writes"] == 0 and s["disk"]["evictions"] == 0, why
             demoted_this_run = moved(s, "host", "disk", "demote")
             compactions += s["disk"]["compaction_runs"]
@@ -399,6 +404,12 @@ def test_sigkill_at_random_moments_never_returns_wrong_bytes_and_loses_at_most_t
             assert back == [], f"{len(back)} blocks deleted >2 s before kill {rnd_no} came back {why}"
             fresh = [k for k in deleted if k not in old_deletes]
             assert wrong_and_missing(ns, fresh)[0] == [], why
+            # A delete made within the tombstone flush window may be undone by the kill: that block
+            # is stored again (its right bytes, checked above), so later kills must not count its
+            # return as a lost delete.
+            for k, g in zip(fresh, get(ns, fresh)):
+                if g is not None:
+                    del deleted[k]
             assert s["disk"]["checksum_failures"] == 0 and s["disk"]["io_errors"] == 0, why
     assert recovered_from_disk > 4 * host_blocks, why
     assert len(deleted) > 0 and compactions > 0, why       # the kills also hit deletes and compaction

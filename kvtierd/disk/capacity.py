@@ -41,7 +41,7 @@ import os
 import time
 
 from kvtierd.disk import aligned_io, hints
-from kvtierd.disk.types import SEG, Backoff, Entry, PendingRecord, Reservation, Segment, Tomb, WritePlan, entry_size
+from kvtierd.disk.types import KEY, NS, SEG, Backoff, Entry, PendingRecord, Reservation, Segment, Tomb, WritePlan, entry_size
 
 log = logging.getLogger("kvtierd.disk")
 
@@ -267,6 +267,14 @@ class Capacity:
         with self._lock:
             if self.closed:
                 return False
+            # A compaction copy of a block deleted (or overwritten) since compaction read it is
+            # not written: a tombstone's horizon covers the segments that existed when it was
+            # made, and this copy would land in a newer one, so the tombstone could be dropped
+            # while the copy (same old sequence number) still lies on disk. Checked under the
+            # lock that allocates it, so any delete after this covers the copy's segment.
+            recs = [r for r in recs if r.raw is None or self.kd.get(r.old[NS], r.old[KEY]) is r.old]
+            if not recs:
+                return True
             need = sum(r.size for r in recs)
             from_res = min(need, res.left) if res is not None else 0
             if need - from_res > self.room() or self.refusing_writes():
