@@ -112,15 +112,18 @@ def recover(store) -> None:
 
 def _apply_hint(store, seg: Segment, h, tick) -> int:
     rec = h.records
-    cols = [rec[f].tolist() for f in ("off", "flags", "ns", "klen", "plen", "seq", "csum", "aux")]
-    keys = rec["key"].tobytes()
     ns_names = h.names
     inserted = 0
     n = len(rec)
     for start in range(0, n, APPLY_BATCH):
         end = min(n, start + APPLY_BATCH)
+        # Columns are converted a batch at a time: one C call over a whole segment's hint would hold the
+        # GIL (and so the event loop) for milliseconds.
+        part = rec[start:end]
+        cols = [part[f].tolist() for f in ("off", "flags", "ns", "klen", "plen", "seq", "csum", "aux")]
+        keys = part["key"].tobytes()
         batch = []
-        for i in range(start, end):
+        for i in range(end - start):
             off, flags, nsi, klen, plen, seq, csum, aux = (c[i] for c in cols)
             batch.append((off, flags, ns_names[nsi], keys[i * MAX_KEY:i * MAX_KEY + klen], plen, seq, csum, aux))
         got = apply_records(store, seg, batch)
