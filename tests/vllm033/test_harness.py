@@ -4,7 +4,9 @@ vLLM 0.33 has no CPU kernels, so no model runs; everything around the forward is
 VllmConfig from a local HF config dir, the v1 Scheduler with KVTierConnector loaded through
 KVTransferConfig and the connector factory, the KV cache config from vLLM's planner and the
 tensors from vLLM's allocate_kv_cache. A fake attention step writes known K/V into the
-scheduled slots. Steps go schedule() -> worker hooks -> update_from_output against a real
+scheduled slots. The byte-for-byte test runs in every KV cache layout vLLM's CPU and
+FlashAttention backends declare (0.33 views each layer as [B, H, N, C] in a KVCacheLayout
+stride order, block-outermost orders interleaving the layers). Steps go schedule() -> worker hooks -> update_from_output against a real
 daemon. Where 0.33's interfaces differ from what the connector expects, these tests fail.
 """
 
@@ -21,6 +23,20 @@ BLOCK, LAYERS, KV_HEADS, HEAD_DIM, NUM_BLOCKS = 32, 2, 1, 32, 40
 LAYER_NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
 
 
+def _backend_layouts() -> list[str]:
+    """The KV cache layouts vLLM's CPU and FlashAttention backends declare, as vLLM resolves them."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+    from vllm.v1.attention.backends.utils import get_supported_kv_cache_layouts
+    names: list[str] = []
+    for backend in (CPUAttentionBackend, FlashAttentionBackend):
+        names += [lay.name for lay in get_supported_kv_cache_layouts([backend]) if lay.name not in names]
+    return names
+
+
+LAYOUTS = _backend_layouts()
+
+
 def _model_dir(tmp_path):
     from transformers import LlamaConfig
     d = tmp_path / "tiny-llama"
@@ -33,7 +49,7 @@ def _model_dir(tmp_path):
 class Harness:
     """One scheduler and one worker-side connector over vLLM's own KV cache tensors."""
 
-    def __init__(self, tmp_path, socket: str):
+    def __init__(self, tmp_path, socket: str, layout: str):
         from vllm.config import (CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig,
                                  VllmConfig)
         from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
@@ -60,7 +76,8 @@ class Harness:
                 kv_connector_extra_config={"socket": socket, "retry_s": 0.2}))
         specs = {n: FullAttentionSpec(block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD_DIM,
                                       dtype=torch.float32) for n in LAYER_NAMES}
-        self.layout = resolve_kv_cache_layout(self.config, [["LBNHC"]], list(specs.values()))
+        self.layout = resolve_kv_cache_layout(self.config, [[layout]], list(specs.values()))
+        assert self.layout.name == layout
         groups = get_global_kv_cache_groups(self.config, [specs])
         page = next(iter(specs.values())).page_size_bytes
         kv_cfg = get_kv_cache_configs(self.config, [specs], [NUM_BLOCKS * LAYERS * page], groups)[0]
@@ -148,9 +165,9 @@ class Harness:
             t.zero_()
 
 
-@pytest.fixture
-def harness(tmp_path, daemon):
-    h = Harness(tmp_path, daemon.socket)
+@pytest.fixture(params=LAYOUTS)
+def harness(request, tmp_path, daemon):
+    h = Harness(tmp_path, daemon.socket, request.param)
     yield h
     h.worker.shutdown()
     h.sched.connector.shutdown()
@@ -183,6 +200,7 @@ def test_shared_prefix_loads_what_was_saved_byte_for_byte(harness):
             assert torch.equal(got, want), f"layer {name} token {pos}: loaded K/V differ from the saved K/V"
 
 
+@pytest.mark.parametrize("harness", LAYOUTS[:1], indirect=True)
 def test_block_deleted_in_daemon_is_reported_as_load_error(harness, daemon):
     h = harness
     prefix = _prompt(2, 3 * BLOCK)
