@@ -416,3 +416,31 @@ def test_the_deadline_heap_follows_the_handles_held_not_the_request_rate(cfg):
         assert store.counters.lease_timeouts == 1
         store.regions["default"].close()
     run(go())
+
+
+def test_a_cancelled_hbm_copy_relocates_nothing(cfg):
+    """Shutdown cancels the demoter mid-copy: the block stays in HBM and its host slot is given back,
+    never published as a host copy of bytes that were not all copied."""
+    async def go():
+        store = Store(cfg)
+        pool = FakeHbmPool(2 << 20, store.host_region)
+        store.attach_hbm(pool, None)
+        ns = store.open_namespace("n", BS)
+        res = await store.reserve(ns, keys(1), 1, tier="hbm")
+        pool.mem[res.entries[0].offset:res.entries[0].offset + BS] = blocks(1)[0]
+        store.commit(res.rid, 1)
+        pool.gate = Gate()
+        task = asyncio.create_task(store.mover.demote_hbm(store.hbm.coldest(BS)))
+        await pool.gate.entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        e = ns.entries[keys(1)[0]]
+        assert e.tier is store.hbm and e.state == READY and e.io == 0
+        assert store.host.slots.used_bytes == 0
+        pool.gate = None
+        lease = await store.acquire(ns, keys(1), owner=2)          # copied down properly now
+        assert bytes(store.view(lease.entries[0])) == blocks(1)[0]
+        store.release(lease.lid, 2)
+        store.regions["default"].close()
+    run(go())

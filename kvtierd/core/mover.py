@@ -161,6 +161,25 @@ class Mover:
 
     # ------------------------------------------------------------ hbm <-> host
 
+    async def _copy_to_host(self, entries: list[Entry], offs: list[int], sums: list[int | None],
+                            what: str) -> bool:
+        """Copies HBM entries into fresh host slots: fills `offs` (-1 where no room) as soon as the slots
+        exist, so the caller's `finally` frees them whatever happens, then `sums` of the copies. True only
+        once the copy completed: a failed or cancelled copy leaves nothing to relocate."""
+        s = self.s
+        offs[:] = await self.host_slots_for(entries)
+        pairs = [(e.offset, off, e.ns.block_size) for e, off in zip(entries, offs) if off >= 0]
+        if pairs:
+            try:
+                await s.hbm_pool.to_host(pairs)
+            except Exception:
+                log.exception("hbm->host %s of %d blocks failed; they stay in HBM", what, len(pairs))
+                s.count_error("hbm_move_failed")
+                return False
+        sums[:] = await s.sums_for([(e.ns.host, off, e.ns.block_size) if off >= 0 else None
+                                    for e, off in zip(entries, offs)])
+        return True
+
     async def demote_hbm(self, victims: list[Entry]) -> int:
         """HBM -> host on the pool's demotion stream. A block moves only once its copy completed; if the
         copy fails it stays in HBM, if host has no room it is evicted (it may still be on disk)."""
@@ -169,22 +188,10 @@ class Mover:
             move(e, MOVING)
             e.io += 1
         host_offs = [-1] * len(victims)
-        ok = False
         new_sums: list[int | None] = [None] * len(victims)
+        ok = False
         try:
-            host_offs = await self.host_slots_for(victims)
-            pairs = [(e.offset, off, e.ns.block_size) for e, off in zip(victims, host_offs) if off >= 0]
-            ok = True
-            if pairs:
-                try:
-                    await s.hbm_pool.to_host(pairs)
-                except Exception:
-                    log.exception("hbm->host demotion of %d blocks failed; they stay in HBM", len(pairs))
-                    s.count_error("hbm_move_failed")
-                    ok = False
-            if ok:
-                new_sums = await s.sums_for([(e.ns.host, off, e.ns.block_size) if off >= 0 else None
-                                             for e, off in zip(victims, host_offs)])
+            ok = await self._copy_to_host(victims, host_offs, new_sums, "demotion")
         finally:
             freed = moved = evicted = nbytes = 0
             for e, off, csum in zip(victims, host_offs, new_sums):
@@ -226,22 +233,10 @@ class Mover:
         for e in entries:
             e.io += 1
         host_offs = [-1] * len(entries)
-        ok = False
         new_sums: list[int | None] = [None] * len(entries)
+        ok = False
         try:
-            host_offs = await self.host_slots_for(entries)
-            pairs = [(e.offset, off, e.ns.block_size) for e, off in zip(entries, host_offs) if off >= 0]
-            ok = True
-            if pairs:
-                try:
-                    await s.hbm_pool.to_host(pairs)
-                except Exception:
-                    log.exception("hbm->host copy of %d blocks for a host reader failed", len(pairs))
-                    s.count_error("hbm_move_failed")
-                    ok = False
-            if ok:
-                new_sums = await s.sums_for([(e.ns.host, off, e.ns.block_size) if off >= 0 else None
-                                             for e, off in zip(entries, host_offs)])
+            ok = await self._copy_to_host(entries, host_offs, new_sums, "copy for a host reader")
         finally:
             moved = nbytes = 0
             for e, off, csum in zip(entries, host_offs, new_sums):
