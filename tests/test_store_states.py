@@ -408,7 +408,7 @@ def test_the_deadline_heap_follows_the_handles_held_not_the_request_rate(cfg):
         ns = store.open_namespace("n", BS)
         await put(store, ns, keys(4), blocks(4))
         held = await store.acquire(ns, keys(1), owner=2)
-        for i in range(20000):
+        for _ in range(20000):
             lease = await store.acquire(ns, keys(4), owner=1)
             store.release(lease.lid, 1)
         assert len(store.handles._deadlines) <= 2 * 1 + 1024 + 1
