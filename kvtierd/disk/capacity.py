@@ -41,7 +41,19 @@ import os
 import time
 
 from kvtierd.disk import aligned_io, hints
-from kvtierd.disk.types import KEY, NS, SEG, Backoff, Entry, PendingRecord, Reservation, Segment, Tomb, WritePlan, entry_size
+from kvtierd.disk.types import (
+    KEY,
+    NS,
+    SEG,
+    Backoff,
+    Entry,
+    PendingRecord,
+    Reservation,
+    Segment,
+    Tomb,
+    WritePlan,
+    entry_size,
+)
 
 log = logging.getLogger("kvtierd.disk")
 

@@ -134,7 +134,8 @@ def decode(data: bytes, seg_id: int) -> tuple[Hint | None, str]:
                 raise ValueError("record out of range")
             if int(rec["plen"].max()) > covered or int(rec["off"].max()) > covered:
                 raise ValueError("record outside the segment")
-            ends = rec["off"] + np.uint64(PAGE) + (rec["plen"] + np.uint64(PAGE - 1)) // np.uint64(PAGE) * np.uint64(PAGE)
+            page = np.uint64(PAGE)
+            ends = rec["off"] + page + (rec["plen"] + np.uint64(PAGE - 1)) // page * page
             if (rec["off"] % PAGE).any() or int(ends.max()) > covered:
                 raise ValueError("record outside the segment")
             if (rec["flags"] > 2).any() or ((rec["flags"] > 0) & (rec["plen"] > 0)).any():

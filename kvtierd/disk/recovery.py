@@ -63,7 +63,8 @@ def recover(store) -> None:
     for seg in store.boot_segments:
         h, why = hints.load(store.dir, seg.id) if seg.id in store.hint_files else (None, "")
         if h is not None and h.covered > seg.size:
-            h, why = None, f"{hints.path_of(store.dir, seg.id).name}: covers {h.covered} bytes, the segment has {seg.size}"
+            name = hints.path_of(store.dir, seg.id).name
+            h, why = None, f"{name}: covers {h.covered} bytes, the segment has {seg.size}"
         if why:
             log.warning("disk tier: hint %s; scanning the segment instead", why)
             store.hint_problems.append(why)

@@ -6,8 +6,8 @@ KVTransferConfig and the connector factory, the KV cache config from vLLM's plan
 tensors from vLLM's allocate_kv_cache. A fake attention step writes known K/V into the
 scheduled slots. The byte-for-byte test runs in every KV cache layout vLLM's CPU and
 FlashAttention backends declare (0.33 views each layer as [B, H, N, C] in a KVCacheLayout
-stride order, block-outermost orders interleaving the layers). Steps go schedule() -> worker hooks -> update_from_output against a real
-daemon. Where 0.33's interfaces differ from what the connector expects, these tests fail.
+stride order, block-outermost orders interleaving the layers). Steps go schedule() -> worker hooks ->
+update_from_output against a real daemon. Where 0.33's interfaces differ from what the connector expects, these tests fail.
 """
 
 from __future__ import annotations
@@ -50,8 +50,7 @@ class Harness:
     """One scheduler and one worker-side connector over vLLM's own KV cache tensors."""
 
     def __init__(self, tmp_path, socket: str, layout: str):
-        from vllm.config import (CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig,
-                                 VllmConfig)
+        from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
         from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
         from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
         from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
