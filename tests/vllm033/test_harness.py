@@ -7,7 +7,8 @@ tensors from vLLM's allocate_kv_cache. A fake attention step writes known K/V in
 scheduled slots. The byte-for-byte test runs in every KV cache layout vLLM's CPU and
 FlashAttention backends declare (0.33 views each layer as [B, H, N, C] in a KVCacheLayout
 stride order, block-outermost orders interleaving the layers). Steps go schedule() -> worker hooks ->
-update_from_output against a real daemon. Where 0.33's interfaces differ from what the connector expects, these tests fail.
+update_from_output against a real daemon. Where 0.33's interfaces differ from what the connector
+expects, these tests fail.
 """
 
 from __future__ import annotations
