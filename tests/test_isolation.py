@@ -427,9 +427,8 @@ def _children(pid: int) -> list[int]:
 @needs_root
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_a_daemon_sigkilled_in_its_own_pid_namespace_leaks_no_region(tmp_path):
-    from conftest import ROOT
-
     from kvtierd import Client
+    root = Path(__file__).resolve().parents[1]   # not `from conftest import`: tests/vllm has a conftest too
     size = 512 << 20             # well above what other processes' shared memory moves by meanwhile
     sock = str(tmp_path / "kvtierd.sock")
     log = open(tmp_path / "daemon.log", "wb")
@@ -438,7 +437,7 @@ def test_a_daemon_sigkilled_in_its_own_pid_namespace_leaks_no_region(tmp_path):
     proc = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-m", "kvtierd",
                              "serve", "--socket", sock, "--state-dir", str(tmp_path / "state"),
                              "--host-bytes", str(size), "--disk-bytes", "0", "--metrics-address", ""],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                            stdout=log, stderr=subprocess.STDOUT, cwd=root)
     try:
         def serving() -> bool:
             assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
