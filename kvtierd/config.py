@@ -225,7 +225,7 @@ class HostConfig:
     pin: bool = opt(True, _bool, "page-lock the region with cudaHostRegister when CUDA is present")
     reserve_wait_s: float = opt(1.0, _num(float, 0.0, 60.0), "a reserve that finds no room waits this long for moves in flight before answering FULL for the keys it could not place", live=True)
     checksums: bool = opt(True, _bool, "take an xxh3 of each host block at commit and check it before the block is persisted or sent elsewhere", live=True)
-    verify_on_acquire: bool = opt(True, _bool, "also check it before a block is leased to a reader: a block changed behind the daemon's back is a miss", live=True)
+    verify_on_acquire: bool = opt(False, _bool, "also check it before a block is leased to a reader (a block changed behind the daemon's back is then a miss); off by default: it costs 31-44% of load throughput on a 2-core VM (bench/verify_cost.py)", live=True)
 
 
 @dataclass

@@ -38,8 +38,8 @@ def wait_for(pred, timeout: float = 20.0, what: str = "condition"):
     return v
 
 
-def test_a_corrupted_host_slot_is_a_miss_for_every_reader(start_daemon):
-    d = start_daemon()
+def test_a_corrupted_host_slot_is_a_miss_for_every_reader_with_verify_on_acquire(start_daemon):
+    d = start_daemon("--set", "host.verify_on_acquire=true")
     with d.client() as c:
         ns = c.namespace("victim", BLOCK)
         keys = [b"good", b"lease", b"many", b"inline"]

@@ -289,7 +289,9 @@ def test_background_demoter_survives_an_exception(cfg):
     run(go())
 
 
-def test_block_changed_behind_the_daemons_back_is_never_served_or_persisted(cfg):
+def test_block_changed_behind_the_daemons_back_is_never_served_or_persisted(tmp_path):
+    cfg = small_config(tmp_path, **{"host.verify_on_acquire": True})
+
     async def go():
         disk = FakeDisk()
         store = Store(cfg, disk)
@@ -442,5 +444,19 @@ def test_a_cancelled_hbm_copy_relocates_nothing(cfg):
         lease = await store.acquire(ns, keys(1), owner=2)          # copied down properly now
         assert bytes(store.view(lease.entries[0])) == blocks(1)[0]
         store.release(lease.lid, 2)
+        store.regions["default"].close()
+    run(go())
+
+
+def test_without_verify_on_acquire_a_changed_block_is_still_never_persisted(cfg):
+    async def go():
+        disk = FakeDisk()
+        store = Store(cfg, disk)
+        assert not cfg.host.verify_on_acquire            # the default: the check costs too much on a read
+        ns = store.open_namespace("n", BS)
+        await put(store, ns, keys(1), blocks(1))
+        store.view(ns.entries[keys(1)[0]])[:4] = b"XXXX"
+        await store.mover.demote_host(store.host, store.host.coldest(BS))
+        assert not disk.blocks and store.counters.corrupt_blocks == 1
         store.regions["default"].close()
     run(go())
