@@ -325,20 +325,28 @@ class Mover:
             s.count_error("disk_read_failed")
             ok = []
         finally:
-            moved = 0
-            for i, e in enumerate(loads):
-                e.io -= 1
-                if i < len(ok) and ok[i] and e.state == LOADING:
-                    e.sum = got[i] if i < len(got) else None
-                    move(e, READY)
-                    s.count(e, 1)
-                    moved += 1
-                elif e.state == LOADING:
-                    s.remove(e)
-                s.settle(e)
-                if e.loaded is not None and not e.loaded.done():
-                    e.loaded.set_result(None)
+            moved = len(self.finish_loads(loads, ok, got))
             s.counters.move("disk", "host", "promote", moved, moved * ns.block_size)
+
+    def finish_loads(self, loads: list[Entry], ok: list[bool], sums: list[int | None]) -> list[Entry]:
+        """Ends the reads of LOADING entries (disk or remote): those read intact (ok[i]) and not deleted
+        meanwhile become READY with their checksum, the rest leave the index; every waiter is woken.
+        Returns the entries that became READY."""
+        s = self.s
+        ready = []
+        for i, e in enumerate(loads):
+            e.io -= 1
+            if i < len(ok) and ok[i] and e.state == LOADING:
+                e.sum = sums[i] if i < len(sums) else None
+                move(e, READY)
+                s.count(e, 1)
+                ready.append(e)
+            elif e.state == LOADING:
+                s.remove(e)
+            s.settle(e)
+            if e.loaded is not None and not e.loaded.done():
+                e.loaded.set_result(None)
+        return ready
 
     # ------------------------------------------------------------ background and shutdown
 

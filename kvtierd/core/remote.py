@@ -38,7 +38,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from kvtierd.core.index import Entry, Namespace
-from kvtierd.core.states import DELETED, LOADING, MOVING, READY, move
+from kvtierd.core.states import DELETED, LOADING, MOVING, READY
 from kvtierd.logs import printable
 
 if TYPE_CHECKING:
@@ -134,20 +134,10 @@ class RemoteHooks:
             s.count_error("remote_read_failed")
             ok = []
         finally:
-            pulled = 0
-            for i, e in enumerate(loads):
-                e.io -= 1
-                if i < len(ok) and ok[i] and e.state == LOADING:
-                    e.sum = sums[i] if i < len(sums) else None
-                    move(e, READY)
-                    s.count(e, 1)
-                    pulled += 1
-                    _remember(self._recent, (ns.name, e.key), RECENT_PULLS)
-                elif e.state == LOADING:
-                    s.remove(e)
-                s.settle(e)
-                if e.loaded is not None and not e.loaded.done():
-                    e.loaded.set_result(None)
+            ready = s.mover.finish_loads(loads, ok, sums)
+            for e in ready:
+                _remember(self._recent, (ns.name, e.key), RECENT_PULLS)
+            pulled = len(ready)
             self.pulled += pulled
             s.counters.move("remote", "host", "promote", pulled, pulled * ns.block_size)
 
