@@ -531,6 +531,22 @@ class SyncReservation(Reservation):
             self.abort()
 
 
+def _retryable(client: Any, e: Exception) -> bool:
+    """Whether a failed reconnect attempt is worth another try (the daemon is (re)starting); a refusal
+    is not, and is remembered as the reason the client is broken."""
+    if isinstance(e, ConnectionError) or e.code in RETRY_CODES:
+        return True
+    client._broken = e
+    return False
+
+
+def _gave_up(client: Any, why: Any, last: Any, t0: float) -> ConnectionError:
+    client._broken = last or ConnectionError("not connected")
+    return ConnectionError(f"lost the connection to kvtierd at {client.socket_path} ({why}) and could not "
+                           f"reconnect in {client.reconnect_attempts} attempts over "
+                           f"{time.monotonic() - t0:.1f} s: {last}")
+
+
 class Client:
     """A blocking connection to the daemon. Not thread-safe: one per thread."""
 
@@ -638,18 +654,12 @@ class Client:
             try:
                 self._connect()
                 break
-            except ConnectionError as e:
-                last = e
-            except KvtierdError as e:
-                if e.code not in RETRY_CODES:
-                    self._broken = e
+            except (ConnectionError, KvtierdError) as e:
+                if not _retryable(self, e):
                     raise
                 last = e
         else:
-            self._broken = last or ConnectionError("not connected")
-            raise ConnectionError(f"lost the connection to kvtierd at {self.socket_path} ({why}) and could not "
-                                  f"reconnect in {self.reconnect_attempts} attempts over "
-                                  f"{time.monotonic() - t0:.1f} s: {last}") from None
+            raise _gave_up(self, why, last, t0) from None
         try:
             for ns in list(self._namespaces):
                 ns._opened(self._call_once(Op.OPEN, ns._reopen_args()))
@@ -1119,18 +1129,12 @@ class AsyncClient:
                 try:
                     await self.connect()
                     break
-                except ConnectionError as e:
-                    last = e
-                except KvtierdError as e:
-                    if e.code not in RETRY_CODES:
-                        self._broken = e
+                except (ConnectionError, KvtierdError) as e:
+                    if not _retryable(self, e):
                         raise
                     last = e
             else:
-                self._broken = last or ConnectionError("not connected")
-                raise ConnectionError(f"lost the connection to kvtierd at {self.socket_path} ({why}) and could "
-                                      f"not reconnect in {self.reconnect_attempts} attempts over "
-                                      f"{time.monotonic() - t0:.1f} s: {last}") from None
+                raise _gave_up(self, why, last, t0) from None
             try:
                 for ns in list(self._namespaces):
                     ns._opened(await self._call_once(Op.OPEN, ns._reopen_args()))
