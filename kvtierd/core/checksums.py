@@ -17,11 +17,11 @@ import xxhash
 
 THREAD_MIN_BYTES = 4 << 20     # below this, hashing inline costs less than a thread hop
 
-_h = xxhash.xxh3_64_intdigest
+sum_of = xxhash.xxh3_64_intdigest   # one block's checksum
 
 
 def sums_of(views: Sequence[memoryview]) -> list[int]:
-    return [_h(v) for v in views]
+    return [sum_of(v) for v in views]
 
 
 async def sums(views: Sequence[memoryview]) -> list[int]:

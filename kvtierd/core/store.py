@@ -509,7 +509,7 @@ class Store:
                 self.settle(e)
                 continue
             if checks and e.tier.region is not None:
-                e.sum = checksums._h(self.view(e))
+                e.sum = checksums.sum_of(self.view(e))
             move(e, READY)
             self.count(e, 1)
             e.tier.make_idle(e)
