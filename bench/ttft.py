@@ -7,7 +7,11 @@ token for a prompt of P cached tokens plus a fresh --suffix of new ones:
   full        model(prompt, logits_to_keep=1), no kvtierd: the reference
   miss+store  the first KVTierCache.forward of the prompt: full prefill plus
               storing every full chunk (what a miss costs with kvtierd)
-  host        the prefix served from the shared-memory host tier
+  host        the prefix served from the shared-memory host tier (on a GPU loaded layer by layer,
+              each layer's copy overlapping the forward: kvtierd.integrations.layerwise)
+  host-whole  (GPU) the same with the whole prefix copied before the forward starts
+  plain copy  the reference a load must beat: the prefix's K/V already in pinned host
+              tensors, one .to(device) per layer into a DynamicCache, then the same forward
   disk        the same after a daemon restart (clean shutdown flushes the host
               tier to disk; the first acquire reads it back), one sample per restart
   hbm         when the daemon reports blocks in its HBM tier (GPU machines)
@@ -43,7 +47,14 @@ from _daemon import Daemon  # noqa: E402
 from kvtierd import Client  # noqa: E402
 from kvtierd.config import format_size  # noqa: E402
 from kvtierd.integrations.cost import CostModel  # noqa: E402
-from kvtierd.integrations.transformers import KVTierCache, model_geometry  # noqa: E402
+from kvtierd.integrations.transformers import (  # noqa: E402
+    KVTierCache,
+    _new_cache,
+    _set_layer,
+    cache_argument,
+    model_geometry,
+    output_cache,
+)
 
 SHAPES = {
     # name: layers, hidden, heads, kv heads, intermediate, vocab, rope theta
@@ -98,6 +109,28 @@ def copy_ceiling(nbytes: int, device: torch.device) -> float:
         dt, _ = timed(device, lambda: dst.copy_(src, non_blocking=True))
         best = min(best, dt)
     return nbytes / best / 1e9
+
+
+def plain_copy(model, prompt: torch.Tensor, n: int, device: torch.device) -> "callable":
+    """The plain-copy reference: a function that copies the n-token prefix's K/V (computed once, kept
+    in pinned host tensors) to the device one layer at a time and runs the suffix forward."""
+    with torch.no_grad():
+        cache = output_cache(model(prompt[:, :n], use_cache=True))
+    host = []
+    for layer in cache.layers:
+        k, v = layer.keys.cpu(), layer.values.cpu()
+        host.append((k.pin_memory(), v.pin_memory()) if device.type == "cuda" else (k.clone(), v.clone()))
+    del cache
+    arg = cache_argument(model)
+    position_ids = torch.arange(n, prompt.shape[1], device=device).unsqueeze(0)
+
+    def run():
+        c = _new_cache(model)
+        for i, (k, v) in enumerate(host):
+            _set_layer(c, i, k.to(device, non_blocking=True), v.to(device, non_blocking=True))
+        return model(input_ids=prompt[:, n:], position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                     **{arg: c})
+    return run
 
 
 def main() -> int:
@@ -182,6 +215,21 @@ def main() -> int:
                             assert out.n_cached_tokens == n, (out.n_cached_tokens, n)
                             r["reuse"].append(dt)
                         learned.observe_load([tier] * len(keys), geo.block_bytes, statistics.median(r["load"]))
+                        if kv.layerwise:   # the same hits with the whole prefix copied first
+                            whole = KVTierCache(c, model, chunk_tokens=geo.chunk_tokens, cost=forced, tier=a.tier,
+                                                model_id=f"bench/{a.model}", layerwise=False)
+                            w = rows.setdefault((n, f"{tier}-whole"), {"reuse": []})
+                            for rep in range(1, a.reps + 1):
+                                dt, out = timed(device, lambda: whole.forward(prompt(n, rep), logits_to_keep=1))
+                                assert out.n_cached_tokens == n
+                                w["reuse"].append(dt)
+                        ref = plain_copy(model, prompt(n, 1), n, device)
+                        ref()                                           # warm-up
+                        p = rows.setdefault((n, "plain copy"), {"reuse": []})
+                        for _ in range(a.reps):
+                            dt, _ = timed(device, ref)
+                            p["reuse"].append(dt)
+                        del ref
                         for load_s, reuse_s in zip(r["load"], r["reuse"]):   # the forward after a load
                             learned.observe_prefill(a.suffix, max(reuse_s - load_s, 1e-6), cached_tokens=n)
                 for restart in range(a.disk_restarts):
@@ -219,7 +267,7 @@ def main() -> int:
           f"{'reuse ms':>9} {'speedup':>8} {'cost model':>10}")
     speedups = []
     for n in lengths:
-        for path in ("miss+store", "hbm", "host", "disk", "none"):
+        for path in ("miss+store", "plain copy", "hbm", "hbm-whole", "host", "host-whole", "disk", "none"):
             r = rows.get((n, path))
             if not r:
                 continue
@@ -231,6 +279,7 @@ def main() -> int:
                 learned_plan = learned.plan([path] * (n // geo.chunk_tokens), geo.block_bytes, geo.chunk_tokens,
                                             total_tokens=n + a.suffix)
                 decision = "serve" if learned_plan.load_blocks == n // geo.chunk_tokens else "skip"
+            if path != "miss+store":
                 speedups.append((n, path, full[n] / reuse))
             print(f"{n:>7} {format_size(kv_bytes):>10} {full[n] * 1e3:>9.1f} {path:<11} "
                   f"{(f'{load * 1e3:.1f}' if load else '-'):>8} "
@@ -243,7 +292,13 @@ def main() -> int:
           + ", ".join(f"{t} {r / 1e9:.2f} GB/s" for t, r in learned.load_rates.items()))
     print("speedup of time to first token, full prefill / reuse:")
     for n, path, s in speedups:
-        print(f"  {path:<5} {n:>6} tokens: {s:.1f}x")
+        print(f"  {path:<10} {n:>6} tokens: {s:.1f}x")
+    by = {(n, path): s for n, path, s in speedups}
+    for n in lengths:
+        for path in ("host", "hbm"):
+            if (n, path) in by and (n, "plain copy") in by:
+                print(f"  {path} / plain copy at {n} tokens: {by[(n, path)] / by[(n, 'plain copy')]:.2f} "
+                      f"(>= 1: the load is at least as fast as a plain per-layer copy)")
     return 0
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import select
 import socket
@@ -51,12 +52,15 @@ from kvtierd.protocol import (
     MAX_KEYS_PER_REQUEST,
     PROTOCOL_VERSION,
     Code,
+    Encoder,
     Op,
     ProtocolError,
-    request,
     unpack_body,
 )
+from kvtierd.spin import SpinPolicy
 from kvtierd.tiers.host import HostRegionMapping
+
+log = logging.getLogger("kvtierd.client")
 
 Steps = Generator[tuple[Op, dict], dict, Any]
 
@@ -66,6 +70,7 @@ HANDLE_OPS = frozenset({Op.COMMIT, Op.ABORT, Op.RELEASE})
 CLOSING_CODES = frozenset({Code.LIMIT, Code.SHUTTING_DOWN, Code.BAD_HANDLE, Code.DENIED, Code.FRAME_TOO_LARGE})
 # ... and those after which a new connection may simply go on (idle timeout, a restart).
 RETRY_CODES = frozenset({Code.LIMIT, Code.SHUTTING_DOWN})
+MAX_UNANSWERED = 1024        # posted requests (releases) whose replies may wait unread at once
 FRAME_SLACK = 1024           # room in a frame for the envelope and the other arguments
 REPLY_BYTES_PER_KEY = 24     # an offset, an index and a tier name per key, msgpack'd, at most
 
@@ -111,6 +116,12 @@ def _stale(what: str, handle: int, why: Exception | None = None) -> ConnectionLo
 
 def _stale_for(op: Op, args: dict, why: Exception | None = None) -> ConnectionLost:
     return _stale("lid", args["lid"], why) if op == Op.RELEASE else _stale("rid", args["rid"], why)
+
+
+def _posted_failed(code: int, message: Any) -> None:
+    """A posted request (a release) was refused: nobody waits for it, so it is logged. It happens only
+    when the lease was already gone; a revocation also closes the connection, which the next call sees."""
+    log.warning("kvtierd refused a release: %s: %s", Code(code).name, message)
 
 
 def _first_error(data: bytes | bytearray) -> KvtierdError | None:
@@ -495,7 +506,7 @@ class SyncLease(Lease):
             self._drop_views()
             if self.epoch != self.ns.client._epoch:
                 raise _stale("lid", self.lid)
-            self.ns.client._call(Op.RELEASE, {"lid": self.lid})
+            self.ns.client._post(Op.RELEASE, {"lid": self.lid})
 
     def __enter__(self) -> "SyncLease":
         return self
@@ -571,10 +582,10 @@ class Client:
         self.read_only = read_only
         self._timeout = timeout
         self._timeout_ms = -1 if timeout is None else int(timeout * 1000)
-        self._spin_max = spin_us / 1e6
-        self._spin_s = self._spin_max
-        self._spin_misses = 0
+        self._spin = SpinPolicy(spin_us / 1e6)
         self._ids = itertools.count(1)
+        self._encoder = Encoder()
+        self._unanswered: set[int] = set()   # posted requests whose replies are dropped when they come
         self.reconnect_attempts = reconnect_attempts
         self.reconnect_backoff_s = reconnect_backoff_s
         self._epoch = 0                       # which connection: bumped on every (re)connect
@@ -608,6 +619,7 @@ class Client:
         self._poll.register(sock, select.POLLIN)
         self._rb = bytearray(256 << 10)
         self._rs = self._re = 0
+        self._unanswered.clear()
         self._broken = None
         try:
             info, regions = _hello(sock, next(self._ids), self.name, self._timeout, self.read_only)
@@ -674,47 +686,67 @@ class Client:
         return self._worker_regions
 
     def _fill(self) -> None:
+        room = self._room()          # first: it may move the tail (and _re) to the front
+        self._re += self._recv_into(room)
+
+    def _room(self) -> memoryview:
+        """The free end of the receive buffer (the unread tail moved to the front when it is full)."""
         if self._rs == self._re:
             self._rs = self._re = 0
         elif self._re == len(self._rb):
             tail = self._re - self._rs
             self._rb[:tail] = self._rb[self._rs:self._re]
             self._rs, self._re = 0, tail
-        self._re += self._recv_into(memoryview(self._rb)[self._re:])
+        return memoryview(self._rb)[self._re:]
+
+    def _take_ready(self) -> None:
+        """Reads what has already arrived, without waiting: replies of posted requests are dropped,
+        and a connection-level error (a revocation, a refusal) is raised as a call would raise it."""
+        try:
+            k = self.sock.recv_into(self._room())
+        except BlockingIOError:
+            k = -1
+        except OSError as e:
+            self._lose(ConnectionError(f"kvtierd closed the connection ({e.strerror})"))
+            raise _Lost(self._broken, True) from None
+        if k > 0:
+            self._re += k
+        while self._re - self._rs >= 4:
+            (length,) = HEADER.unpack_from(self._rb, self._rs)
+            if self._re - self._rs - 4 < length:
+                break
+            rid, code, result = unpack_body(memoryview(self._rb)[self._rs + 4:self._rs + 4 + length])
+            self._rs += 4 + length
+            if rid in self._unanswered:
+                self._unanswered.discard(rid)
+                if code != Code.OK:
+                    _posted_failed(code, result)
+            elif code != Code.OK and rid == 0:
+                err = KvtierdError(Code(code), result)
+                if code in CLOSING_CODES:
+                    self._lose(err)
+                    raise _Lost(err, code in RETRY_CODES)
+                raise err
+        if k == 0:
+            self._lose(ConnectionError("kvtierd closed the connection"))
+            raise _Lost(self._broken, True)
 
     def _recv_into(self, view: memoryview) -> int:
-        spin_until = time.perf_counter() + self._spin_s
-        spun_out = False
+        t0 = time.perf_counter()
+        spin_until = t0 + self._spin.spin_s
         while True:
             try:
                 k = self.sock.recv_into(view)
             except BlockingIOError:
                 if time.perf_counter() < spin_until:
                     continue
-                spun_out = True
                 if not self._poll.poll(self._timeout_ms):
                     raise TimeoutError(f"kvtierd did not answer within {self._timeout_ms / 1000:.0f} s") from None
                 continue
             if not k:
                 raise ConnectionError("kvtierd closed the connection")
-            self._adapt_spin(spun_out)
+            self._spin.waited(time.perf_counter() - t0)
             return k
-
-    def _adapt_spin(self, spun_out: bool) -> None:
-        if not self._spin_max:
-            return
-        if not spun_out:
-            self._spin_s = min(self._spin_max, self._spin_s * 2 or self._spin_max / 8)
-        elif self._spin_s:
-            self._spin_s /= 2
-            if self._spin_s < self._spin_max / 16:
-                self._spin_s = 0.0
-        else:
-            # Not spinning: try again now and then, in case the load went away.
-            self._spin_misses += 1
-            if self._spin_misses >= 256:
-                self._spin_misses = 0
-                self._spin_s = self._spin_max / 8
 
     def _send_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -765,7 +797,7 @@ class Client:
         """One request on the current connection; raises _Lost when the connection is gone."""
         req_id = next(self._ids)
         try:
-            frame = request(req_id, op, args)
+            frame = self._encoder.request(req_id, op, args)
         except ProtocolError as e:
             raise KvtierdError(e.code, e.message) from None
         try:
@@ -783,6 +815,11 @@ class Client:
             except TimeoutError as e:
                 self._lose(e)         # its reply may still come: this connection is out of step
                 raise
+            if rid in self._unanswered:
+                self._unanswered.discard(rid)
+                if code != Code.OK:
+                    _posted_failed(code, result)
+                continue
             if code != Code.OK:
                 err = KvtierdError(Code(code), result)
                 if rid == 0 and code in CLOSING_CODES:
@@ -814,6 +851,29 @@ class Client:
         except _Lost as lost:
             raise lost.error from None
 
+    def _post(self, op: Op, args: dict) -> None:
+        """Sends a request nobody waits for (RELEASE of a lease of this connection): its reply is read
+        and dropped among the next call's. A release then costs one send, not a round trip; the daemon
+        runs a connection's requests in order, so every later request sees it done."""
+        if self._broken is not None:
+            raise _stale_for(op, args, self._broken)
+        try:
+            if len(self._unanswered) >= MAX_UNANSWERED:
+                self._call_once(Op.PING, {})   # its reply comes after theirs: they are all read then
+            else:
+                self._take_ready()             # a revocation already sent is reported here, as a call would
+        except _Lost as lost:
+            raise _stale_for(op, args, lost.error) from None
+        req_id = next(self._ids)
+        frame = self._encoder.request(req_id, op, args)
+        try:
+            self._send_all(frame)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            refusal = self._pending_error()
+            self._lose(refusal or ConnectionError(f"kvtierd closed the connection ({e.strerror})"))
+            raise _stale_for(op, args, self._broken) from None
+        self._unanswered.add(req_id)
+
     def _drive(self, steps: Steps) -> Any:
         held = self._epoch       # leases and reservations of this operation live on this connection
         try:
@@ -822,7 +882,11 @@ class Client:
                 try:
                     if op in HANDLE_OPS and (held != self._epoch or self._broken is not None):
                         raise _stale_for(op, args)
-                    result = self._call(op, args)
+                    if op == Op.RELEASE:
+                        self._post(op, args)
+                        result = {}
+                    else:
+                        result = self._call(op, args)
                     held = self._epoch
                 except BaseException as e:
                     op, args = steps.throw(e)
@@ -936,7 +1000,7 @@ class AsyncLease(Lease):
             self._drop_views()
             if self.epoch != self.ns.client._epoch:
                 raise _stale("lid", self.lid)
-            await self.ns.client._call(Op.RELEASE, {"lid": self.lid})
+            await self.ns.client._post(Op.RELEASE, {"lid": self.lid})
 
 
 class AsyncLeaseContext:
@@ -1002,7 +1066,9 @@ class AsyncClient:
         self.reconnect_attempts = reconnect_attempts
         self.reconnect_backoff_s = reconnect_backoff_s
         self._ids = itertools.count(1)
+        self._encoder = Encoder()
         self._waiting: dict[int, asyncio.Future] = {}
+        self._unanswered: set[int] = set()   # see Client._post
         self.regions: dict[str, HostRegionMapping] = {}
         self._reader_task: asyncio.Task | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -1035,6 +1101,7 @@ class AsyncClient:
             _close_regions(regions)
             sock.close()
             raise
+        self._unanswered.clear()
         self._reader_task = asyncio.create_task(self._read_replies())
         self.server_info = info
         self.max_frame_bytes: int = info.get("max_frame_bytes", 64 << 20)
@@ -1048,6 +1115,11 @@ class AsyncClient:
                 (length,) = HEADER.unpack(await self._reader.readexactly(4))
                 rid, code, result = unpack_body(await self._reader.readexactly(length))
                 fut = self._waiting.pop(rid, None)
+                if fut is None and rid in self._unanswered:
+                    self._unanswered.discard(rid)
+                    if code != Code.OK:
+                        _posted_failed(code, result)
+                    continue
                 if fut is None:
                     if code != Code.OK:   # connection-level error (id 0)
                         err = KvtierdError(Code(code), result)
@@ -1081,7 +1153,7 @@ class AsyncClient:
             raise _Lost(self._broken, True)
         req_id = next(self._ids)
         try:
-            frame = request(req_id, op, args)
+            frame = self._encoder.request(req_id, op, args)
         except ProtocolError as e:
             raise KvtierdError(e.code, e.message) from None
         fut = asyncio.get_running_loop().create_future()
@@ -1168,6 +1240,18 @@ class AsyncClient:
         except _Lost as lost:
             raise lost.error from None
 
+    async def _post(self, op: Op, args: dict) -> None:
+        """See Client._post: sent without waiting for the reply (the reader drops it when it comes);
+        with too many replies outstanding, it waits like any call."""
+        if self._broken is not None:
+            raise _stale_for(op, args, self._broken)
+        if len(self._unanswered) >= MAX_UNANSWERED or self._writer is None:
+            await self._call(op, args)
+            return
+        req_id = next(self._ids)
+        self._unanswered.add(req_id)
+        self._writer.write(self._encoder.request(req_id, op, args))
+
     async def _drive(self, steps: Steps) -> Any:
         held = self._epoch
         try:
@@ -1176,7 +1260,11 @@ class AsyncClient:
                 try:
                     if op in HANDLE_OPS and (held != self._epoch or self._broken is not None):
                         raise _stale_for(op, args)
-                    result = await self._call(op, args)
+                    if op == Op.RELEASE:
+                        await self._post(op, args)
+                        result = {}
+                    else:
+                        result = await self._call(op, args)
                     held = self._epoch
                 except BaseException as e:
                     op, args = steps.throw(e)

@@ -123,7 +123,7 @@ class Daemon:
         self.metrics = metrics.Metrics(stats_fn=self._stats_for_metrics,
                                        max_namespaces=cfg.metrics.max_namespaces)
         server = self.server = Server(
-            cfg, store, admit=self._admit, observe=self.metrics.observe_request,
+            cfg, store, admit=self._admit, observe=self.metrics.requests.observe,
             refuse_open=self._refuse_open, extra_stats=self._extra_stats,
             hot=self.hot.top, record_reads=self.hot.record, gate=access.Gate(self.policy, store))
         # GPU set-up (pinning a large region takes seconds) happens before the socket

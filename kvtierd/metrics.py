@@ -3,9 +3,11 @@
 Two kinds of figures, two mechanisms:
 
 * Per-request figures (count by op and result code, latency by op) are updated
-  by the server as each request finishes, into a Counter and a Histogram that
-  this module owns. The labelled children are cached in a dict so the per-request
-  cost is one dict lookup plus prometheus_client's own locked increments.
+  by the server as each request finishes, into plain ints this module owns
+  (RequestCollector): one dict lookup, one bisect and two additions, no lock,
+  since only the event loop's thread updates them. A scrape reads them as a
+  counter and a histogram family. (prometheus_client's own Counter and
+  Histogram take a lock per increment: a fifth of a small request's daemon time.)
 * Everything the store already counts (tier fill, hits, moves, evictions, disk
   health, leases) is NOT mirrored into prometheus objects on every change: a
   custom collector calls the store's `stats_fn()` once per scrape and turns the
@@ -40,10 +42,11 @@ import gzip
 import logging
 import threading
 import time
+from bisect import bisect_left
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
@@ -453,6 +456,65 @@ class _Pin:
         self._local.active, self._local.stats = False, None
 
 
+class _OpFigures:
+    """One (op, code)'s count, and one op's latency buckets (shared by its codes)."""
+    __slots__ = ("count", "buckets", "sum")
+
+    def __init__(self, buckets: list[int], sums: list[float]) -> None:
+        self.count = 0
+        self.buckets = buckets    # per LATENCY_BUCKETS bound, then +Inf; not cumulative
+        self.sum = sums           # one-element list shared by the op's codes
+
+
+class RequestCollector:
+    """Requests by op and code, latency by op: updated on the event loop, read at scrape time."""
+
+    def __init__(self) -> None:
+        self._op_label = BoundedLabels(_MAX_LABEL_VALUES)
+        self._code_label = BoundedLabels(_MAX_LABEL_VALUES)
+        self._figures: dict[tuple[Any, str], _OpFigures] = {}
+        self._by_label: dict[tuple[str, str], _OpFigures] = {}
+        self._ops: dict[str, tuple[list[int], list[float]]] = {}
+
+    def observe(self, op: str | enum.Enum, code: str, seconds: float) -> None:
+        f = self._figures.get((op, code))
+        if f is None:
+            f = self._figures[(op, code)] = self._new(op, code)
+        f.count += 1
+        f.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        f.sum[0] += seconds
+
+    def _new(self, op: str | enum.Enum, code: str) -> _OpFigures:
+        name = op.name.lower() if isinstance(op, enum.Enum) else str(op)
+        lop, lcode = self._op_label(name), self._code_label(str(code))
+        f = self._by_label.get((lop, lcode))
+        if f is None:
+            if lop not in self._ops:
+                self._ops[lop] = ([0] * (len(LATENCY_BUCKETS) + 1), [0.0])
+            f = self._by_label[(lop, lcode)] = _OpFigures(*self._ops[lop])
+        return f
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("kvtierd_requests", "Requests handled, by op and result code.",
+                                       labels=["op", "code"])
+        for (lop, lcode), f in list(self._by_label.items()):
+            requests.add_metric([lop, lcode], f.count)
+        yield requests
+        latency = HistogramMetricFamily("kvtierd_request_duration_seconds",
+                                        "Time from a request's arrival to its reply.", labels=["op"])
+        for lop, (buckets, sums) in list(self._ops.items()):
+            counts, total = list(buckets), 0
+            cumulative = []
+            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts):
+                total += n
+                cumulative.append(("+Inf" if bound == float("inf") else repr(bound), total))
+            latency.add_metric([lop], cumulative, sums[0])
+        yield latency
+
+
 class Metrics:
     """The daemon's metrics: a private registry, request instruments, the stats collector, the endpoint."""
 
@@ -460,13 +522,8 @@ class Metrics:
                  process_metrics: bool = True) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.namespace_label = BoundedLabels(max_namespaces)
-        self._requests = Counter("kvtierd_requests", "Requests handled, by op and result code.",
-                                 ["op", "code"], registry=self.registry)
-        self._latency = Histogram("kvtierd_request_duration_seconds", "Time from a request's arrival to its reply.",
-                                  ["op"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self._op_label = BoundedLabels(_MAX_LABEL_VALUES)
-        self._code_label = BoundedLabels(_MAX_LABEL_VALUES)
-        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self.requests = RequestCollector()
+        self.registry.register(self.requests)
         self.stats = StatsCollector(stats_fn, self.namespace_label)
         self.registry.register(self.stats)
         if process_metrics:
@@ -484,14 +541,7 @@ class Metrics:
 
         `op` may be the protocol's enum: its lower-cased name is the label (str() of an IntEnum is its number).
         """
-        children = self._children.get((op, code))
-        if children is None:
-            name = op.name.lower() if isinstance(op, enum.Enum) else str(op)
-            lop, lcode = self._op_label(name), self._code_label(str(code))
-            children = (self._requests.labels(lop, lcode), self._latency.labels(lop))
-            self._children[(op, code)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        self.requests.observe(op, code, seconds)
 
     def render(self, accept: str | None = None, stats: Mapping[str, Any] | None | bool = False) -> tuple[bytes, str]:
         """(body, content type) of a scrape; `stats` is a snapshot to use, or False to call stats_fn."""

@@ -25,6 +25,8 @@ HEADER = struct.Struct("<I")
 MAX_KEY_BYTES = 64
 MAX_KEYS_PER_REQUEST = 65536
 MAX_NAME_BYTES = 256
+_BYTES = {bytes}
+_KEY_LENGTHS = frozenset(range(1, MAX_KEY_BYTES + 1))
 
 
 class Op(enum.IntEnum):
@@ -44,6 +46,9 @@ class Op(enum.IntEnum):
     PREFETCH = 14
     HOT = 15
     DROP = 16              # remove a namespace and all its blocks (its owner or root)
+
+
+_OPS: dict[int, Op] = {int(op): op for op in Op}
 
 
 class Code(enum.IntEnum):
@@ -91,6 +96,27 @@ def pack(obj: Any) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+class Encoder:
+    """Frames with one reused msgpack Packer (packb builds a new one per call). Not
+    thread-safe: one per connection owner (the server's loop, a client)."""
+
+    def __init__(self) -> None:
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+
+    def frame(self, obj: Any) -> bytes:
+        body = self._pack(obj)
+        if len(body) > MAX_WIRE_FRAME:
+            raise ProtocolError(Code.FRAME_TOO_LARGE, f"a frame of {len(body)} bytes cannot be sent "
+                                                      f"(the protocol's limit is {MAX_WIRE_FRAME})")
+        return HEADER.pack(len(body)) + body
+
+    def request(self, req_id: int, op: Op, args: dict) -> bytes:
+        return self.frame([req_id, int(op), args])
+
+    def reply_ok(self, req_id: int, result: dict) -> bytes:
+        return self.frame([req_id, 0, result])
+
+
 def unpack_body(body: bytes | memoryview) -> Any:
     return msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=False)
 
@@ -132,7 +158,7 @@ def _keys(name: str, v: Any) -> list[bytes]:
     if len(v) > MAX_KEYS_PER_REQUEST:
         raise ProtocolError(Code.BAD_ARGS, f"{name}: at most {MAX_KEYS_PER_REQUEST} keys per request")
     # The common case is checked with C-level map/min/max, not a Python loop per key.
-    if v and (set(map(type, v)) != {bytes} or min(map(len, v)) == 0 or max(map(len, v)) > MAX_KEY_BYTES):
+    if v and (set(map(type, v)) != _BYTES or not _KEY_LENGTHS.issuperset(map(len, v))):
         for k in v:
             if not isinstance(k, bytes):
                 raise ProtocolError(Code.BAD_KEY, f"keys must be byte strings, found {type(k).__name__}")
@@ -197,10 +223,9 @@ def parse_request(msg: Any) -> tuple[int, Op, dict]:
     req_id, op, args = msg
     if isinstance(req_id, bool) or not isinstance(req_id, int) or not 0 <= req_id < 2**63:
         raise ProtocolError(Code.BAD_FRAME, "request id must be a non-negative integer")
-    try:
-        op = Op(op)
-    except (ValueError, TypeError):
-        raise ProtocolError(Code.UNKNOWN_OP, f"unknown op {op!r}") from None
+    op = _OPS.get(op) if type(op) is int else None   # a dict, not Op(): this runs per request
+    if op is None:
+        raise ProtocolError(Code.UNKNOWN_OP, f"unknown op {msg[1]!r}")
     if not isinstance(args, dict):
         raise ProtocolError(Code.BAD_ARGS, "args must be a map")
     return req_id, op, args

@@ -48,12 +48,12 @@ from kvtierd.protocol import (
     HEADER,
     PROTOCOL_VERSION,
     Code,
+    Encoder,
     Op,
     ProtocolError,
     parse_args,
     parse_request,
     reply_error,
-    reply_ok,
     unpack_body,
 )
 
@@ -343,7 +343,7 @@ class Connection(asyncio.BufferedProtocol):
         if isinstance(result, regions.WithFds):     # HELLO: the reply frame carries the region fds
             result, fds = result.reply, result.fds
         try:
-            data = reply_ok(req_id, result)
+            data = self.server.encoder.reply_ok(req_id, result)
             limit = self.server.cfg.server.max_frame_bytes
             if len(data) - 4 > limit:
                 raise ProtocolError(Code.FRAME_TOO_LARGE, f"the reply would be {len(data) - 4} bytes, over "
@@ -413,6 +413,7 @@ class Server:
         self.cfg = cfg
         self.store = store
         self.conns: dict[int, Connection] = {}
+        self.encoder = Encoder()
         self.inflight: set[asyncio.Future] = set()
         self.draining = False
         self.started = time.time()
@@ -434,7 +435,7 @@ class Server:
             Op.HELLO: (self.op_hello, False), Op.PING: (self.op_ping, False),
             Op.OPEN: (self.op_open, False), Op.RESERVE: (self.op_reserve, True),
             Op.COMMIT: (self.op_commit, False), Op.ABORT: (self.op_abort, False),
-            Op.LOOKUP: (self.op_lookup, False), Op.ACQUIRE: (self.op_acquire, True),
+            Op.LOOKUP: (self.op_lookup, False), Op.ACQUIRE: (self.op_acquire, False),
             Op.RELEASE: (self.op_release, False), Op.PUT: (self.op_put, True),
             Op.GET: (self.op_get, True), Op.DELETE: (self.op_delete, False),
             Op.STATS: (self.op_stats, False), Op.PREFETCH: (self.op_prefetch, False),
@@ -575,9 +576,19 @@ class Server:
         runs = await self.store.remote.extend_lookup(space, keys, runs)
         return {"n": sum(count for _, count in runs), "runs": runs}
 
-    async def op_acquire(self, c: Connection, ns: int, keys: list, prefix: bool = True, tier: str = "host") -> dict:
+    def op_acquire(self, c: Connection, ns: int, keys: list, prefix: bool = True, tier: str = "host") -> Any:
+        """Answered at once when every block is in memory where the caller reads it (no task, no loop
+        turn); else a coroutine that waits for loads, pulls and moves."""
         space = c.ns(ns)
-        lease = await self.store.acquire(space, keys, c.id, prefix, tier)
+        lease = self.store.acquire_now(space, keys, c.id, tier)
+        if lease is None:
+            return self._acquire(c, space, keys, prefix, tier)
+        return self._leased(space, lease)
+
+    async def _acquire(self, c: Connection, space: Any, keys: list, prefix: bool, tier: str) -> dict:
+        return self._leased(space, await self.store.acquire(space, keys, c.id, prefix, tier))
+
+    def _leased(self, space: Any, lease: Any) -> dict:
         if self._record_reads:   # after the reply is sent: hot-key counting adds no latency
             asyncio.get_running_loop().call_soon(
                 self._record_reads, space.name, [e.key for e in lease.entries if e is not None])

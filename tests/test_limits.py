@@ -138,16 +138,17 @@ def test_pipelined_requests_beyond_the_bound_pause_reading_and_all_are_answered_
         r = Raw(d.socket)
         r.hello()
         ns_id = r.call(2, Op.OPEN, {"name": "pipe", "block_size": 4096})[2]["ns"]
-        # An acquire (a handler that waits) and 2,000 requests behind it in one write:
-        # the daemon parses them while the acquire is in flight, so they queue.
-        frames = [msgpack.packb([10, int(Op.ACQUIRE), {"ns": ns_id, "keys": [b"k"]}], use_bin_type=True)]
+        # A put (a handler that waits) and 2,000 requests behind it in one write:
+        # the daemon parses them while the put is in flight, so they queue.
+        frames = [msgpack.packb([10, int(Op.PUT), {"ns": ns_id, "keys": [b"k2"], "data": [b"w" * 4096]}],
+                                use_bin_type=True)]
         frames += [msgpack.packb([11 + i, int(Op.PING), {}], use_bin_type=True) for i in range(2000)]
         r.s.sendall(b"".join(struct.pack("<I", len(f)) + f for f in frames))
         replies = [r.reply() for _ in range(2001)]
         assert [x[0] for x in replies] == list(range(10, 2011))
         assert all(x[1] == 0 for x in replies)
         assert c.stats()["errors"]["pipeline_full"] >= 1      # it stopped reading, then went on
-        assert r.call(5000, Op.RELEASE, {"lid": replies[0][2]["lid"]})[1] == 0
+        assert ns.get_inline([b"k2"]) == [b"w" * 4096]
 
 
 def test_big_frame_headers_do_not_make_the_daemon_allocate_what_they_announce(start_daemon):

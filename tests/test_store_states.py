@@ -460,3 +460,42 @@ def test_without_verify_on_acquire_a_changed_block_is_still_never_persisted(cfg)
         assert not disk.blocks and store.counters.corrupt_blocks == 1
         store.regions["default"].close()
     run(go())
+
+
+def test_acquire_answers_at_once_only_when_nothing_must_wait_and_then_as_acquire_would(tmp_path):
+    """The server answers an acquire without a task when acquire_now() can: every key in memory and
+    readable where the caller reads. Anything else (a disk block, a block in a move to load, an HBM
+    block for a host reader, verify_on_acquire) goes to acquire(), which may wait."""
+    async def go():
+        disk = FakeDisk()
+        store = Store(small_config(tmp_path), disk)
+        pool = FakeHbmPool(2 << 20, store.host_region)
+        store.attach_hbm(pool, None)
+        ns = store.open_namespace("n", BS)
+        ks = keys(4)
+        await put(store, ns, ks[:2], blocks(2))
+        disk.blocks[(ns.name, ks[2])] = blocks(3)[2]            # one on disk only
+        res = await store.reserve(ns, ks[3:], 1, tier="hbm")    # one in HBM
+        store.commit(res.rid, 1)
+
+        now = store.acquire_now(ns, ks[:2], owner=5)
+        assert now is not None and [bytes(store.view(e)) for e in now.entries] == blocks(2)
+        assert all(e.leases == 1 for e in now.entries)
+        store.release(now.lid, 5)
+        waited = await store.acquire(ns, ks[:2], owner=5)
+        assert [e.offset for e in waited.entries] == [e.offset for e in now.entries]
+        store.release(waited.lid, 5)
+
+        assert store.acquire_now(ns, ks[:3], owner=5) is None                 # needs a disk read
+        assert store.acquire_now(ns, [ks[0], b"absent"], owner=5) is None     # a miss: prefix rules apply
+        assert store.acquire_now(ns, ks[3:], owner=5) is None                 # HBM block, host reader
+        assert store.acquire_now(ns, ks[3:], owner=5, tier="hbm") is None     # promotion
+        anywhere = store.acquire_now(ns, ks[3:], owner=5, tier="any")         # a worker reads HBM itself
+        assert anywhere is not None and anywhere.entries[0].tier is store.hbm
+        store.release(anywhere.lid, 5)
+        store.cfg.host.verify_on_acquire = True
+        assert store.acquire_now(ns, ks[:2], owner=5) is None                 # the check may take a thread
+        assert all(e.leases == 0 for e in ns.entries.values())
+        check_accounting(store)
+        store.regions["default"].close()
+    run(go())

@@ -522,3 +522,83 @@ def test_forward_and_generate_raise_no_deprecation_warning(daemon, model):
             kv.forward(ids)
             kv.forward(ids)
             kv.generate(ids, max_new_tokens=4, do_sample=False)
+
+
+def _loaded_layers_copied(monkeypatch):
+    """Counts, per forward, which layers the layer-wise gate copied before the model read them."""
+    from kvtierd.integrations import layerwise
+    order: list[int] = []
+    real = layerwise.LayerGate.ready
+
+    def ready(self, layer):
+        if not self._done[layer] if 0 <= layer < self.n_layers else False:
+            order.append(layer)
+        return real(self, layer)
+    monkeypatch.setattr(layerwise.LayerGate, "ready", ready)
+    return order
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_layerwise_loading_gives_the_same_logits_and_cache(daemon, model, monkeypatch, paged):
+    """Layer-wise loading (on by default on a GPU) copies layer i when the forward first updates layer i's
+    cache; on CPU the copy is made right then. Same logits, same K/V as loading everything first."""
+    ids = _prompt(100, seed=21)
+    order = _loaded_layers_copied(monkeypatch)
+    with daemon.client() as c:
+        whole = KVTierCache(c, model, chunk_tokens=CHUNK, cost=_always_load(), paged_copy=paged, layerwise=False)
+        whole.forward(ids)                                    # miss: computes and stores
+        ref = whole.forward(ids)
+        assert ref.n_cached_tokens == 96 and order == []
+        lw = KVTierCache(c, model, chunk_tokens=CHUNK, cost=_always_load(), paged_copy=paged, layerwise=True)
+        out = lw.forward(ids)
+        assert out.n_cached_tokens == 96
+        assert order == list(range(model.config.num_hidden_layers))   # each layer copied once, in forward order
+        assert torch.equal(out.logits, ref.logits)
+        _assert_same_cache_bits(out.past_key_values, ref.past_key_values)
+        assert "update" not in vars(out.past_key_values)     # the hook is gone after the forward
+        assert c.stats()["leases"] == 0                       # and the lease released
+        cache, n = lw.prefill(ids)
+        assert n == 96 and c.stats()["leases"] == 0
+        _assert_same_kv(cache, _reference_cache(model, ids), 96)
+
+
+def test_a_failing_layerwise_forward_still_releases_the_lease(daemon, model, monkeypatch):
+    ids = _prompt(100, seed=22)
+    with daemon.client() as c:
+        kv = KVTierCache(c, model, chunk_tokens=CHUNK, cost=_always_load(), layerwise=True)
+        kv.forward(ids)
+
+        def out_of_memory(*a, **k):
+            raise RuntimeError("CUDA out of memory (staged)")
+        with monkeypatch.context() as m:
+            m.setattr(model.model.layers[1], "forward", out_of_memory)   # the model fails mid-forward
+            with pytest.raises(RuntimeError, match="out of memory"):
+                kv.forward(ids)
+        assert c.stats()["leases"] == 0
+        assert kv.forward(ids).n_cached_tokens == 96          # and the next request is served
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True])
+def test_cuda_layerwise_loading_matches_loading_everything_first(daemon, paged):
+    """On a GPU every layer's copy is enqueued on a side stream and the forward waits per layer on an
+    event: bit for bit what loading the whole prefix first gives, with nothing left leased."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from kvtierd.gpu import cuda
+    if paged and not cuda.kernels_available():
+        pytest.skip("needs cupy for kvtierd's kernels")
+    model = _build_model().to("cuda")
+    ids = _prompt(100, seed=23).to("cuda")
+    with daemon.client() as c:
+        assert KVTierCache(c, model, chunk_tokens=CHUNK).layerwise is True    # the default on a GPU
+        whole = KVTierCache(c, model, chunk_tokens=CHUNK, cost=_always_load(), paged_copy=paged, layerwise=False)
+        whole.forward(ids)
+        ref = whole.forward(ids)
+        lw = KVTierCache(c, model, chunk_tokens=CHUNK, cost=_always_load(), paged_copy=paged, layerwise=True)
+        for _ in range(3):
+            out = lw.forward(ids)
+            assert out.n_cached_tokens == 96
+            assert torch.equal(out.logits, ref.logits)
+            _assert_same_cache_bits(out.past_key_values, ref.past_key_values)
+        assert c.stats()["leases"] == 0

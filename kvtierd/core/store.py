@@ -20,6 +20,8 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import attrgetter
 from typing import Any, Awaitable, Callable, Iterable
 
 from kvtierd.core import checksums
@@ -35,6 +37,8 @@ from kvtierd.tiers.host import HostRegion
 log = logging.getLogger("kvtierd.store")
 
 DEFAULT_DOMAIN = "default"
+_STATE = attrgetter("state")
+_TIER = attrgetter("tier")
 
 
 @dataclass
@@ -315,11 +319,46 @@ class Store:
     def lookup(self, ns: Namespace, keys: list[bytes]) -> list[list]:
         """Where the leading present keys are (a prefix chain stops at the first miss),
         as runs [[tier, count], ...] in key order: compact on the wire."""
-        runs: list[list] = []
+        # The common chain (every block in memory and servable) is walked with C-level
+        # map/groupby, not a Python step per key; the rest key by key.
+        found = list(map(ns.entries.get, keys))
+        head = found.index(None) if None in found else len(found)
+        del found[head:]
+        if set(map(_STATE, found)) <= READABLE:
+            tiers = set(map(_TIER, found))
+            if len(tiers) == 1:
+                runs = [[tiers.pop().name, head]]
+            else:
+                runs = []
+                for tier, group in groupby(map(_TIER, found)):
+                    count = sum(1 for _ in group)
+                    if runs and runs[-1][0] == tier.name:
+                        runs[-1][1] += count
+                    else:
+                        runs.append([tier.name, count])
+            n = head
+        else:
+            runs, n = [], 0
+        if n < len(keys):
+            n = self._lookup_rest(ns, keys, n, runs)
+        for tier, count in runs:
+            if tier == "disk":
+                self.counters.disk_hits += count
+            elif tier == "hbm" and self.hbm is not None:
+                self.hbm.hits += count
+            else:
+                ns.host.hits += count
+        missed = len(keys) - n
+        ns.hits += n
+        ns.misses += missed
+        self.counters.misses += missed
+        return runs
+
+    def _lookup_rest(self, ns: Namespace, keys: list[bytes], n: int, runs: list[list]) -> int:
+        """Extends `runs` key by key from keys[n] (loading blocks and disk records count too)."""
         entries = ns.entries
-        last = None
-        n = 0
-        for k in keys:
+        last = runs[-1][0] if runs else None
+        for k in keys[n:]:
             e = entries.get(k)
             if e is not None and (e.state == READY or e.state == MOVING):
                 tier = e.tier.name
@@ -333,18 +372,7 @@ class Store:
                 runs.append([tier, 1])
                 last = tier
             n += 1
-        for tier, count in runs:
-            if tier == "disk":
-                self.counters.disk_hits += count
-            elif tier == "hbm" and self.hbm is not None:
-                self.hbm.hits += count
-            else:
-                ns.host.hits += count
-        missed = len(keys) - n
-        ns.hits += n
-        ns.misses += missed
-        self.counters.misses += missed
-        return runs
+        return n
 
     async def acquire(self, ns: Namespace, keys: list[bytes], owner: int, prefix: bool = True,
                       tier: str = "host") -> Lease:
@@ -411,6 +439,25 @@ class Store:
                 if e is not None:
                     self.unpin(e)
             raise
+        return self._lease(ns, len(keys), got, owner)
+
+    def acquire_now(self, ns: Namespace, keys: list[bytes], owner: int, tier: str = "host") -> Lease | None:
+        """acquire() without waiting, for the common case: every key is in memory, readable where the
+        caller reads it, and nothing has to be checked first. None: some key is not, so acquire() must
+        run (it may wait for disk, the remote tier or a move). Answers exactly as acquire() would."""
+        if tier == "hbm" or self.cfg.host.verify_on_acquire:
+            return None
+        got = list(map(ns.entries.get, keys))
+        if None in got or not set(map(_STATE, got)) <= READABLE:
+            return None
+        if tier == "host" and set(map(_TIER, got)) != {ns.host}:
+            return None
+        for e in got:
+            self.pin(e)
+        return self._lease(ns, len(keys), got, owner)
+
+    def _lease(self, ns: Namespace, asked: int, got: list[Entry | None], owner: int) -> Lease:
+        """The lease on pinned entries `got` (None: a miss), with what it serves counted."""
         served = 0
         for e in got:
             if e is not None:
@@ -418,7 +465,7 @@ class Store:
                 served += 1
         ns.tokens_served += served * ns.tokens_per_block
         ns.bytes_served += served * ns.block_size
-        ns.acquire_misses += len(keys) - served
+        ns.acquire_misses += asked - served
         return self.handles.add_lease(owner, got, time.monotonic() + self.cfg.server.lease_timeout_s)
 
     def prefetch(self, ns: Namespace, keys: list[bytes]) -> int:

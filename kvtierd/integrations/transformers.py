@@ -68,11 +68,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvtierd.integrations.cost import CostModel
+from kvtierd.integrations.layerwise import LayerGate
 from kvtierd.keys import PrefixHasher, namespace_seed
 
 if TYPE_CHECKING:
     import torch
 
+KV = tuple["torch.Tensor", "torch.Tensor"]   # one layer's K and V
 _MAX_AUTO_BLOCK_BYTES = 4 << 20  # keeps blocks at the "a few MiB" the daemon is built for
 
 
@@ -240,13 +242,16 @@ class KVTierCache:
     def __init__(self, client: Any, model: Any, *, chunk_tokens: int | None = None,
                  tenant_salt: bytes | str = b"", model_id: str | None = None,
                  namespace: str | None = None, cost: CostModel | None = None, store: bool = True,
-                 paged_copy: bool | None = None, tier: str = "host"):
+                 paged_copy: bool | None = None, tier: str = "host", layerwise: bool | None = None):
         """paged_copy: move a request's blocks in one paged-copy launch (True) or one copy
         per block (False); None picks paged on a GPU with kvtierd's kernels, per block
         elsewhere (see the module doc). Both give the same bytes.
         tier: where new blocks are stored and read from: "host" (the shared host tier)
         or "hbm" (the daemon's GPU pool, opened by CUDA IPC: device-to-device copies;
-        needs the paged-copy path and a daemon with an HBM tier, else blocks go to host)."""
+        needs the paged-copy path and a daemon with an HBM tier, else blocks go to host).
+        layerwise: in forward() and prefill(), overlap the prefix's copy with the forward, layer by
+        layer (kvtierd.integrations.layerwise); None: on for a model on a GPU, off on CPU (nothing
+        to overlap there). Same bytes either way."""
         import torch
 
         self.model = model
@@ -279,6 +284,7 @@ class KVTierCache:
         if tier == "hbm" and not (self.paged_copy and self.device.type == "cuda"):
             raise ValueError("the HBM tier needs a model on a GPU and kvtierd's paged-copy kernels (cupy)")
         self.tier = tier
+        self.layerwise = self.device.type == "cuda" if layerwise is None else bool(layerwise)
 
     # ------------------------------------------------------------- public API
 
@@ -289,7 +295,7 @@ class KVTierCache:
     def load(self, input_ids: Any) -> tuple[Any, int]:
         """A DynamicCache holding the longest prefix worth loading (at most all tokens but the last), and its length."""
         ids = self._flat_ids(input_ids)
-        cache, n_cached, _ = self._load(ids, self.hasher.keys(ids.cpu()))
+        cache, n_cached, _, _ = self._load(ids, self.hasher.keys(ids.cpu()))
         return cache, n_cached
 
     def prefill(self, input_ids: Any) -> tuple[Any, int]:
@@ -301,10 +307,13 @@ class KVTierCache:
         """
         ids = self._flat_ids(input_ids)
         keys = self.hasher.keys(ids.cpu())
-        cache, n_cached, n_loaded_blocks = self._load(ids, keys)
+        cache, n_cached, n_loaded_blocks, pending = self._load(ids, keys, overlap=True)
         end = ids.numel() - 1
-        if end > n_cached:
-            self._forward(ids, n_cached, end, cache)
+        try:
+            if end > n_cached:
+                self._forward(ids, n_cached, end, cache)
+        finally:
+            self._finish(pending)
         self._store(ids, keys, n_loaded_blocks, cache)
         return cache, n_cached
 
@@ -316,8 +325,11 @@ class KVTierCache:
         """
         ids = self._flat_ids(input_ids)
         keys = self.hasher.keys(ids.cpu())
-        cache, n_cached, n_loaded_blocks = self._load(ids, keys)
-        out = self._forward(ids, n_cached, ids.numel(), cache, **kwargs)
+        cache, n_cached, n_loaded_blocks, pending = self._load(ids, keys, overlap=True)
+        try:
+            out = self._forward(ids, n_cached, ids.numel(), cache, **kwargs)
+        finally:
+            self._finish(pending)
         self._store(ids, keys, n_loaded_blocks, output_cache(out))
         out.n_cached_tokens = n_cached
         return out
@@ -327,7 +339,8 @@ class KVTierCache:
         torch = self._torch
         ids = self._flat_ids(input_ids)
         keys = self.hasher.keys(ids.cpu())
-        cache, n_cached, n_loaded_blocks = self._load(ids, keys)
+        # Loaded whole first: an overlapped load would hold its lease for the whole generation.
+        cache, n_cached, n_loaded_blocks, _ = self._load(ids, keys)
         batch = ids.view(1, -1)
         kwargs.setdefault("attention_mask", torch.ones_like(batch))
         timing = None
@@ -370,44 +383,118 @@ class KVTierCache:
             raise ValueError(f"expected a non-empty 1-D prompt or a [1, seq] batch, got shape {tuple(input_ids.shape)}")
         return ids.to(self.device)
 
-    def _load(self, ids: "torch.Tensor", keys: list[bytes]) -> tuple[Any, int, int]:
-        """(cache, tokens loaded, blocks loaded) for the leading cached chunks the cost model accepts."""
+    def _load(self, ids: "torch.Tensor", keys: list[bytes],
+              overlap: bool = False) -> tuple[Any, int, int, tuple[LayerGate, list[str]] | None]:
+        """(cache, tokens loaded, blocks loaded, pending) for the leading cached chunks the cost model
+        accepts. With `overlap` and layer-wise loading the copies may still be under way: `pending`
+        then holds the gate and the lease, and `_finish(pending)` must follow the forward."""
         torch = self._torch
         g = self.geometry
         cache = _new_cache(self.model)
         self.stats.lookups += 1
         if not keys:
-            return cache, 0, 0
+            return cache, 0, 0, None
         tiers = self.ns.lookup_tiers(keys)
         plan = self.cost.plan(tiers, g.block_bytes, g.chunk_tokens, total_tokens=ids.numel())
         if plan.load_blocks == 0:
-            return cache, 0, 0
+            return cache, 0, 0, None
         if self.device.type == "cuda":
             self._host_region()   # page-locked once per process: the copies below are DMA
         t0 = time.perf_counter()
         # With tier="hbm" blocks are read where they are (HBM by IPC, host by DMA); a
         # host reader gets HBM blocks copied down by the daemon first.
-        with self.ns.acquire(keys[: plan.load_blocks], tier="any" if self.tier == "hbm" else "host") as lease:
+        lease = self.ns.acquire(keys[: plan.load_blocks], tier="any" if self.tier == "hbm" else "host")
+        gate = None
+        try:
             n = lease.count
             if n < plan.load_blocks:
                 self.stats.lost_blocks += plan.load_blocks - n
             if n == 0:
-                return cache, 0, 0
-            if self.paged_copy:
+                lease.release()
+                return cache, 0, 0, None
+            if overlap and self.layerwise:
+                kv, gate = self._read_layerwise(lease.offsets[:n], lease.tiers[:n], lease.views[:n])
+            elif self.paged_copy:
                 kv = self._read_paged(lease.offsets[:n], lease.tiers[:n])
             else:
                 kv = self._read_blocks(lease.views[:n])
-            if self.device.type == "cuda":
+            if gate is None and self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # release only once the copies are done
-            # A block the lookup found in the remote tier is leased from host (the daemon pulled it
-            # in for this acquire): its time is the remote's, so it teaches the remote rate.
-            leased_tiers = ["remote" if t == "remote" else lt for t, lt in zip(tiers, lease.tiers[:n])]
-        self.cost.observe_load(leased_tiers, g.block_bytes, time.perf_counter() - t0)
+        except BaseException:
+            if gate is not None:
+                gate.finish()
+            lease.release()
+            raise
+        # A block the lookup found in the remote tier is leased from host (the daemon pulled it
+        # in for this acquire): its time is the remote's, so it teaches the remote rate.
+        leased_tiers = ["remote" if t == "remote" else lt for t, lt in zip(tiers, lease.tiers[:n])]
         n_cached = min(n * g.chunk_tokens, ids.numel() - 1)
         for layer, (k, v) in enumerate(kv):
             _set_layer(cache, layer, k[:, :, :n_cached], v[:, :, :n_cached])
         self.stats.hit_tokens += n_cached
-        return cache, n_cached, n
+        if gate is not None:
+            gate.hook(cache, lease)          # the forward's update of layer i waits for layer i's copy
+            return cache, n_cached, n, (gate, leased_tiers)
+        lease.release()
+        self.cost.observe_load(leased_tiers, g.block_bytes, time.perf_counter() - t0)
+        return cache, n_cached, n, None
+
+    def _finish(self, pending: tuple[LayerGate, list[str]] | None) -> None:
+        """After an overlapped forward: copies done, lease released, the copy time learned."""
+        if pending is None:
+            return
+        gate, leased_tiers = pending
+        gate.finish()
+        self.cost.observe_load(leased_tiers, self.geometry.block_bytes, gate.copy_s)
+
+    def _read_layerwise(self, offsets: list[int], tiers: list[str],
+                        views: list[memoryview | None]) -> tuple[list[KV], LayerGate]:
+        """Per-layer K, V of shape [1, head, tokens, dim] as _read_paged / _read_blocks give, but
+        filled layer by layer through a LayerGate (GPU: all layers enqueued on a side stream now)."""
+        torch = self._torch
+        g = self.geometry
+        L, _, H, T, D = g.block_shape
+        n = len(offsets)
+        layer_bytes = g.block_bytes // L
+        layers = [torch.empty((2, H, n * T, D), dtype=g.dtype, device=self.device) for _ in range(L)]
+        if self.paged_copy:
+            # Layer i of block j is contiguous at slot + i * layer_bytes: one plane, one launch a layer.
+            copiers = [self._copier([(t.view(2, H, n, T, D), 2)], layer_bytes) for t in layers]
+            groups = self._tier_groups(offsets, tiers)
+
+            def copy_layer(i: int) -> None:
+                for region, offs, idx in groups:
+                    copiers[i].scatter(region, offs + i * layer_bytes, idx)
+        else:
+            src = self._block_tensors(views)
+
+            def copy_layer(i: int) -> None:
+                dst = layers[i].view(2, H, n, T, D)
+                for j, block in enumerate(src):
+                    dst[:, :, j].copy_(block[i], non_blocking=True)
+        gate = LayerGate(L, copy_layer, self.device)
+        return [(t[0].unsqueeze(0), t[1].unsqueeze(0)) for t in layers], gate
+
+    def _tier_groups(self, offsets: list[int], tiers: list[str]) -> list[tuple[Any, np.ndarray, np.ndarray]]:
+        """(region, slot offsets, block positions) per tier the leased blocks sit in."""
+        if all(t == "host" for t in tiers):
+            return [(self._host_region(), np.asarray(offsets, dtype=np.int64), np.arange(len(offsets)))]
+        regions = self.client.worker_regions()
+        groups = []
+        for tier in sorted(set(tiers)):
+            idx = [i for i, t in enumerate(tiers) if t == tier]
+            groups.append((regions.region(tier, self.ns.domain), np.asarray([offsets[i] for i in idx], dtype=np.int64),
+                           np.asarray(idx, dtype=np.int64)))
+        return groups
+
+    def _block_tensors(self, views: list[memoryview]) -> list["torch.Tensor"]:
+        """The leased slots as [layer, k/v, head, token, dim] tensors over the shared memory (no copy)."""
+        torch = self._torch
+        g = self.geometry
+        with warnings.catch_warnings():
+            # lease views are read-only on purpose; torch warns because its tensors could write
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            return [torch.frombuffer(v, dtype=g.dtype).view(g.block_shape) for v in views]
 
     def _read_paged(self, offsets: list[int], tiers: list[str]) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
         """Leased slots into new per-layer K, V of shape [1, head, tokens, dim], contiguous,
@@ -421,14 +508,8 @@ class KVTierCache:
         # layer, and each layer's memory goes as soon as the forward has replaced it.
         layers = [torch.empty((2, H, n * T, D), dtype=g.dtype, device=self.device) for _ in range(L)]
         copier = self._copier([(t.view(2, H, n, T, D), 2) for t in layers])
-        if all(t == "host" for t in tiers):
-            copier.scatter(self._host_region(), offsets, np.arange(n))
-        else:
-            regions = self.client.worker_regions()
-            for tier in sorted(set(tiers)):
-                idx = [i for i, t in enumerate(tiers) if t == tier]
-                copier.scatter(regions.region(tier, self.ns.domain), [offsets[i] for i in idx],
-                               np.asarray(idx, dtype=np.int64))
+        for region, offs, idx in self._tier_groups(offsets, tiers):
+            copier.scatter(region, offs, idx)
         return [(t[0].unsqueeze(0), t[1].unsqueeze(0)) for t in layers]
 
     def _read_blocks(self, views: list[memoryview]) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
@@ -437,10 +518,7 @@ class KVTierCache:
         g = self.geometry
         n = len(views)
         L, two, H, T, D = g.block_shape
-        with warnings.catch_warnings():
-            # lease views are read-only on purpose; torch warns because its tensors could write
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            src = [torch.frombuffer(v, dtype=g.dtype).view(g.block_shape) for v in views]
+        src = self._block_tensors(views)
         out = torch.empty((L, two, H, n, T, D), dtype=g.dtype, device=self.device)
         for i, s in enumerate(src):
             out[:, :, :, i].copy_(s, non_blocking=True)   # one strided copy per block, out of the shared slot
@@ -496,14 +574,16 @@ class KVTierCache:
         region = self._host_region() if tier == "host" else self.client.worker_regions().region(tier, self.ns.domain)
         self._copier(planes).gather(np.asarray(chunks, dtype=np.int64), region, offsets)
 
-    def _copier(self, planes: list[tuple["torch.Tensor", int]]) -> Any:
-        """A PagedCopier over these planes (pages_per_block 1), checked against the block layout."""
+    def _copier(self, planes: list[tuple["torch.Tensor", int]], block_bytes: int | None = None) -> Any:
+        """A PagedCopier over these planes (pages_per_block 1), checked against the block layout
+        (or against `block_bytes`: one layer's part of a block, for layer-wise loads)."""
         from kvtierd.gpu.paged import PagedCopier, PagedLayout
 
         copier = PagedCopier(PagedLayout(planes))
-        if copier.layout.block_bytes != self.geometry.block_bytes:
+        want = self.geometry.block_bytes if block_bytes is None else block_bytes
+        if copier.layout.block_bytes != want:
             raise RuntimeError(f"paged layout of {copier.layout.block_bytes} bytes a block, the block "
-                               f"layout says {self.geometry.block_bytes}")
+                               f"layout says {want}")
         return copier
 
     def _write_blocks(self, layers: list, chunks: list[int], views: list[memoryview]) -> None:
