@@ -123,10 +123,8 @@ def _apply_hint(store, seg: Segment, h, tick) -> int:
         part = rec[start:end]
         cols = [part[f].tolist() for f in ("off", "flags", "ns", "klen", "plen", "seq", "csum", "aux")]
         keys = part["key"].tobytes()
-        batch = []
-        for i in range(end - start):
-            off, flags, nsi, klen, plen, seq, csum, aux = (c[i] for c in cols)
-            batch.append((off, flags, ns_names[nsi], keys[i * MAX_KEY:i * MAX_KEY + klen], plen, seq, csum, aux))
+        batch = [(off, flags, ns_names[nsi], keys[p:p + klen], plen, seq, csum, aux)
+                 for p, off, flags, nsi, klen, plen, seq, csum, aux in zip(range(0, len(keys), MAX_KEY), *cols)]
         got = apply_records(store, seg, batch)
         inserted += got
         tick((end - start) * PAGE, got)
