@@ -60,3 +60,34 @@ def test_sharded_dict_holds_what_a_dict_holds():
         k, v = sd.popitem()
         assert model.pop(k) == v
     assert not sd and len(sd) == 0
+
+
+def test_no_dict_in_the_keydir_grows_with_the_number_of_keys():
+    """A dict copies its whole table in one step (holding the GIL, so stopping the event loop)
+    when it grows: with 200k keys in two namespaces, no dict or set the keydir reaches holds
+    more than 1/16 of them, so no single step of building the index copies much."""
+    import gc
+    from pathlib import Path
+
+    from kvtierd.disk.keydir import KeyDir
+    from kvtierd.disk.types import Segment, entry
+
+    n = 200_000
+    segs = {i: Segment(i, Path(f"{i}.seg"), -1, 0, sealed=True) for i in range(4)}
+    kd = KeyDir(segs)
+    for i in range(n):
+        kd.insert(entry("ab"[i % 2], i.to_bytes(8, "little"), i % 4, i // 4 * 8192, 4096, i, 0))
+    for i in range(0, n, 3):
+        kd.touch(("ab"[i % 2], i.to_bytes(8, "little")))      # reads move keys between LRU generations
+    assert kd.blocks == n and kd.live_bytes == n * 8192
+
+    largest, seen, todo = 0, set(), [kd]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (tuple, str, bytes, int, type)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, (dict, set, frozenset)):
+            largest = max(largest, len(obj))
+        todo.extend(gc.get_referents(obj))
+    assert 0 < largest <= n // 16, largest
