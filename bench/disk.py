@@ -12,7 +12,9 @@ does not sync either) and, for 1 MiB, durability=batch; (3) recovery of 100k
 segment (hint files deleted), and the event loop's lag meanwhile and while
 a namespace delete, compaction and eviction run over those blocks: the p99
 of how late a coroutine that sleeps 2 ms wakes, against the same ticker with
-no tier running (the lag's ceiling on this machine). The tables come last,
+no tier running (the lag's ceiling on this machine), and for reference the
+same ticker beside one thread running plain Python (what sharing the GIL
+with any busy thread costs here, long calls or not). The tables come last,
 with the ratio to the ceiling of the same direction. --recovery-only skips
 (1) and (2).
 """
@@ -180,6 +182,30 @@ async def idle_lag(seconds: float) -> tuple[float, int]:
     return t.p99(), len(t.lags)
 
 
+async def busy_lag(seconds: float) -> tuple[float, int]:
+    """p99 lag of the ticker while one other thread runs plain Python (small dict stores, no
+    call longer than microseconds): the floor for any work done in a Python thread on this
+    machine, which shares the GIL with the loop and is preempted while holding it."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        d: dict[int, tuple] = {}
+        i = 0
+        while not stop.is_set():
+            for _ in range(256):
+                d[i & 4095] = (i, i)
+                i += 1
+
+    th = threading.Thread(target=spin, name="bench-busy")
+    t = Ticker()
+    th.start()
+    await asyncio.sleep(seconds)
+    stop.set()
+    th.join()
+    await t.close()
+    return t.p99(), len(t.lags)
+
+
 async def wait_until(cond, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -196,6 +222,7 @@ async def recovery(args, state: Path, n: int) -> dict:
                    compaction_io_share=1.0)
     out = {}
     out["idle_lag"], out["idle_ticks"] = await idle_lag(3.0)
+    out["busy_lag"], out["busy_ticks"] = await busy_lag(3.0)
     tier = DiskTier(cfg, state)
     await tier.start()
     await tier.wait_recovered()
@@ -253,6 +280,9 @@ def print_recovery(rec: dict, n: int) -> None:
     print("| event-loop lag, p99 of a 2 ms ticker | ticks | ms | minus the idle ceiling | goal |")
     print("|---|---|---|---|---|")
     print(f"| ceiling: the same ticker, no tier running | {rec['idle_ticks']} | {idle * 1e3:.2f} | 0 | |")
+    busy = rec["busy_lag"]
+    print(f"| reference: the ticker beside one thread running plain Python, no tier | {rec['busy_ticks']} | "
+          f"{busy * 1e3:.2f} | {(busy - idle) * 1e3:.2f} | |")
     for name, key in (("recovery from hint files", "hints"), ("recovery by scan", "scan"),
                       (f"namespace delete + compaction + eviction ({rec['evictions']} evicted)", "maint")):
         lag = rec[key + "_lag"]
