@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvtierd.config import DiskConfig  # noqa: E402
 from kvtierd.disk import aligned_io  # noqa: E402
-from kvtierd.disk.tier import DiskTier  # noqa: E402
+from kvtierd.disk.tier import SWITCH_INTERVAL, DiskTier  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -186,6 +186,8 @@ async def busy_lag(seconds: float) -> tuple[float, int]:
     """p99 lag of the ticker while one other thread runs plain Python (small dict stores, no
     call longer than microseconds): the floor for any work done in a Python thread on this
     machine, which shares the GIL with the loop and is preempted while holding it."""
+    if sys.getswitchinterval() > SWITCH_INTERVAL:
+        sys.setswitchinterval(SWITCH_INTERVAL)      # as DiskTier.start() sets it
     stop = threading.Event()
 
     def spin() -> None:
