@@ -31,7 +31,7 @@ class KeyDir:
         self.segments = segments              # the store's id -> Segment map (entries hold ids)
         self.entries = LruIndex()             # Key -> Entry; first = coldest
         self.by_ns: dict[str, ShardedDict] = {}   # ns -> (key -> Entry)
-        self.tombs: dict[TombKey, Tomb] = {}
+        self.tombs = ShardedDict()            # TombKey -> Tomb (per-key deletes can be many)
         self.live_bytes = 0
         self.empty: set[Segment] = set()      # sealed, not retired, nothing live: free to drop
         self._detached: list[tuple[str, ShardedDict]] = []

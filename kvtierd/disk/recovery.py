@@ -152,7 +152,7 @@ def apply_records(store, seg: Segment, recs: list[tuple]) -> int:
 
 def _insert(kd, ns: str, key: bytes, seg_id: int, off: int, plen: int, seq: int, csum: int) -> bool:
     """Add a recovered record if nothing newer is known. Caller holds the lock."""
-    if kd.tombs and kd.hidden_by_tomb(ns, key, seq):      # (most starts know no tombstone)
+    if kd.tombs.n and kd.hidden_by_tomb(ns, key, seq):    # (most starts know no tombstone)
         return False
     cur = kd.current((ns, key))
     if cur is not None and (cur[SEQ] > seq or (cur[SEQ] == seq and cur[SEG] >= seg_id)):
