@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from kvtierd.disk.format import PAGE
 from kvtierd.disk.shardmap import LruIndex, ShardedDict
-from kvtierd.disk.types import KEY, NS, SEG, SEQ, Entry, Segment, Tomb, entry_size
+from kvtierd.disk.types import KEY, NS, PLEN, SEG, SEQ, Entry, Segment, Tomb, entry_size
 
 Key = tuple[str, bytes]
 TombKey = tuple[str, bytes | None]       # (ns, None): a namespace tombstone
@@ -98,7 +99,12 @@ class KeyDir:
         if m is None:
             m = self.by_ns[ns] = ShardedDict()
         m[key] = e
-        self._link(e, k)
+        seg = self.segments[e[SEG]]               # _link(e, k), inline: recovery runs this 100k times
+        size = PAGE + -(-e[PLEN] // PAGE) * PAGE
+        seg.live[k] = e
+        seg.live_bytes += size
+        self.live_bytes += size
+        self.empty.discard(seg)
 
     def replace(self, old: Entry, new: Entry) -> None:
         """Point old's key at new (a compaction copy of the same record), keeping its LRU place."""
