@@ -12,7 +12,7 @@ reap_hidden() removes them from the index in bounded batches afterwards
 
 The maps that grow with the number of keys are sharded (shardmap.py): a
 plain dict of 100k keys copies its whole table in one step when it grows,
-which held the GIL, and so stopped the event loop, for 4-11 ms.
+which held the GIL, and so stopped the event loop, for 4-12 ms.
 """
 
 from __future__ import annotations
