@@ -1,7 +1,7 @@
 """Maps of the keydir that grow without a long pause: a hash-sharded dict and an LRU index over it.
 
 A Python dict grows by copying its whole table in one C call: at 87k
-entries that call takes 4-11 ms on a shared 2-core machine, and it holds
+entries that call takes 4-12 ms on a shared 2-core machine, and it holds
 the GIL, so the event loop stops that long (recovery inserting 100k entries
 from a thread hit it at 22k, 44k and 87k entries, every time). Split into
 SHARDS dicts by key hash, one insert resizes one shard, so a pause is
