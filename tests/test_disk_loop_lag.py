@@ -1,11 +1,17 @@
-"""The event loop never waits on the disk engine's housekeeping: recovery, namespace deletes,
-compaction and eviction over 100k blocks keep the loop's lag under 5 ms at p99.
+"""The event loop never waits on the disk engine's housekeeping: recovery (from hint files, and
+half from hints and half by scanning), namespace deletes, compaction and eviction over 100k blocks
+keep the loop's lag under 5 ms at p99.
 
 Lag is measured the way a client feels it: a coroutine on the loop asks to wake every 2 ms
 and records how late it woke, while the tier works beside it. The machine these tests run on
 is shared (its idle loops alone see several ms at p99), so a control process runs the same
 ticker with no disk tier at the same time, and the limit applies to what the tier adds:
 p99(ours) - p99(control) < 5 ms. On an idle machine the control's p99 is ~0.2 ms.
+
+Recovery from hint files is its own phase with its own p99: it takes a fraction of a second
+(~150-300 ticks), so a few long GIL holds in it (the index's dicts copying their tables as
+they grow past 44k and 87k entries held it for 4-12 ms) decide its p99, where over the whole
+run's thousands of ticks they would vanish.
 """
 
 from __future__ import annotations
@@ -89,16 +95,28 @@ async def _until(cond, timeout: float, what: str) -> None:
 
 def test_loop_lag_stays_under_5ms_while_recovery_compaction_and_eviction_run(tmp_path):
     _populate(tmp_path)
-    hints = sorted((tmp_path / "disk").glob("*.hint"))
-    for p in hints[::2]:            # half the segments recover from hints, half by scanning
-        p.unlink()
+    assert len(list((tmp_path / "disk").glob("*.hint"))) > 10
 
     async def go() -> dict:
+        phases = {}
         cfg = _cfg()
+        tier = DiskTier(cfg, tmp_path)              # every segment has its hint: none is read
+        ticker = Ticker()
+        ticker.start()
+        await tier.start()
+        await tier.wait_recovered()
+        assert tier.stats()["blocks"] == N
+        await ticker.stop()
+        phases["hint recovery"] = ticker.p99()
+        phases["hint recovery ticks"] = len(ticker.lags)
+        await tier.close()
+        hints = sorted((tmp_path / "disk").glob("*.hint"))
+        for p in hints[::2]:            # half the segments recover from hints, half by scanning
+            p.unlink()
+
         tier = DiskTier(cfg, tmp_path)
         ticker = Ticker()
         ticker.start()
-        phases = {}
         await tier.start()
         await tier.wait_recovered()
         st = tier.stats()
@@ -137,5 +155,6 @@ def test_loop_lag_stays_under_5ms_while_recovery_compaction_and_eviction_run(tmp
         control.kill()
     control_p99, control_ticks = float(out.split()[0]), int(out.split()[1])
     print(f"loop lag p99 by phase (s): {phases}; control process p99 {control_p99:.4f} s")
-    assert phases["ticks"] > 100 and control_ticks > 100
+    assert phases["ticks"] > 100 and phases["hint recovery ticks"] > 20 and control_ticks > 100
+    assert phases["hint recovery"] - control_p99 < 0.005, (phases, control_p99)
     assert phases["all"] - control_p99 < 0.005, (phases, control_p99)

@@ -10,6 +10,7 @@ job:
 - names        file names of the directory, strays, epoch and sequence-number spaces
 - types        the shared data types (segments, entries, tombstones, jobs, plans)
 - keydir       the index: entries in LRU order, per-namespace maps, tombstones
+- shardmap     the index's maps, split so that growing never copies a big table at once
 - aligned_io   aligned buffers, O_DIRECT detection, batched pwritev/preadv, fault injection
 - jobs         running one write or read job (iovecs, checksums)
 - capacity     room accounting, LRU eviction, segment retirement (SegmentStore mixin)

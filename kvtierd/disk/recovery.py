@@ -123,10 +123,8 @@ def _apply_hint(store, seg: Segment, h, tick) -> int:
         part = rec[start:end]
         cols = [part[f].tolist() for f in ("off", "flags", "ns", "klen", "plen", "seq", "csum", "aux")]
         keys = part["key"].tobytes()
-        batch = []
-        for i in range(end - start):
-            off, flags, nsi, klen, plen, seq, csum, aux = (c[i] for c in cols)
-            batch.append((off, flags, ns_names[nsi], keys[i * MAX_KEY:i * MAX_KEY + klen], plen, seq, csum, aux))
+        batch = [(off, flags, ns_names[nsi], keys[p:p + klen], plen, seq, csum, aux)
+                 for p, off, flags, nsi, klen, plen, seq, csum, aux in zip(range(0, len(keys), MAX_KEY), *cols)]
         got = apply_records(store, seg, batch)
         inserted += got
         tick((end - start) * PAGE, got)
@@ -138,28 +136,28 @@ def apply_records(store, seg: Segment, recs: list[tuple]) -> int:
     hold, then hide what namespace tombstones among them cover. Returns entries inserted."""
     sweeps = []
     inserted = 0
+    kd, seg_id = store.kd, seg.id
     with store.lock:
         for off, flags, ns, key, plen, seq, csum, aux in recs:
             if flags & (FLAG_TOMBSTONE | FLAG_NS_TOMBSTONE):
                 k = (ns, key if flags & FLAG_TOMBSTONE else None)
                 if _tomb(store, k, flags, seq, aux, seg):
                     sweeps.append((ns, seq))
-            elif _insert(store, ns, key, seg, off, plen, seq, csum):
+            elif _insert(kd, ns, key, seg_id, off, plen, seq, csum):
                 inserted += 1
     for ns, seq in sweeps:
         _sweep_namespace(store, ns, seq)
     return inserted
 
 
-def _insert(store, ns: str, key: bytes, seg: Segment, off: int, plen: int, seq: int, csum: int) -> bool:
+def _insert(kd, ns: str, key: bytes, seg_id: int, off: int, plen: int, seq: int, csum: int) -> bool:
     """Add a recovered record if nothing newer is known. Caller holds the lock."""
-    kd = store.kd
-    if kd.hidden_by_tomb(ns, key, seq):
+    if kd.tombs.n and kd.hidden_by_tomb(ns, key, seq):    # (most starts know no tombstone)
         return False
     cur = kd.current((ns, key))
-    if cur is not None and (cur[SEQ] > seq or (cur[SEQ] == seq and cur[SEG] >= seg.id)):
+    if cur is not None and (cur[SEQ] > seq or (cur[SEQ] == seq and cur[SEG] >= seg_id)):
         return False
-    kd.insert(entry(ns, key, seg.id, off, plen, seq, csum))
+    kd.insert(entry(ns, key, seg_id, off, plen, seq, csum))
     return True
 
 

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvtierd.disk.format import PAGE, record_size
+from kvtierd.disk.shardmap import ShardedDict
+
+
+SEGMENT_SHARDS = 16            # shards of a segment's live map (shardmap.py)
 
 
 class Segment:
@@ -25,7 +29,8 @@ class Segment:
         self.fd = fd
         self.size = size              # bytes allocated (written or in flight)
         self.sealed = sealed          # no more appends
-        self.live: dict[tuple[str, bytes], tuple] = {}   # key -> entry (types.Entry)
+        # key -> entry (types.Entry); sharded: a 1 GiB segment of 4 KiB blocks holds 131k
+        self.live = ShardedDict(SEGMENT_SHARDS)
         self.live_bytes = 0
         self.tombs: set[tuple[str, bytes | None]] = set()   # tombstones whose record lies here
         self.refs = 0                 # readers holding the fd

@@ -1,0 +1,93 @@
+"""The keydir's sharded maps behave as the dicts they replace: the LRU index evicts in exactly
+least-recently-used order through inserts, touches, value changes and removals, and the sharded
+dict holds what a dict would."""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+
+from kvtierd.disk.shardmap import LruIndex, ShardedDict
+
+
+def test_lru_index_keeps_exact_lru_order_like_an_ordereddict():
+    rnd = random.Random(7)
+    lru, model = LruIndex(shards=8, generation=16), OrderedDict()
+    for step in range(20_000):
+        k = ("ns", rnd.randrange(300).to_bytes(2, "little"))
+        op = rnd.random()
+        if op < 0.4:
+            lru.add(k, step)
+            model[k] = step
+            model.move_to_end(k)
+        elif op < 0.6 and k in model:
+            lru.touch(k)
+            model.move_to_end(k)
+        elif op < 0.7 and k in model:
+            lru.set(k, -step)
+            model[k] = -step
+        elif op < 0.85 and k in model:
+            assert lru.remove(k) == model.pop(k)
+        elif op < 0.9 and model:                      # evict the coldest, as capacity.py does
+            first = lru.first()
+            assert first == next(iter(model.values()))
+            lru.remove(next(iter(model)))
+            model.popitem(last=False)
+        assert len(lru) == len(model) and bool(lru) == bool(model)
+        assert lru.get(k) == model.get(k) and (k in lru) == (k in model)
+        if step % 500 == 0:
+            assert list(lru.values()) == list(model.values())
+    assert lru.first() == next(iter(model.values()), None)
+    while model:
+        lru.remove(next(iter(model)))
+        model.popitem(last=False)
+    assert lru.first() is None and not lru and list(lru.values()) == []
+
+
+def test_sharded_dict_holds_what_a_dict_holds():
+    rnd = random.Random(3)
+    sd, model = ShardedDict(16), {}
+    for i in range(5000):
+        k = rnd.randrange(800).to_bytes(2, "little")
+        if rnd.random() < 0.6:
+            sd[k] = model[k] = i
+        else:
+            assert sd.pop(k, None) == model.pop(k, None)
+        assert len(sd) == len(model) and sd.get(k) == model.get(k) and (k in sd) == (k in model)
+    assert sorted(sd.items()) == sorted(model.items()) and sorted(sd) == sorted(model)
+    assert sorted(sd.values()) == sorted(model.values())
+    while model:
+        k, v = sd.popitem()
+        assert model.pop(k) == v
+    assert not sd and len(sd) == 0
+
+
+def test_no_dict_in_the_keydir_grows_with_the_number_of_keys():
+    """A dict copies its whole table in one step (holding the GIL, so stopping the event loop)
+    when it grows: with 200k keys in two namespaces, no dict or set the keydir reaches holds
+    more than 1/16 of them, so no single step of building the index copies much."""
+    import gc
+    from pathlib import Path
+
+    from kvtierd.disk.keydir import KeyDir
+    from kvtierd.disk.types import Segment, entry
+
+    n = 200_000
+    segs = {i: Segment(i, Path(f"{i}.seg"), -1, 0, sealed=True) for i in range(4)}
+    kd = KeyDir(segs)
+    for i in range(n):
+        kd.insert(entry("ab"[i % 2], i.to_bytes(8, "little"), i % 4, i // 4 * 8192, 4096, i, 0))
+    for i in range(0, n, 3):
+        kd.touch(("ab"[i % 2], i.to_bytes(8, "little")))      # reads move keys between LRU generations
+    assert kd.blocks == n and kd.live_bytes == n * 8192
+
+    largest, seen, todo = 0, set(), [kd]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (tuple, str, bytes, int, type)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, (dict, set, frozenset)):
+            largest = max(largest, len(obj))
+        todo.extend(gc.get_referents(obj))
+    assert 0 < largest <= n // 16, largest
