@@ -51,15 +51,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
+import numpy as np
 from redis.exceptions import ClusterDownError, ResponseError
 
 from kvtierd.config import RemoteConfig
 from kvtierd.remote.breaker import CLOSED, CircuitBreaker
 from kvtierd.remote.connection import Remote, connect, redact
 from kvtierd.remote.stats import Counters
-from kvtierd.remote.values import BUCKETS, FIXED_SIZE, MAX_KEY, NamespaceNames
+from kvtierd.remote.values import BUCKETS, FIXED_SIZE, MAX_KEY, NamespaceNames, checksum
 from kvtierd.remote.writer import Budget, Write, WriteQueue
 
 log = logging.getLogger("kvtierd.remote")
@@ -88,6 +90,8 @@ class RemoteTier:
         self._refresh: asyncio.Task | None = None
         self._ttl_ms = int(cfg.ttl_s * 1000)
         self._refusal_logged = -60.0
+        # fetch() copies and hashes in this thread, off the event loop (threads start on first use).
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtierd-remote-check")
 
     # ----------------------------------------------------------- lifecycle
 
@@ -125,6 +129,7 @@ class RemoteTier:
             except Exception:
                 log.debug("closing the remote client", exc_info=True)
             self._remote = None
+        self._pool.shutdown(wait=False)
 
     # ----------------------------------------------------------------- API
 
@@ -182,35 +187,37 @@ class RemoteTier:
             return ok
         names = self._ns(ns_name)
         per_round = max(1, self.cfg.pipeline_bytes // (block_size + FIXED_SIZE + MAX_KEY))
-        for start in range(0, len(keys), per_round):
-            chunk = keys[start:start + per_round]
-            t0 = time.perf_counter()
-            groups = _by_bucket(names, chunk)
-            cmds = [("MGET", *[k for i in idx for k in (names.key(chunk[i]), names.header_key(chunk[i]))])
-                    for idx in groups]
-            replies = await self._round(cmds)
-            self.c.latency["fetch"].observe(time.perf_counter() - t0)
-            if replies is None:
-                break
-            values: list[Any] = [None] * (2 * len(chunk))
-            for idx, reply in zip(groups, replies):
-                if isinstance(reply, list) and len(reply) == 2 * len(idx):
-                    for j, i in enumerate(idx):
-                        values[2 * i], values[2 * i + 1] = reply[2 * j], reply[2 * j + 1]
-            for i, key in enumerate(chunk):
-                payload, header = values[2 * i], values[2 * i + 1]
-                if payload is None or header is None:
-                    continue
-                csum = names.verify(key, block_size, header, payload)
-                if csum is None:
-                    self.c.corrupt += 1
-                    continue
-                dests[start + i][:] = payload
-                ok[start + i] = True
-                if sums is not None:
-                    sums[start + i] = csum
-            if not self.available():
-                break
+        loop = asyncio.get_running_loop()
+        checking: asyncio.Future | None = None     # the previous round's copy and check, in the tier's thread
+        try:
+            for start in range(0, len(keys), per_round):
+                chunk = keys[start:start + per_round]
+                t0 = time.perf_counter()
+                groups = _by_bucket(names, chunk)
+                cmds = [("MGET", *[k for i in idx for k in (names.key(chunk[i]), names.header_key(chunk[i]))])
+                        for idx in groups]
+                replies = await self._round(cmds)      # meanwhile the thread checks the round before
+                self.c.latency["fetch"].observe(time.perf_counter() - t0)
+                if replies is None:
+                    break
+                todo = self._intact_headers(names, block_size, chunk, groups, replies, start, dests)
+                if checking is not None:
+                    self._delivered(await asyncio.shield(checking), ok, sums)
+                    checking = None
+                try:
+                    checking = loop.run_in_executor(self._pool, _copy_and_check, todo)
+                except RuntimeError:                   # the pool shut down: close() is under way
+                    break
+                if not self.available():
+                    break
+            if checking is not None:
+                self._delivered(await asyncio.shield(checking), ok, sums)
+                checking = None
+        finally:
+            if checking is not None:
+                # Cancelled while the thread writes into dests: the caller frees those slots as soon as
+                # this returns, so wait for the thread (a bounded copy) before letting go.
+                await _uncancellable(checking)
         hits = sum(ok)
         self.c.hits += hits
         self.c.misses += len(keys) - hits
@@ -268,6 +275,37 @@ class RemoteTier:
                 self._names.clear()
             names = self._names[name] = NamespaceNames(name, self.buckets)
         return names
+
+    def _intact_headers(self, names: NamespaceNames, block_size: int, chunk: Sequence[bytes],
+                        groups: list[list[int]], replies: list[Any], start: int,
+                        dests: Sequence[memoryview]) -> list[tuple]:
+        """(position, payload, dest, announced xxh3) of each block of a round whose header is that of
+        block `key` of this namespace and whose payload has the block's length; the rest are misses
+        (corrupt ones counted). Cheap per block: the bytes are the thread's (_copy_and_check)."""
+        todo = []
+        for idx, reply in zip(groups, replies):
+            if not isinstance(reply, list) or len(reply) != 2 * len(idx):
+                continue
+            for j, i in enumerate(idx):
+                payload, header = reply[2 * j], reply[2 * j + 1]
+                if payload is None or header is None:
+                    continue
+                want = names.header_ok(chunk[i], block_size, header) if len(payload) == block_size else None
+                if want is None:
+                    self.c.corrupt += 1
+                    continue
+                todo.append((start + i, payload, dests[start + i], want))
+        return todo
+
+    def _delivered(self, checked: list[tuple[int, int | None]], ok: list[bool], sums: list | None) -> None:
+        """Record the thread's verdicts: a block is delivered only if the copy in its dest hashes as announced."""
+        for pos, csum in checked:
+            if csum is None:
+                self.c.corrupt += 1
+                continue
+            ok[pos] = True
+            if sums is not None:
+                sums[pos] = csum
 
     async def _exists_round(self, names: NamespaceNames, block_size: int, keys: Sequence[bytes],
                             t0: float) -> list[bool] | None:
@@ -441,6 +479,30 @@ def _by_bucket(names: NamespaceNames, keys: Sequence[bytes]) -> list[list[int]]:
     for i, k in enumerate(keys):
         groups.setdefault(names.bucket(k), []).append(i)
     return list(groups.values())
+
+
+def _copy_and_check(todo: list[tuple]) -> list[tuple[int, int | None]]:
+    """In the tier's thread: copy each payload into its dest, then hash the copy (what the caller gets) and
+    compare it with the header's xxh3. numpy's copy and xxhash release the GIL, so the event loop parses the
+    next round meanwhile. (position, xxh3 or None when it does not match) per block."""
+    out = []
+    for pos, payload, dest, want in todo:
+        np.copyto(np.frombuffer(dest, np.uint8), np.frombuffer(payload, np.uint8))
+        csum = checksum(dest)
+        out.append((pos, csum if csum == want else None))
+    return out
+
+
+async def _uncancellable(fut: asyncio.Future) -> None:
+    """Wait for `fut` to finish even if the waiting task is cancelled meanwhile (re-raised after)."""
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.wait((fut,))          # neither cancels fut nor raises its exception
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _set_ok(reply: Any) -> bool:
