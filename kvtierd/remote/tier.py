@@ -21,8 +21,13 @@ Contract with the caller (all calls on the event loop thread):
   `exists()` is the same round, answered per key.
 * `fetch(ns_name, block_size, keys, dests, sums=None) -> list[bool]`: an MGET
   of payloads and headers per bucket, in rounds of at most `pipeline_bytes`;
-  each block is checked (values.py) and its payload copied into `dests[i]`
-  (writable, exactly block_size bytes). False means dests[i] may hold anything and must
+  each block's header is checked on the loop, then a thread of the tier
+  copies its payload into `dests[i]` (writable, exactly block_size bytes)
+  and hashes the copy against the header's xxh3 (values.py), while the
+  next round is on the wire: the loop is not held by the copy, and a
+  fetch holds at most two rounds of replies (one being checked, one
+  arriving). A cancelled fetch returns only once that thread has stopped
+  writing into `dests`. False means dests[i] may hold anything and must
   not be served. A failed round makes the rest of the call misses. With
   `sums` a list, sums[i] gets the xxh3_64 of each delivered block (computed
   to verify it: the caller need not hash it again).
@@ -39,11 +44,13 @@ Contract with the caller (all calls on the event loop thread):
   noeviction, ACL) fail their keys only and do not. Bad arguments (a dest of the
   wrong size) are the caller's bug and raise ValueError.
 
-Writes are `SET payload-key view PX ttl` and `SET header-key header PX ttl`
-in one pipeline (values.py says why two strings): the payload goes from the
-caller's memoryview to the socket with no copy. A reader between the two
-sees a payload without its header, or an old header with a new payload: a
-miss either way.
+A write round is `SET payload-key view PX ttl` per block, then, per bucket,
+one EVAL of HEADERS_LUA that sets the bucket's header keys with the same
+TTL, in one pipeline (values.py says why two strings): the payload goes from
+the caller's memoryview to the socket with no copy, and a round costs
+redis-py's per-command Python once per block, not twice. A reader between
+the two sees a payload without its header, or an old header with a new
+payload: a miss either way.
 """
 
 from __future__ import annotations
@@ -68,6 +75,15 @@ log = logging.getLogger("kvtierd.remote")
 
 MAX_LATE_ROUNDS = 32       # lookup rounds past their budget that may still be out
 MAX_NAMES = 4096           # namespace name cache entries (the store bounds namespaces far below)
+
+# The headers of one bucket in one command: redis-py's cluster pipeline spends tens of microseconds of
+# Python per command, and a SET per header doubled the commands of a write round (bench/remote.py).
+# KEYS: header keys (one hash slot); ARGV[1]: TTL in ms (0: none), then the headers in KEYS' order.
+HEADERS_LUA = """local px = ARGV[1]
+for i = 1, #KEYS do
+  if px == '0' then redis.call('SET', KEYS[i], ARGV[i + 1]) else redis.call('SET', KEYS[i], ARGV[i + 1], 'PX', px) end
+end
+return #KEYS"""
 
 
 class RemoteTier:
@@ -440,13 +456,22 @@ class RemoteTier:
         except Exception:
             log.exception("a remote write's done callback failed")
 
-    def _commands(self, batch: list[Write]) -> list[tuple]:
+    def _commands(self, batch: list[Write]) -> tuple[list[tuple], list[int]]:
+        """The round that writes `batch`: a SET per payload, then one EVAL of HEADERS_LUA per hash slot
+        bucket setting that bucket's headers; and, per write, the position of its EVAL's reply."""
         px = ("PX", self._ttl_ms) if self._ttl_ms > 0 else ()
-        cmds: list[tuple] = []
+        cmds: list[tuple] = [("SET", w.names.key(w.key), w.view, *px) for w in batch]
+        buckets: dict[tuple, list[Write]] = {}
         for w in batch:
-            cmds.append(("SET", w.names.key(w.key), w.view, *px))
-            cmds.append(("SET", w.names.header_key(w.key), w.names.header(w.key, w.view, w.csum), *px))
-        return cmds
+            slot = w.names.bucket(w.key) if w.names.buckets else w.key      # 0 buckets: a slot per block
+            buckets.setdefault((w.names.digest, slot), []).append(w)
+        header_reply = {}
+        for ws in buckets.values():
+            for w in ws:
+                header_reply[id(w)] = len(cmds)
+            cmds.append(("EVAL", HEADERS_LUA, len(ws), *[w.names.header_key(w.key) for w in ws], self._ttl_ms,
+                         *[w.names.header(w.key, w.view, w.csum) for w in ws]))
+        return cmds, [header_reply[id(w)] for w in batch]
 
     async def _writer(self) -> None:
         while True:
@@ -464,10 +489,11 @@ class RemoteTier:
                 continue
             batch = self.queue.take()
             t0 = time.perf_counter()
-            results = await self._round(self._commands(batch))
+            cmds, header_at = self._commands(batch)
+            results = await self._round(cmds)
             self.c.latency["write"].observe(time.perf_counter() - t0)
             for i, w in enumerate(batch):
-                ok = results is not None and _set_ok(results[2 * i]) and _set_ok(results[2 * i + 1])
+                ok = results is not None and _set_ok(results[i]) and isinstance(results[header_at[i]], int)
                 self._finish(w, ok)
 
 

@@ -55,7 +55,8 @@ end when the allocator hands out cold pages), or `SET header` + `APPEND
 payload`, which copies the payload again inside every master and replica
 (+0.2 to +0.45 cluster CPU s/GB). At that size two strings cost the cluster
 what a plain SET of the block costs (within 0.1 s/GB); the price is one
-more small command per block, in the same pipeline to the same node.
+more small key per block, set for a whole bucket by one script call in the
+same pipeline to the same node (tier.py).
 """
 
 from __future__ import annotations
