@@ -21,13 +21,12 @@ Contract with the caller (all calls on the event loop thread):
   `exists()` is the same round, answered per key.
 * `fetch(ns_name, block_size, keys, dests, sums=None) -> list[bool]`: an MGET
   of payloads and headers per bucket, in rounds of at most `pipeline_bytes`;
-  each block's header is checked on the loop, then a thread of the tier
-  copies its payload into `dests[i]` (writable, exactly block_size bytes)
-  and hashes the copy against the header's xxh3 (values.py), while the
-  next round is on the wire: the loop is not held by the copy, and a
-  fetch holds at most two rounds of replies (one being checked, one
-  arriving). A cancelled fetch returns only once that thread has stopped
-  writing into `dests`. False means dests[i] may hold anything and must
+  each block's header is checked (values.py), its payload copied into
+  `dests[i]` (writable, exactly block_size bytes) and the copy hashed
+  against the header's xxh3. The next round is sent before a round is
+  checked, so the cluster sends it meanwhile; a fetch holds at most two
+  rounds of replies. (A thread for the copy and hash measured worse on a
+  loaded 2-core machine: GIL hand-offs cost more than the overlap gained.) False means dests[i] may hold anything and must
   not be served. A failed round makes the rest of the call misses. With
   `sums` a list, sums[i] gets the xxh3_64 of each delivered block (computed
   to verify it: the caller need not hash it again).
@@ -58,10 +57,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-import numpy as np
 from redis.exceptions import ClusterDownError, ResponseError
 
 from kvtierd.config import RemoteConfig
@@ -106,8 +103,6 @@ class RemoteTier:
         self._refresh: asyncio.Task | None = None
         self._ttl_ms = int(cfg.ttl_s * 1000)
         self._refusal_logged = -60.0
-        # fetch() copies and hashes in this thread, off the event loop (threads start on first use).
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtierd-remote-check")
 
     # ----------------------------------------------------------- lifecycle
 
@@ -145,7 +140,6 @@ class RemoteTier:
             except Exception:
                 log.debug("closing the remote client", exc_info=True)
             self._remote = None
-        self._pool.shutdown(wait=False)
 
     # ----------------------------------------------------------------- API
 
@@ -203,37 +197,22 @@ class RemoteTier:
             return ok
         names = self._ns(ns_name)
         per_round = max(1, self.cfg.pipeline_bytes // (block_size + FIXED_SIZE + MAX_KEY))
-        loop = asyncio.get_running_loop()
-        checking: asyncio.Future | None = None     # the previous round's copy and check, in the tier's thread
+        nxt = self._fetch_round(names, keys, 0, per_round)
         try:
-            for start in range(0, len(keys), per_round):
-                chunk = keys[start:start + per_round]
-                t0 = time.perf_counter()
-                groups = _by_bucket(names, chunk)
-                cmds = [("MGET", *[k for i in idx for k in (names.key(chunk[i]), names.header_key(chunk[i]))])
-                        for idx in groups]
-                replies = await self._round(cmds)      # meanwhile the thread checks the round before
-                self.c.latency["fetch"].observe(time.perf_counter() - t0)
+            while nxt is not None:
+                start, groups, task = nxt
+                nxt = None
+                replies = await task
                 if replies is None:
                     break
-                todo = self._intact_headers(names, block_size, chunk, groups, replies, start, dests)
-                if checking is not None:
-                    self._delivered(await asyncio.shield(checking), ok, sums)
-                    checking = None
-                try:
-                    checking = loop.run_in_executor(self._pool, _copy_and_check, todo)
-                except RuntimeError:                   # the pool shut down: close() is under way
-                    break
-                if not self.available():
-                    break
-            if checking is not None:
-                self._delivered(await asyncio.shield(checking), ok, sums)
-                checking = None
+                if start + per_round < len(keys) and self.available():
+                    # The next round goes out before this one is checked: the cluster sends it while
+                    # the loop copies and hashes (the fetch holds at most two rounds of replies).
+                    nxt = self._fetch_round(names, keys, start + per_round, per_round)
+                self._deliver(names, block_size, keys, start, groups, replies, dests, ok, sums)
         finally:
-            if checking is not None:
-                # Cancelled while the thread writes into dests: the caller frees those slots as soon as
-                # this returns, so wait for the thread (a bounded copy) before letting go.
-                await _uncancellable(checking)
+            if nxt is not None:     # cancelled, or the remote went down: the round ends on its own
+                nxt[2].add_done_callback(lambda t: t.cancelled() or t.exception())
         hits = sum(ok)
         self.c.hits += hits
         self.c.misses += len(keys) - hits
@@ -292,13 +271,26 @@ class RemoteTier:
             names = self._names[name] = NamespaceNames(name, self.buckets)
         return names
 
-    def _intact_headers(self, names: NamespaceNames, block_size: int, chunk: Sequence[bytes],
-                        groups: list[list[int]], replies: list[Any], start: int,
-                        dests: Sequence[memoryview]) -> list[tuple]:
-        """(position, payload, dest, announced xxh3) of each block of a round whose header is that of
-        block `key` of this namespace and whose payload has the block's length; the rest are misses
-        (corrupt ones counted). Cheap per block: the bytes are the thread's (_copy_and_check)."""
-        todo = []
+    def _fetch_round(self, names: NamespaceNames, keys: Sequence[bytes], start: int,
+                     per_round: int) -> tuple[int, list[list[int]], asyncio.Task]:
+        """Send the round for keys[start:start + per_round]: an MGET of payload and header keys per bucket."""
+        chunk = keys[start:start + per_round]
+        groups = [[start + i for i in idx] for idx in _by_bucket(names, chunk)]
+        cmds = [("MGET", *[k for i in idx for k in (names.key(keys[i]), names.header_key(keys[i]))])
+                for idx in groups]
+        return start, groups, asyncio.ensure_future(self._timed_round("fetch", cmds))
+
+    async def _timed_round(self, op: str, cmds: list[tuple]) -> list[Any] | None:
+        t0 = time.perf_counter()
+        replies = await self._round(cmds)
+        self.c.latency[op].observe(time.perf_counter() - t0)
+        return replies
+
+    def _deliver(self, names: NamespaceNames, block_size: int, keys: Sequence[bytes], start: int,
+                 groups: list[list[int]], replies: list[Any], dests: Sequence[memoryview], ok: list[bool],
+                 sums: list | None) -> None:
+        """Copy each block of a round whose header is that of block `key` of this namespace into its dest,
+        then hash the copy (what the caller gets) against the header's xxh3; ok[i] only if it matches."""
         for idx, reply in zip(groups, replies):
             if not isinstance(reply, list) or len(reply) != 2 * len(idx):
                 continue
@@ -306,22 +298,15 @@ class RemoteTier:
                 payload, header = reply[2 * j], reply[2 * j + 1]
                 if payload is None or header is None:
                     continue
-                want = names.header_ok(chunk[i], block_size, header) if len(payload) == block_size else None
-                if want is None:
-                    self.c.corrupt += 1
-                    continue
-                todo.append((start + i, payload, dests[start + i], want))
-        return todo
-
-    def _delivered(self, checked: list[tuple[int, int | None]], ok: list[bool], sums: list | None) -> None:
-        """Record the thread's verdicts: a block is delivered only if the copy in its dest hashes as announced."""
-        for pos, csum in checked:
-            if csum is None:
+                want = names.header_ok(keys[i], block_size, header) if len(payload) == block_size else None
+                if want is not None:
+                    dests[i][:] = payload
+                    if checksum(dests[i]) == want:
+                        ok[i] = True
+                        if sums is not None:
+                            sums[i] = want
+                        continue
                 self.c.corrupt += 1
-                continue
-            ok[pos] = True
-            if sums is not None:
-                sums[pos] = csum
 
     async def _exists_round(self, names: NamespaceNames, block_size: int, keys: Sequence[bytes],
                             t0: float) -> list[bool] | None:
@@ -505,30 +490,6 @@ def _by_bucket(names: NamespaceNames, keys: Sequence[bytes]) -> list[list[int]]:
     for i, k in enumerate(keys):
         groups.setdefault(names.bucket(k), []).append(i)
     return list(groups.values())
-
-
-def _copy_and_check(todo: list[tuple]) -> list[tuple[int, int | None]]:
-    """In the tier's thread: copy each payload into its dest, then hash the copy (what the caller gets) and
-    compare it with the header's xxh3. numpy's copy and xxhash release the GIL, so the event loop parses the
-    next round meanwhile. (position, xxh3 or None when it does not match) per block."""
-    out = []
-    for pos, payload, dest, want in todo:
-        np.copyto(np.frombuffer(dest, np.uint8), np.frombuffer(payload, np.uint8))
-        csum = checksum(dest)
-        out.append((pos, csum if csum == want else None))
-    return out
-
-
-async def _uncancellable(fut: asyncio.Future) -> None:
-    """Wait for `fut` to finish even if the waiting task is cancelled meanwhile (re-raised after)."""
-    cancelled = False
-    while not fut.done():
-        try:
-            await asyncio.wait((fut,))          # neither cancels fut nor raises its exception
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
 
 
 def _set_ok(reply: Any) -> bool:
