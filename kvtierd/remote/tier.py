@@ -47,7 +47,8 @@ A write round is `SET payload-key view PX ttl` per block, then, per bucket,
 one EVAL of HEADERS_LUA that sets the bucket's header keys with the same
 TTL, in one pipeline (values.py says why two strings): the payload goes from
 the caller's memoryview to the socket with no copy, and a round costs
-redis-py's per-command Python once per block, not twice. A reader between
+redis-py's per-command Python once per block, not twice. (So an ACL user for
+kvtierd needs EVAL besides SET and MGET on its key pattern.) A reader between
 the two sees a payload without its header, or an old header with a new
 payload: a miss either way.
 """
