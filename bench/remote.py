@@ -23,9 +23,10 @@ per namespace, one per block: values.py); at 4 MiB two raw rows show what a
 one-value format (header and payload in one string) would cost: SET of a
 joined copy, or SET header + APPEND payload; and a tier row where the
 caller gives no checksum, so the tier hashes each block as it sends it.
-`raw get, tier's read buffers` is raw GET through a client whose connections
-keep their hiredis read buffers as the tier's do (connection.py): the tier's
-ratio to it says what the check and the copy cost on equal connections.
+`raw get, tier's connection settings` is raw GET through a client whose
+connections read 1 MiB at a time and keep their hiredis read buffers, as the
+tier's do (connection.py): the tier's ratio to it says what the check and
+the copy cost on equal connections.
 
 After one warm-up round, each figure is the median of --reps measurements,
 and each ratio the median of --reps paired ratios (a tier measurement over
@@ -83,7 +84,7 @@ from redis.retry import Retry  # noqa: E402
 
 from kvtierd.config import format_size, load, parse_size  # noqa: E402
 from kvtierd.remote import RemoteTier  # noqa: E402
-from kvtierd.remote.connection import keep_read_buffers  # noqa: E402
+from kvtierd.remote.connection import READ_SIZE, keep_read_buffers  # noqa: E402
 from kvtierd.remote.values import BUCKETS  # noqa: E402
 
 TTL_MS = 600_000
@@ -93,9 +94,11 @@ def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
 
-async def raw_client(url: str, tier_buffers: bool = False) -> RedisCluster:
-    rc = RedisCluster.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=30)
-    if tier_buffers:
+async def raw_client(url: str, tier_settings: bool = False) -> RedisCluster:
+    """redis-py's defaults, or (tier_settings) the tier's read size and read buffers (connection.py)."""
+    extra = {"socket_read_size": READ_SIZE} if tier_settings else {}
+    rc = RedisCluster.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=30, **extra)
+    if tier_settings:
         keep_read_buffers(rc)
     await rc.initialize()
     return rc
@@ -204,7 +207,7 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
                           "remote.lookup_budget_s": 5.0}).remote
     per_bytes = cfg.pipeline_bytes
     rc = await raw_client(url)
-    rc_kept = await raw_client(url, tier_buffers=True)
+    rc_kept = await raw_client(url, tier_settings=True)
     rows = []
     tiers = {b: RemoteTier(cfg, buckets=b) for b in (BUCKETS, 1, 0)}
     for t in tiers.values():
@@ -255,7 +258,7 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
                         record(name, await timed(raw_put_one_value(rc, alt, blocks, per_round, append), rc))
                 raw_g = record("raw get", await timed(raw_get(rc, raw_keys, per_round), rc))
                 record("raw get+copy", await timed(raw_get(rc, raw_keys, per_round, dests), rc))
-                kept_g = record("raw get, tier's read buffers", await timed(raw_get(rc_kept, raw_keys, per_round), rc))
+                kept_g = record("raw get, tier's connection settings", await timed(raw_get(rc_kept, raw_keys, per_round), rc))
                 for lay in layouts:
                     tag = tags[lay]
                     tg = record("tier get" + tag,
@@ -263,7 +266,7 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
                     if rep:
                         ratios.setdefault("get" + tag, []).append(tg / raw_g)
                         if lay == BUCKETS:
-                            ratios.setdefault("get [raw with the tier's read buffers]", []).append(tg / kept_g)
+                            ratios.setdefault("get [raw with the tier's connection settings]", []).append(tg / kept_g)
                 await rc.flushall(target_nodes=RedisCluster.PRIMARIES)
             for name, vals in gb.items():
                 rows.append((format_size(size), name, statistics.median(vals), min(vals), max(vals),

@@ -7,7 +7,10 @@ plain `Redis`. Both use hiredis to parse replies (redis-py picks it up when
 installed) and redis-py's own Python packer to send, which hands a
 `memoryview` argument to the socket as it is, without copying it.
 
-Each connection's hiredis reader keeps up to READ_BUFFER_KEEP bytes of
+Replies are read from the socket READ_SIZE (1 MiB) at a time, not redis-py's
+64 KiB: a read, a hiredis feed and a parse attempt per chunk are Python calls,
+and at 1-4 MiB blocks the larger reads save 0.05-0.1 client CPU s/GB
+(bench/remote.py). Each connection's hiredis reader keeps up to READ_BUFFER_KEEP bytes of
 buffer between replies (`KeepBufferParser`). hiredis otherwise frees its
 buffer whenever it empties past 16 KiB, so every block-sized reply grows a
 fresh one, and fresh pages cost a page fault each: bench/remote.py counts
@@ -49,6 +52,7 @@ log = logging.getLogger("kvtierd.remote")
 
 PASSWORD_ENV = "KVTIERD_REMOTE_PASSWORD"
 MAX_SEEDS = 64
+READ_SIZE = 1 << 20            # bytes asked of the socket per read
 READ_BUFFER_KEEP = 8 << 20     # a reply of a 4 MiB block and the read after it fit
 
 
@@ -91,6 +95,7 @@ def client_options(cfg: RemoteConfig) -> tuple[tuple[str, int], dict[str, Any]]:
         "health_check_interval": 0,
         "retry": Retry(NoBackoff(), 0),
         "decode_responses": False,
+        "socket_read_size": READ_SIZE,
     }
     opts.update({k: v for k, v in parsed.items() if k in ("username", "password")})
     if cfg.username:
