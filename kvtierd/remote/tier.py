@@ -26,10 +26,11 @@ Contract with the caller (all calls on the event loop thread):
   against the header's xxh3. The next round is sent before a round is
   checked, so the cluster sends it meanwhile; a fetch holds at most two
   rounds of replies. (A thread for the copy and hash measured worse on a
-  loaded 2-core machine: GIL hand-offs cost more than the overlap gained.) False means dests[i] may hold anything and must
-  not be served. A failed round makes the rest of the call misses. With
-  `sums` a list, sums[i] gets the xxh3_64 of each delivered block (computed
-  to verify it: the caller need not hash it again).
+  loaded 2-core machine: GIL hand-offs cost more than the overlap gained.)
+  False means dests[i] may hold anything and must not be served. A failed
+  round makes the rest of the call misses. With `sums` a list, sums[i] gets
+  the xxh3_64 of each delivered block (computed to verify it: the caller
+  need not hash it again).
 * `offer(ns_name, key, view, done, csum=None) -> bool`: see writer.py. True:
   `view` must stay valid and unchanged until `done(ok)` is called (on the
   loop, exactly once, also at close()). `csum` is the block's xxh3_64 as the
@@ -275,10 +276,8 @@ class RemoteTier:
     def _fetch_round(self, names: NamespaceNames, keys: Sequence[bytes], start: int,
                      per_round: int) -> tuple[int, list[list[int]], asyncio.Task]:
         """Send the round for keys[start:start + per_round]: an MGET of payload and header keys per bucket."""
-        chunk = keys[start:start + per_round]
-        groups = [[start + i for i in idx] for idx in _by_bucket(names, chunk)]
-        cmds = [("MGET", *[k for i in idx for k in (names.key(keys[i]), names.header_key(keys[i]))])
-                for idx in groups]
+        groups, args = _by_bucket(names, keys, start, min(len(keys), start + per_round), payloads=True)
+        cmds = [("MGET", *a) for a in args]
         return start, groups, asyncio.ensure_future(self._timed_round("fetch", cmds))
 
     async def _timed_round(self, op: str, cmds: list[tuple]) -> list[Any] | None:
@@ -312,8 +311,8 @@ class RemoteTier:
     async def _exists_round(self, names: NamespaceNames, block_size: int, keys: Sequence[bytes],
                             t0: float) -> list[bool] | None:
         """Presence of each key, or None when the round failed."""
-        groups = _by_bucket(names, keys)
-        replies = await self._round([("MGET", *[names.header_key(keys[i]) for i in idx]) for idx in groups])
+        groups, args = _by_bucket(names, keys, 0, len(keys), payloads=False)
+        replies = await self._round([("MGET", *a) for a in args])
         self.c.latency["lookup"].observe(time.perf_counter() - t0)
         if replies is None:
             return None
@@ -446,18 +445,22 @@ class RemoteTier:
         """The round that writes `batch`: a SET per payload, then one EVAL of HEADERS_LUA per hash slot
         bucket setting that bucket's headers; and, per write, the position of its EVAL's reply."""
         px = ("PX", self._ttl_ms) if self._ttl_ms > 0 else ()
-        cmds: list[tuple] = [("SET", w.names.key(w.key), w.view, *px) for w in batch]
-        buckets: dict[tuple, list[Write]] = {}
-        for w in batch:
-            slot = w.names.bucket(w.key) if w.names.buckets else w.key      # 0 buckets: a slot per block
-            buckets.setdefault((w.names.digest, slot), []).append(w)
-        header_reply = {}
-        for ws in buckets.values():
-            for w in ws:
-                header_reply[id(w)] = len(cmds)
-            cmds.append(("EVAL", HEADERS_LUA, len(ws), *[w.names.header_key(w.key) for w in ws], self._ttl_ms,
-                         *[w.names.header(w.key, w.view, w.csum) for w in ws]))
-        return cmds, [header_reply[id(w)] for w in batch]
+        cmds: list[tuple] = []
+        buckets: dict[tuple, tuple[list[int], list[bytes], list[bytes]]] = {}
+        for i, w in enumerate(batch):
+            b, payload_key, header_key = w.names.redis_keys(w.key)
+            cmds.append(("SET", payload_key, w.view, *px))
+            # 0 buckets: a hash slot per block, so a script per block
+            group = buckets.setdefault((w.names.digest, b if b >= 0 else w.key), ([], [], []))
+            group[0].append(i)
+            group[1].append(header_key)
+            group[2].append(w.names.header(w.key, w.view, w.csum))
+        header_at = [0] * len(batch)
+        for positions, header_keys, headers in buckets.values():
+            for i in positions:
+                header_at[i] = len(cmds)
+            cmds.append(("EVAL", HEADERS_LUA, len(header_keys), *header_keys, self._ttl_ms, *headers))
+        return cmds, header_at
 
     async def _writer(self) -> None:
         while True:
@@ -483,14 +486,21 @@ class RemoteTier:
                 self._finish(w, ok)
 
 
-def _by_bucket(names: NamespaceNames, keys: Sequence[bytes]) -> list[list[int]]:
-    """Positions of `keys` grouped by hash slot bucket (one multi-key command each), in first-seen order."""
-    if names.buckets == 0:
-        return [[i] for i in range(len(keys))]
-    groups: dict[int, list[int]] = {}
-    for i, k in enumerate(keys):
-        groups.setdefault(names.bucket(k), []).append(i)
-    return list(groups.values())
+def _by_bucket(names: NamespaceNames, keys: Sequence[bytes], start: int, end: int,
+               payloads: bool) -> tuple[list[list[int]], list[list[bytes]]]:
+    """Positions start..end-1 of `keys` grouped by hash slot bucket (one multi-key command each), in
+    first-seen order, and each group's Redis keys: payload and header key per block, or headers only."""
+    groups: dict[int, tuple[list[int], list[bytes]]] = {}
+    for i in range(start, end):
+        b, payload_key, header_key = names.redis_keys(keys[i])
+        group = groups.get(b if b >= 0 else -1 - i)      # 0 buckets: a slot per block
+        if group is None:
+            group = groups[b if b >= 0 else -1 - i] = ([], [])
+        group[0].append(i)
+        if payloads:
+            group[1].append(payload_key)
+        group[1].append(header_key)
+    return [g[0] for g in groups.values()], [g[1] for g in groups.values()]
 
 
 def _set_ok(reply: Any) -> bool:

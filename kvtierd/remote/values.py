@@ -113,6 +113,15 @@ class NamespaceNames:
         """The Redis key of block `key`'s header (the same hash slot as its payload)."""
         return self.key(key) + b":h"
 
+    def redis_keys(self, key: bytes) -> tuple[int, bytes, bytes]:
+        """(bucket, payload key, header key) of block `key`, hashing it once (per-block work of a round)."""
+        if self.buckets == 0:
+            payload = self.key(key)
+            return -1, payload, payload + b":h"
+        b = self.bucket(key)
+        payload = self._tags[b] + key.hex().encode()
+        return b, payload, payload + b":h"
+
     def header(self, key: bytes, payload: memoryview | bytes, csum: int | None = None) -> bytes:
         """The header of `payload` stored under `key`; `csum` is its xxh3_64 when the caller has it."""
         if len(key) > MAX_KEY:
