@@ -258,7 +258,8 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
                         record(name, await timed(raw_put_one_value(rc, alt, blocks, per_round, append), rc))
                 raw_g = record("raw get", await timed(raw_get(rc, raw_keys, per_round), rc))
                 record("raw get+copy", await timed(raw_get(rc, raw_keys, per_round, dests), rc))
-                kept_g = record("raw get, tier's connection settings", await timed(raw_get(rc_kept, raw_keys, per_round), rc))
+                kept_g = record("raw get, tier's connection settings",
+                                await timed(raw_get(rc_kept, raw_keys, per_round), rc))
                 for lay in layouts:
                     tag = tags[lay]
                     tg = record("tier get" + tag,
