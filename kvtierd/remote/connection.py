@@ -9,14 +9,15 @@ installed) and redis-py's own Python packer to send, which hands a
 
 Replies are read from the socket READ_SIZE (1 MiB) at a time, not redis-py's
 64 KiB: a read, a hiredis feed and a parse attempt per chunk are Python calls,
-and at 1-4 MiB blocks the larger reads save 0.05-0.1 client CPU s/GB
-(bench/remote.py). Each connection's hiredis reader keeps up to READ_BUFFER_KEEP bytes of
-buffer between replies (`KeepBufferParser`). hiredis otherwise frees its
-buffer whenever it empties past 16 KiB, so every block-sized reply grows a
-fresh one, and fresh pages cost a page fault each: bench/remote.py counts
-~10^5 minor faults per GB read that way, 0.2 s/GB of client CPU at 1 MiB,
-about what the tier's copy and xxh3 check of the payload cost. The price is
-that much memory per open connection (a pipeline holds one per node).
+and at 1-4 MiB blocks the larger reads save 0.09-0.12 client CPU s/GB
+(bench/README.md). Each connection's hiredis reader keeps up to
+READ_BUFFER_KEEP bytes of buffer between replies (`KeepBufferParser`).
+hiredis otherwise frees its buffer whenever it empties past 16 KiB, so every
+block-sized reply grows a fresh one, and fresh pages cost a page fault each:
+50-150 thousand minor faults per GB read when the allocator hands out fresh
+pages, ~0.2 client CPU s/GB at 1 MiB, about what the tier's copy and xxh3
+check of the payload cost. The price is that much memory per open connection
+(a pipeline holds one per node).
 
 redis-py's own retries are turned off (`Retry(NoBackoff(), 0)`): a retry
 after a failed round would hold the caller for another timeout, and the tier
