@@ -6,11 +6,14 @@ pipelined rounds of at most remote.pipeline_bytes (16 MiB):
 
   raw put    redis-py asyncio RedisCluster pipelines of `SET key bytes PX ttl`
   tier put   RemoteTier.offer() of every block, timed until every done() came back
-             (SET of the payload view and of its header; the xxh3 in the header is
-             passed in, as the daemon passes the checksum it took at commit)
+             (SET of each payload view, one EVAL per bucket setting its headers; the
+             xxh3 in the header is passed in, as the daemon passes the checksum it
+             took at commit)
   raw get    pipelines of GET, the reply bytes kept
-  tier get   RemoteTier.fetch() into preallocated slot-sized buffers (header
-             and xxh3 checked, payload copied into the buffer)
+  tier get   RemoteTier.fetch() into preallocated slot-sized buffers (an MGET of
+             payloads and headers per bucket; headers checked, each payload copied
+             into its buffer and the copy's xxh3 checked, while the next round is
+             on the wire)
 
 The raw rows are the ceiling: the same client library and round shape, no
 header, no checksum, no copy into a destination. `raw get+copy` adds the one
@@ -20,13 +23,19 @@ per namespace, one per block: values.py); at 4 MiB two raw rows show what a
 one-value format (header and payload in one string) would cost: SET of a
 joined copy, or SET header + APPEND payload; and a tier row where the
 caller gives no checksum, so the tier hashes each block as it sends it.
+`raw get, tier's connection settings` is raw GET through a client whose
+connections read 1 MiB at a time and keep their hiredis read buffers, as the
+tier's do (connection.py): the tier's ratio to it says what the check and
+the copy cost on equal connections.
 
 After one warm-up round, each figure is the median of --reps measurements,
 and each ratio the median of --reps paired ratios (a tier measurement over
 the raw one taken just before it, so a machine shared with other work skews
 both alike). `client CPU s/GB` is the benchmark process's CPU time per GB
 moved, `cluster CPU s/GB` that of all six redis-server processes (INFO cpu):
-on a loaded machine both are steadier than wall time.
+on a loaded machine both are steadier than wall time. `faults/GB` counts the
+benchmark process's minor page faults per GB moved (in thousands): fresh
+pages the allocator hands out, one fault each.
 Replicas receive every write, so put figures include replication load on the
 same machine.
 
@@ -46,7 +55,7 @@ node B then answers the same prefix with a new suffix:
            each sample node B deletes its local copies, so each is a remote hit
   host     the same prefix once node B holds it in its host tier
 
-    python bench/remote.py [--sizes 256KiB,1MiB,4MiB] [--total 128MiB] [--reps 3] [--url redis://...]
+    python bench/remote.py [--sizes 256KiB,1MiB,4MiB] [--total 128MiB] [--reps 5] [--url redis://...]
                            [--ttft-lengths 1024,2048,4096] [--no-throughput] [--no-ttft]
 """
 
@@ -56,6 +65,7 @@ import argparse
 import asyncio
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -74,6 +84,7 @@ from redis.retry import Retry  # noqa: E402
 
 from kvtierd.config import format_size, load, parse_size  # noqa: E402
 from kvtierd.remote import RemoteTier  # noqa: E402
+from kvtierd.remote.connection import READ_SIZE, keep_read_buffers  # noqa: E402
 from kvtierd.remote.values import BUCKETS  # noqa: E402
 
 TTL_MS = 600_000
@@ -83,8 +94,12 @@ def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
 
-async def raw_client(url: str) -> RedisCluster:
-    rc = RedisCluster.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=30)
+async def raw_client(url: str, tier_settings: bool = False) -> RedisCluster:
+    """redis-py's defaults, or (tier_settings) the tier's read size and read buffers (connection.py)."""
+    extra = {"socket_read_size": READ_SIZE} if tier_settings else {}
+    rc = RedisCluster.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=30, **extra)
+    if tier_settings:
+        keep_read_buffers(rc)
     await rc.initialize()
     return rc
 
@@ -155,13 +170,19 @@ async def server_cpu(rc) -> float:
     return sum(n["used_cpu_sys"] + n["used_cpu_user"] for n in info.values())
 
 
-async def timed(coro, rc) -> tuple[float, float, float]:
-    """(wall seconds, client CPU seconds, cluster CPU seconds) of one measurement."""
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+async def timed(coro, rc) -> tuple[float, float, float, int]:
+    """(wall seconds, client CPU seconds, cluster CPU seconds, client minor faults) of one measurement."""
     s0 = await server_cpu(rc)
+    f0 = minor_faults()
     c0 = time.process_time()
     wall = await coro
     c1 = time.process_time()
-    return wall, c1 - c0, await server_cpu(rc) - s0
+    f1 = minor_faults()
+    return wall, c1 - c0, await server_cpu(rc) - s0, f1 - f0
 
 
 async def raw_put_one_value(rc, keys, blocks, per_round, append: bool) -> float:
@@ -186,6 +207,7 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
                           "remote.lookup_budget_s": 5.0}).remote
     per_bytes = cfg.pipeline_bytes
     rc = await raw_client(url)
+    rc_kept = await raw_client(url, tier_settings=True)
     rows = []
     tiers = {b: RemoteTier(cfg, buckets=b) for b in (BUCKETS, 1, 0)}
     for t in tiers.values():
@@ -202,14 +224,16 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
             gb: dict[str, list[float]] = {}
             cpu: dict[str, list[float]] = {}
             scpu: dict[str, list[float]] = {}
+            flt: dict[str, list[float]] = {}
             ratios: dict[str, list[float]] = {}
             layouts = [BUCKETS, 1, 0] if size == 1 << 20 else [BUCKETS]
             for rep in range(reps + 1):            # rep 0 warms connections and server memory up
-                def record(name: str, t: tuple[float, float, float]) -> float:
+                def record(name: str, t: tuple[float, float, float, int]) -> float:
                     if rep:
                         gb.setdefault(name, []).append(gbps(moved, t[0]))
                         cpu.setdefault(name, []).append(t[1] / (moved / 1e9))
                         scpu.setdefault(name, []).append(t[2] / (moved / 1e9))
+                        flt.setdefault(name, []).append(t[3] / (moved / 1e9) / 1e3)
                     return gbps(moved, t[0])
                 raw_keys = [b"raw:%d:%d:%d" % (size, rep, i) for i in range(n)]
                 keys = {lay: [os.urandom(32) for _ in range(n)] for lay in layouts}
@@ -234,24 +258,30 @@ async def measure(url: str, sizes: list[int], total: int, reps: int) -> list[tup
                         record(name, await timed(raw_put_one_value(rc, alt, blocks, per_round, append), rc))
                 raw_g = record("raw get", await timed(raw_get(rc, raw_keys, per_round), rc))
                 record("raw get+copy", await timed(raw_get(rc, raw_keys, per_round, dests), rc))
+                kept_g = record("raw get, tier's connection settings",
+                                await timed(raw_get(rc_kept, raw_keys, per_round), rc))
                 for lay in layouts:
                     tag = tags[lay]
                     tg = record("tier get" + tag,
                                 await timed(tier_get(tiers[lay], ns[lay], size, keys[lay], dests), rc))
                     if rep:
                         ratios.setdefault("get" + tag, []).append(tg / raw_g)
+                        if lay == BUCKETS:
+                            ratios.setdefault("get [raw with the tier's connection settings]", []).append(tg / kept_g)
                 await rc.flushall(target_nodes=RedisCluster.PRIMARIES)
             for name, vals in gb.items():
                 rows.append((format_size(size), name, statistics.median(vals), min(vals), max(vals),
-                             statistics.median(cpu[name]), statistics.median(scpu[name])))
+                             statistics.median(cpu[name]), statistics.median(scpu[name]),
+                             statistics.median(flt[name])))
             for name, vals in ratios.items():
                 rows.append((format_size(size), f"ratio tier/raw {name}", statistics.median(vals), min(vals),
-                             max(vals), None, None))
+                             max(vals), None, None, None))
         rows.extend(await lookup_latency(tiers, reps))
     finally:
         for t in tiers.values():
             await t.close()
         await rc.aclose()
+        await rc_kept.aclose()
     return rows
 
 
@@ -274,7 +304,7 @@ async def lookup_latency(tiers: dict, reps: int, chain: int = 64, calls: int = 2
         name = {BUCKETS: f"{BUCKETS} slots per namespace (default)", 1: "one slot per namespace",
                 0: "one slot per block"}[b]
         rows.append(("lookup", f"present(), 64-key chain, {name}: ms per call", statistics.median(walls),
-                     min(walls), max(walls), statistics.median(cpus), None))
+                     min(walls), max(walls), statistics.median(cpus), None, None))
     return rows
 
 
@@ -355,7 +385,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="256KiB,1MiB,4MiB")
     ap.add_argument("--total", default="128MiB", help="bytes moved per measurement")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--url", default="", help="an existing cluster (default: start one on loopback)")
     ap.add_argument("--ttft-lengths", default="1024,2048,4096", help="prefix lengths in tokens for the TTFT part")
     ap.add_argument("--no-throughput", action="store_true")
@@ -379,10 +409,11 @@ def main() -> None:
             rows, ttft_rows = run(cluster.url)
     if rows:
         print(f"| block | path | GB/s or ratio (median of {a.reps}) | min | max | client CPU s/GB | "
-              f"cluster CPU s/GB |")
-        print("|---|---|---|---|---|---|---|")
-        for size, name, med, lo, hi, cpu, scpu in rows:
-            extra = "| |" if cpu is None else f"| {cpu:.2f} | {'' if scpu is None else f'{scpu:.2f}'} |"
+              f"cluster CPU s/GB | faults/GB (k) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for size, name, med, lo, hi, cpu, scpu, flt in rows:
+            extra = "| | |" if cpu is None else (f"| {cpu:.2f} | {'' if scpu is None else f'{scpu:.2f}'} | "
+                                                 f"{'' if flt is None else f'{flt:.0f}'} |")
             print(f"| {size} | {name} | {med:.3f} | {lo:.3f} | {hi:.3f} {extra}")
     for line in ttft_rows:
         print(line)

@@ -159,10 +159,21 @@ def test_a_single_server_works_too(tmp_path):
                 assert await put_all(tier, "single", keys, blocks) == [True] * 5
                 assert await tier.present("single", 300 * KIB, keys) == 5
                 assert await get_all(tier, "single", 300 * KIB, keys) == blocks
-                ttl = r.pttl(NamespaceNames("single").key(keys[0]))
-                assert 0 < ttl <= 86400 * 1000            # remote.ttl_s default: one day
+                names = NamespaceNames("single")
+                for k in keys:                            # payload and header expire alike
+                    assert 0 < r.pttl(names.key(k)) <= 86400 * 1000          # remote.ttl_s default: one day
+                    assert 0 < r.pttl(names.header_key(k)) <= 86400 * 1000
             finally:
                 await tier.close()
+            forever = RemoteTier(remote_cfg(url, ttl_s=0))
+            await forever.start()
+            try:
+                assert await put_all(forever, "forever", keys, blocks) == [True] * 5
+                assert await get_all(forever, "forever", 300 * KIB, keys) == blocks
+                names = NamespaceNames("forever")
+                assert {r.pttl(names.key(k)) for k in keys} == {r.pttl(names.header_key(k)) for k in keys} == {-1}
+            finally:
+                await forever.close()
         run(main())
     finally:
         proc.terminate()

@@ -58,6 +58,10 @@ def test_remote_names_keep_namespaces_apart_and_spread_a_namespace_over_16_slots
     assert len({key_slot(one.key(k)) for k in keys}) == 1
     per_block = NamespaceNames("a", buckets=0)
     assert len({key_slot(per_block.key(k)) for k in keys}) > 250
+    for names in (a, one, per_block):           # the one-hash form a round uses names the same keys
+        for k in keys[:20]:
+            bucket, payload_key, header_key = names.redis_keys(k)
+            assert (bucket, payload_key, header_key) == (names.bucket(k), names.key(k), names.header_key(k))
 
 
 def test_breaker_opens_after_a_run_of_failures_and_closes_after_a_good_probe():

@@ -7,6 +7,18 @@ plain `Redis`. Both use hiredis to parse replies (redis-py picks it up when
 installed) and redis-py's own Python packer to send, which hands a
 `memoryview` argument to the socket as it is, without copying it.
 
+Replies are read from the socket READ_SIZE (1 MiB) at a time, not redis-py's
+64 KiB: a read, a hiredis feed and a parse attempt per chunk are Python calls,
+and at 1-4 MiB blocks the larger reads save 0.09-0.12 client CPU s/GB
+(bench/README.md). Each connection's hiredis reader keeps up to
+READ_BUFFER_KEEP bytes of buffer between replies (`KeepBufferParser`).
+hiredis otherwise frees its buffer whenever it empties past 16 KiB, so every
+block-sized reply grows a fresh one, and fresh pages cost a page fault each:
+50-150 thousand minor faults per GB read when the allocator hands out fresh
+pages, ~0.2 client CPU s/GB at 1 MiB, about what the tier's copy and xxh3
+check of the payload cost. The price is that much memory per open connection
+(a pipeline holds one per node).
+
 redis-py's own retries are turned off (`Retry(NoBackoff(), 0)`): a retry
 after a failed round would hold the caller for another timeout, and the tier
 has its own answer to failure (a miss now, the circuit breaker, a probe that
@@ -27,11 +39,13 @@ import logging
 import os
 from typing import Any
 
+from redis._parsers import _AsyncHiredisParser
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.utils import HIREDIS_AVAILABLE
 
 from kvtierd.config import RemoteConfig
 
@@ -39,6 +53,29 @@ log = logging.getLogger("kvtierd.remote")
 
 PASSWORD_ENV = "KVTIERD_REMOTE_PASSWORD"
 MAX_SEEDS = 64
+READ_SIZE = 1 << 20            # bytes asked of the socket per read
+READ_BUFFER_KEEP = 8 << 20     # a reply of a 4 MiB block and the read after it fit
+
+
+class KeepBufferParser(_AsyncHiredisParser):
+    """redis-py's hiredis parser, with a reader that keeps its buffer (up to READ_BUFFER_KEEP) between replies."""
+
+    def on_connect(self, connection: Any) -> None:
+        super().on_connect(connection)
+        self._reader.setmaxbuf(READ_BUFFER_KEEP)
+
+
+def keep_read_buffers(client: Redis | RedisCluster) -> None:
+    """Make the connections `client` opens from now on use KeepBufferParser (when hiredis is there)."""
+    if not HIREDIS_AVAILABLE:
+        return
+    if isinstance(client, RedisCluster):
+        # Nodes found later copy the manager's kwargs; the startup nodes have copies of their own.
+        manager = client.nodes_manager
+        for kwargs in [manager.connection_kwargs, *(n.connection_kwargs for n in manager.startup_nodes.values())]:
+            kwargs["parser_class"] = KeepBufferParser
+    else:
+        client.connection_pool.connection_kwargs["parser_class"] = KeepBufferParser
 
 
 def redact(url: str) -> str:
@@ -59,6 +96,7 @@ def client_options(cfg: RemoteConfig) -> tuple[tuple[str, int], dict[str, Any]]:
         "health_check_interval": 0,
         "retry": Retry(NoBackoff(), 0),
         "decode_responses": False,
+        "socket_read_size": READ_SIZE,
     }
     opts.update({k: v for k, v in parsed.items() if k in ("username", "password")})
     if cfg.username:
@@ -139,9 +177,11 @@ async def connect(cfg: RemoteConfig, seeds: list[tuple[str, int]] | None = None)
             await probe.aclose()
         if not info.get("cluster_enabled"):
             client = Redis(host=host, port=port, max_connections=256, **opts)
+            keep_read_buffers(client)
             return Remote(client, cluster=False)
         cluster = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in candidates],
                                require_full_coverage=False, **opts)
+        keep_read_buffers(cluster)
         try:
             await cluster.initialize()
         except Exception:

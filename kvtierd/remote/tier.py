@@ -21,11 +21,16 @@ Contract with the caller (all calls on the event loop thread):
   `exists()` is the same round, answered per key.
 * `fetch(ns_name, block_size, keys, dests, sums=None) -> list[bool]`: an MGET
   of payloads and headers per bucket, in rounds of at most `pipeline_bytes`;
-  each block is checked (values.py) and its payload copied into `dests[i]`
-  (writable, exactly block_size bytes). False means dests[i] may hold anything and must
-  not be served. A failed round makes the rest of the call misses. With
-  `sums` a list, sums[i] gets the xxh3_64 of each delivered block (computed
-  to verify it: the caller need not hash it again).
+  each block's header is checked (values.py), its payload copied into
+  `dests[i]` (writable, exactly block_size bytes) and the copy hashed
+  against the header's xxh3. The next round is sent before a round is
+  checked, so the cluster sends it meanwhile; a fetch holds at most two
+  rounds of replies. (A thread for the copy and hash measured worse on a
+  loaded 2-core machine: GIL hand-offs cost more than the overlap gained.)
+  False means dests[i] may hold anything and must not be served. A failed
+  round makes the rest of the call misses. With `sums` a list, sums[i] gets
+  the xxh3_64 of each delivered block (computed to verify it: the caller
+  need not hash it again).
 * `offer(ns_name, key, view, done, csum=None) -> bool`: see writer.py. True:
   `view` must stay valid and unchanged until `done(ok)` is called (on the
   loop, exactly once, also at close()). `csum` is the block's xxh3_64 as the
@@ -39,11 +44,14 @@ Contract with the caller (all calls on the event loop thread):
   noeviction, ACL) fail their keys only and do not. Bad arguments (a dest of the
   wrong size) are the caller's bug and raise ValueError.
 
-Writes are `SET payload-key view PX ttl` and `SET header-key header PX ttl`
-in one pipeline (values.py says why two strings): the payload goes from the
-caller's memoryview to the socket with no copy. A reader between the two
-sees a payload without its header, or an old header with a new payload: a
-miss either way.
+A write round is `SET payload-key view PX ttl` per block, then, per bucket,
+one EVAL of HEADERS_LUA that sets the bucket's header keys with the same
+TTL, in one pipeline (values.py says why two strings): the payload goes from
+the caller's memoryview to the socket with no copy, and a round costs
+redis-py's per-command Python once per block, not twice. (So an ACL user for
+kvtierd needs EVAL besides SET and MGET on its key pattern.) A reader between
+the two sees a payload without its header, or an old header with a new
+payload: a miss either way.
 """
 
 from __future__ import annotations
@@ -59,13 +67,22 @@ from kvtierd.config import RemoteConfig
 from kvtierd.remote.breaker import CLOSED, CircuitBreaker
 from kvtierd.remote.connection import Remote, connect, redact
 from kvtierd.remote.stats import Counters
-from kvtierd.remote.values import BUCKETS, FIXED_SIZE, MAX_KEY, NamespaceNames
+from kvtierd.remote.values import BUCKETS, FIXED_SIZE, MAX_KEY, NamespaceNames, checksum
 from kvtierd.remote.writer import Budget, Write, WriteQueue
 
 log = logging.getLogger("kvtierd.remote")
 
 MAX_LATE_ROUNDS = 32       # lookup rounds past their budget that may still be out
 MAX_NAMES = 4096           # namespace name cache entries (the store bounds namespaces far below)
+
+# The headers of one bucket in one command: redis-py's cluster pipeline spends tens of microseconds of
+# Python per command, and a SET per header doubled the commands of a write round (bench/remote.py).
+# KEYS: header keys (one hash slot); ARGV[1]: TTL in ms (0: none), then the headers in KEYS' order.
+HEADERS_LUA = """local px = ARGV[1]
+for i = 1, #KEYS do
+  if px == '0' then redis.call('SET', KEYS[i], ARGV[i + 1]) else redis.call('SET', KEYS[i], ARGV[i + 1], 'PX', px) end
+end
+return #KEYS"""
 
 
 class RemoteTier:
@@ -182,35 +199,22 @@ class RemoteTier:
             return ok
         names = self._ns(ns_name)
         per_round = max(1, self.cfg.pipeline_bytes // (block_size + FIXED_SIZE + MAX_KEY))
-        for start in range(0, len(keys), per_round):
-            chunk = keys[start:start + per_round]
-            t0 = time.perf_counter()
-            groups = _by_bucket(names, chunk)
-            cmds = [("MGET", *[k for i in idx for k in (names.key(chunk[i]), names.header_key(chunk[i]))])
-                    for idx in groups]
-            replies = await self._round(cmds)
-            self.c.latency["fetch"].observe(time.perf_counter() - t0)
-            if replies is None:
-                break
-            values: list[Any] = [None] * (2 * len(chunk))
-            for idx, reply in zip(groups, replies):
-                if isinstance(reply, list) and len(reply) == 2 * len(idx):
-                    for j, i in enumerate(idx):
-                        values[2 * i], values[2 * i + 1] = reply[2 * j], reply[2 * j + 1]
-            for i, key in enumerate(chunk):
-                payload, header = values[2 * i], values[2 * i + 1]
-                if payload is None or header is None:
-                    continue
-                csum = names.verify(key, block_size, header, payload)
-                if csum is None:
-                    self.c.corrupt += 1
-                    continue
-                dests[start + i][:] = payload
-                ok[start + i] = True
-                if sums is not None:
-                    sums[start + i] = csum
-            if not self.available():
-                break
+        nxt = self._fetch_round(names, keys, 0, per_round)
+        try:
+            while nxt is not None:
+                start, groups, task = nxt
+                nxt = None
+                replies = await task
+                if replies is None:
+                    break
+                if start + per_round < len(keys) and self.available():
+                    # The next round goes out before this one is checked: the cluster sends it while
+                    # the loop copies and hashes (the fetch holds at most two rounds of replies).
+                    nxt = self._fetch_round(names, keys, start + per_round, per_round)
+                self._deliver(names, block_size, keys, start, groups, replies, dests, ok, sums)
+        finally:
+            if nxt is not None:     # cancelled, or the remote went down: the round ends on its own
+                nxt[2].add_done_callback(lambda t: t.cancelled() or t.exception())
         hits = sum(ok)
         self.c.hits += hits
         self.c.misses += len(keys) - hits
@@ -269,11 +273,46 @@ class RemoteTier:
             names = self._names[name] = NamespaceNames(name, self.buckets)
         return names
 
+    def _fetch_round(self, names: NamespaceNames, keys: Sequence[bytes], start: int,
+                     per_round: int) -> tuple[int, list[list[int]], asyncio.Task]:
+        """Send the round for keys[start:start + per_round]: an MGET of payload and header keys per bucket."""
+        groups, args = _by_bucket(names, keys, start, min(len(keys), start + per_round), payloads=True)
+        cmds = [("MGET", *a) for a in args]
+        return start, groups, asyncio.ensure_future(self._timed_round("fetch", cmds))
+
+    async def _timed_round(self, op: str, cmds: list[tuple]) -> list[Any] | None:
+        t0 = time.perf_counter()
+        replies = await self._round(cmds)
+        self.c.latency[op].observe(time.perf_counter() - t0)
+        return replies
+
+    def _deliver(self, names: NamespaceNames, block_size: int, keys: Sequence[bytes], start: int,
+                 groups: list[list[int]], replies: list[Any], dests: Sequence[memoryview], ok: list[bool],
+                 sums: list | None) -> None:
+        """Copy each block of a round whose header is that of block `key` of this namespace into its dest,
+        then hash the copy (what the caller gets) against the header's xxh3; ok[i] only if it matches."""
+        for idx, reply in zip(groups, replies):
+            if not isinstance(reply, list) or len(reply) != 2 * len(idx):
+                continue
+            for j, i in enumerate(idx):
+                payload, header = reply[2 * j], reply[2 * j + 1]
+                if payload is None or header is None:
+                    continue
+                want = names.header_ok(keys[i], block_size, header) if len(payload) == block_size else None
+                if want is not None:
+                    dests[i][:] = payload
+                    if checksum(dests[i]) == want:
+                        ok[i] = True
+                        if sums is not None:
+                            sums[i] = want
+                        continue
+                self.c.corrupt += 1
+
     async def _exists_round(self, names: NamespaceNames, block_size: int, keys: Sequence[bytes],
                             t0: float) -> list[bool] | None:
         """Presence of each key, or None when the round failed."""
-        groups = _by_bucket(names, keys)
-        replies = await self._round([("MGET", *[names.header_key(keys[i]) for i in idx]) for idx in groups])
+        groups, args = _by_bucket(names, keys, 0, len(keys), payloads=False)
+        replies = await self._round([("MGET", *a) for a in args])
         self.c.latency["lookup"].observe(time.perf_counter() - t0)
         if replies is None:
             return None
@@ -402,13 +441,26 @@ class RemoteTier:
         except Exception:
             log.exception("a remote write's done callback failed")
 
-    def _commands(self, batch: list[Write]) -> list[tuple]:
+    def _commands(self, batch: list[Write]) -> tuple[list[tuple], list[int]]:
+        """The round that writes `batch`: a SET per payload, then one EVAL of HEADERS_LUA per hash slot
+        bucket setting that bucket's headers; and, per write, the position of its EVAL's reply."""
         px = ("PX", self._ttl_ms) if self._ttl_ms > 0 else ()
         cmds: list[tuple] = []
-        for w in batch:
-            cmds.append(("SET", w.names.key(w.key), w.view, *px))
-            cmds.append(("SET", w.names.header_key(w.key), w.names.header(w.key, w.view, w.csum), *px))
-        return cmds
+        buckets: dict[tuple, tuple[list[int], list[bytes], list[bytes]]] = {}
+        for i, w in enumerate(batch):
+            b, payload_key, header_key = w.names.redis_keys(w.key)
+            cmds.append(("SET", payload_key, w.view, *px))
+            # 0 buckets: a hash slot per block, so a script per block
+            group = buckets.setdefault((w.names.digest, b if b >= 0 else w.key), ([], [], []))
+            group[0].append(i)
+            group[1].append(header_key)
+            group[2].append(w.names.header(w.key, w.view, w.csum))
+        header_at = [0] * len(batch)
+        for positions, header_keys, headers in buckets.values():
+            for i in positions:
+                header_at[i] = len(cmds)
+            cmds.append(("EVAL", HEADERS_LUA, len(header_keys), *header_keys, self._ttl_ms, *headers))
+        return cmds, header_at
 
     async def _writer(self) -> None:
         while True:
@@ -426,21 +478,29 @@ class RemoteTier:
                 continue
             batch = self.queue.take()
             t0 = time.perf_counter()
-            results = await self._round(self._commands(batch))
+            cmds, header_at = self._commands(batch)
+            results = await self._round(cmds)
             self.c.latency["write"].observe(time.perf_counter() - t0)
             for i, w in enumerate(batch):
-                ok = results is not None and _set_ok(results[2 * i]) and _set_ok(results[2 * i + 1])
+                ok = results is not None and _set_ok(results[i]) and isinstance(results[header_at[i]], int)
                 self._finish(w, ok)
 
 
-def _by_bucket(names: NamespaceNames, keys: Sequence[bytes]) -> list[list[int]]:
-    """Positions of `keys` grouped by hash slot bucket (one multi-key command each), in first-seen order."""
-    if names.buckets == 0:
-        return [[i] for i in range(len(keys))]
-    groups: dict[int, list[int]] = {}
-    for i, k in enumerate(keys):
-        groups.setdefault(names.bucket(k), []).append(i)
-    return list(groups.values())
+def _by_bucket(names: NamespaceNames, keys: Sequence[bytes], start: int, end: int,
+               payloads: bool) -> tuple[list[list[int]], list[list[bytes]]]:
+    """Positions start..end-1 of `keys` grouped by hash slot bucket (one multi-key command each), in
+    first-seen order, and each group's Redis keys: payload and header key per block, or headers only."""
+    groups: dict[int, tuple[list[int], list[bytes]]] = {}
+    for i in range(start, end):
+        b, payload_key, header_key = names.redis_keys(keys[i])
+        group = groups.get(b if b >= 0 else -1 - i)      # 0 buckets: a slot per block
+        if group is None:
+            group = groups[b if b >= 0 else -1 - i] = ([], [])
+        group[0].append(i)
+        if payloads:
+            group[1].append(payload_key)
+        group[1].append(header_key)
+    return [g[0] for g in groups.values()], [g[1] for g in groups.values()]
 
 
 def _set_ok(reply: Any) -> bool:

@@ -55,7 +55,8 @@ end when the allocator hands out cold pages), or `SET header` + `APPEND
 payload`, which copies the payload again inside every master and replica
 (+0.2 to +0.45 cluster CPU s/GB). At that size two strings cost the cluster
 what a plain SET of the block costs (within 0.1 s/GB); the price is one
-more small command per block, in the same pipeline to the same node.
+more small key per block, set for a whole bucket by one script call in the
+same pipeline to the same node (tier.py).
 """
 
 from __future__ import annotations
@@ -111,6 +112,15 @@ class NamespaceNames:
     def header_key(self, key: bytes) -> bytes:
         """The Redis key of block `key`'s header (the same hash slot as its payload)."""
         return self.key(key) + b":h"
+
+    def redis_keys(self, key: bytes) -> tuple[int, bytes, bytes]:
+        """(bucket, payload key, header key) of block `key`, hashing it once (per-block work of a round)."""
+        if self.buckets == 0:
+            payload = self.key(key)
+            return -1, payload, payload + b":h"
+        b = self.bucket(key)
+        payload = self._tags[b] + key.hex().encode()
+        return b, payload, payload + b":h"
 
     def header(self, key: bytes, payload: memoryview | bytes, csum: int | None = None) -> bytes:
         """The header of `payload` stored under `key`; `csum` is its xxh3_64 when the caller has it."""
