@@ -365,3 +365,27 @@ def test_a_full_cluster_refusing_writes_still_serves_reads(redis_cluster):
                 redis.Redis(port=p).config_set("maxmemory", "0")
             await tier.close()
     run(main())
+
+
+def test_an_acl_user_with_the_documented_grant_reads_and_writes(fresh_cluster):
+    """README's ACL line is enough: a user limited to those commands and keys kvtierd:* works, and
+    the default user's password is not needed."""
+    grant = ["kvtierd", "on", ">s3cret", "~kvtierd:*", "+set", "+mget", "+eval", "+ping", "+cluster|info",
+             "+cluster|slots", "+command", "+info"]
+    for port in fresh_cluster.running():
+        assert cluster_fixtures._cli(port, "ACL", "SETUSER", *grant).strip() == "OK"
+
+    async def main():
+        tier = RemoteTier(remote_cfg(fresh_cluster.url, username="kvtierd", password="s3cret"))
+        await tier.start()
+        try:
+            assert tier.stats()["cluster"] and tier.stats()["masters"] == 3
+            keys = [os.urandom(32) for _ in range(8)]
+            blocks = [os.urandom(64 * KIB) for _ in keys]
+            assert await put_all(tier, "acl/ns", keys, blocks) == [True] * len(keys)
+            assert await tier.present("acl/ns", 64 * KIB, keys) == len(keys)
+            assert await get_all(tier, "acl/ns", 64 * KIB, keys) == blocks
+            assert tier.stats()["errors"] == 0
+        finally:
+            await tier.close()
+    run(main())
