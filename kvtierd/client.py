@@ -9,8 +9,13 @@ Bulk bytes take the shared-memory path: `reserve` returns slot offsets in the
 host region of the namespace's access domain, which this process mapped from
 the fd the daemon sent with the HELLO reply (kvtierd.regions), and the client copies
 into them before `commit`; `acquire` leases slots and hands out read-only
-views of them until `release`. `put_inline`/`get_inline` send bytes in the
-frame for clients that cannot map the region (another host, a debug shell).
+views of them until `release`. Before copying into or out of slots, the
+client maps them into its page table in bulk (ClientRegion.prefault), so a
+process that just connected copies at memcpy speed instead of taking a page
+fault per 4 KiB. `get_many` returns fresh `bytes`; `get_buffers` returns the
+copies as memoryviews into one huge-page buffer per call, and `get_into`
+copies into the caller's own buffers. `put_inline`/`get_inline` send bytes in
+the frame for clients that cannot map the region (another host, a debug shell).
 
     with Client() as c:
         ns = c.namespace("llama-8b/bf16/tp0", block_size=1 << 20)
