@@ -2,10 +2,13 @@
 and write path the client has) vs inline (bytes in the frames).
 
 Starts its own daemon (host tier only). The ceiling is a plain memcpy of the same
-bytes, from private memory into a batch of reused buffers (as get_into and a
-lease's copy-out do). The machine it was written for is shared with other work, so
-the ceiling is measured again right before every timed round and each row's ratio
-is the median of its per-round ratios: a load that comes and goes moves both.
+bytes from private memory, into the kind of destination the row writes: a batch of
+reused buffers for get_into and a lease's copy-out ("reused"), one buffer as big as
+all the data for the rows that write memory that is not in cache (puts into the
+region, fresh copies: "one"). The machine it was written for is shared with other
+work, so the ceiling is measured again right before every timed round and each
+row's ratio is the median of its per-round ratios: a load that comes and goes
+moves both.
 
 Warm rows reuse one client whose mapping of the host region is faulted in; cold rows
 open a new client for every round (a new mapping: the first touch of each of its
@@ -90,8 +93,9 @@ def main() -> int:
                 sink[:] = b
     memcpy_reused()          # touch the destinations once
     memcpy_one_buffer()
-    ceilings = {"memcpy into one preallocated buffer": measure(total, memcpy_one_buffer, a.rounds, memcpy_reused),
+    ceilings = {"memcpy into one preallocated buffer": measure(total, memcpy_one_buffer, a.rounds, memcpy_one_buffer),
                 "memcpy into a batch of reused buffers": measure(total, memcpy_reused, a.rounds, memcpy_reused)}
+    against = {"one": memcpy_one_buffer, "reused": memcpy_reused}
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvtierd-bench-") as tmp:
@@ -147,17 +151,18 @@ def main() -> int:
                         for s, e in batches:
                             assert target.get_buffers(keys[s:e])[0] is not None
 
-                    ops = (("put_many", put_many), ("acquire + copy-out", copy_out), ("get_into", get_into),
-                           ("get_many", get_many), ("get_buffers", get_buffers))
-                    for name, fn in ops:
-                        rows.append(("shm, warm client", name, *measure(total, fn, a.rounds, memcpy_reused)))
+                    ops = (("put_many", put_many, "one"), ("acquire + copy-out", copy_out, "reused"),
+                           ("get_into", get_into, "reused"), ("get_many", get_many, "one"),
+                           ("get_buffers", get_buffers, "one"))
+                    for name, fn, vs in ops:
+                        rows.append(("shm, warm client", name, vs, *measure(total, fn, a.rounds, against[vs])))
                     for prefault in (True, False):
                         label = "shm, cold client" + ("" if prefault else ", prefault off")
-                        for name, fn in ops:
+                        for name, fn, vs in ops:
                             if name in ("get_into", "get_buffers") and not prefault:
                                 continue
-                            rows.append((label, name, *measure(total, lambda: fn(state["ns"]), a.rounds,
-                                                               memcpy_reused, fresh_client(prefault))))
+                            rows.append((label, name, vs, *measure(total, lambda: fn(state["ns"]), a.rounds,
+                                                                   against[vs], fresh_client(prefault))))
                     state.pop("c").close()
                 if "inline" in paths:
                     ns = c.namespace("bench-inline", block_size=bs)
@@ -175,8 +180,10 @@ def main() -> int:
                     def get_inline():
                         for s, e in batches:
                             assert ns.get_inline(keys[s:e])[0] is not None
-                    rows.append(("inline", "put_inline", *measure(total, put_inline, a.rounds, memcpy_reused)))
-                    rows.append(("inline", "get_inline", *measure(total, get_inline, a.rounds, memcpy_reused)))
+                    rows.append(("inline", "put_inline", "one", *measure(total, put_inline, a.rounds,
+                                                                         memcpy_one_buffer)))
+                    rows.append(("inline", "get_inline", "one", *measure(total, get_inline, a.rounds,
+                                                                         memcpy_one_buffer)))
         finally:
             proc.terminate()
             proc.wait(30)
@@ -184,11 +191,11 @@ def main() -> int:
     load = os.getloadavg()
     print(f"\nkvtierd put/get, {format_size(bs)} blocks, {a.blocks} blocks per round, batches of {a.batch}, "
           f"median of {a.rounds} rounds, {os.cpu_count()} cores, load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"{'path':<32} {'op':<20} {'GB/s':>7} {'/memcpy':>8} {'faults/MiB':>11}")
+    print(f"{'path':<32} {'op':<20} {'GB/s':>7} {'/memcpy':>8} {'vs':>7} {'faults/MiB':>11}")
     for name, (rate, ratio, flt) in ceilings.items():
         print(f"{name:<53} {rate:>7.2f} {ratio:>8.2f}")
-    for path, op, rate, ratio, flt in rows:
-        print(f"{path:<32} {op:<20} {rate:>7.2f} {ratio:>8.2f} {flt:>11.1f}")
+    for path, op, vs, rate, ratio, flt in rows:
+        print(f"{path:<32} {op:<20} {rate:>7.2f} {ratio:>8.2f} {vs:>7} {flt:>11.1f}")
     return 0
 
 
