@@ -478,7 +478,8 @@ class Namespace(_NamespaceBase):
         return self.client._drive(_put_steps(self, list(keys), blocks))
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
-        """Copies of the blocks, None for each miss."""
+        """Copies of the blocks, None for each miss. Each is a new `bytes`, whose fresh memory
+        costs a page fault per 4 KiB: for bulk reads get_buffers or get_into are several times faster."""
         return self.client._drive(_get_steps(self, list(keys)))
 
     def get_into(self, keys: list[bytes], out: Sequence[Any]) -> list[bool]:
