@@ -13,7 +13,6 @@ from pathlib import Path
 from kvtierd.disk.format import PAGE, record_size
 from kvtierd.disk.shardmap import ShardedDict
 
-
 SEGMENT_SHARDS = 16            # shards of a segment's live map (shardmap.py)
 
 
