@@ -1,15 +1,29 @@
-"""Put/get throughput of 1 MiB blocks: inline (bytes in the frame) vs shared memory.
+"""Put/get throughput of 1 MiB blocks through the daemon: shared memory (every read
+and write path the client has) vs inline (bytes in the frames).
 
-Starts its own daemon (host tier only), measures a plain memcpy of the same
-bytes in the same run as the ceiling, and prints GB/s and the ratio to it.
+Starts its own daemon (host tier only). The ceiling is a plain memcpy of the same
+bytes from private memory, into the kind of destination the row writes: a batch of
+reused buffers for get_into and a lease's copy-out ("reused"), one buffer as big as
+all the data for the rows that write memory that is not in cache (puts into the
+region, fresh copies: "one"). The machine it was written for is shared with other
+work, so the ceiling is measured again right before every timed round and each
+row's ratio is the median of its per-round ratios: a load that comes and goes
+moves both.
 
-    python bench/core.py [--block 1MiB] [--blocks 256] [--batch 32] [--rounds 5]
+Warm rows reuse one client whose mapping of the host region is faulted in; cold rows
+open a new client for every round (a new mapping: the first touch of each of its
+pages would fault), as a worker that just started does. The prefault-off rows turn
+the client's bulk mapping (kvtierd.regions.ClientRegion.prefault) off, to show
+what it is worth in the same run.
+
+    python bench/core.py [--block 1MiB] [--blocks 256] [--batch 32] [--rounds 5] [--paths shm,inline]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -17,19 +31,37 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _daemon import start_kvtierd
+from _daemon import prime_host_tier, start_kvtierd
 
 from kvtierd import Client
 from kvtierd.config import format_size, parse_size
 
 
-def best_rate(nbytes: int, fn, rounds: int) -> float:
-    times = []
+def faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(nbytes: int, fn, rounds: int, ceiling, setup=None) -> tuple[float, float, float]:
+    """(GB/s of the median round, median ratio to the ceiling timed just before each round,
+    minor page faults per MiB in the median round); `setup` runs untimed before each round."""
+    times, ratios, flts = [], [], []
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9
+        if setup is not None:
+            setup()
+        c = timed(ceiling)
+        f0 = faults()
+        t = timed(fn)
+        flts.append((faults() - f0) / (nbytes / (1 << 20)))
+        times.append(t)
+        ratios.append(c / t)
+    i = sorted(range(rounds), key=times.__getitem__)[rounds // 2]
+    return nbytes / times[i] / 1e9, statistics.median(ratios), flts[i]
 
 
 def main() -> int:
@@ -38,67 +70,132 @@ def main() -> int:
     ap.add_argument("--blocks", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--paths", default="shm,inline")
     a = ap.parse_args()
     bs = parse_size(a.block)
     total = bs * a.blocks
+    paths = a.paths.split(",")
     data = [np.random.default_rng(i).integers(0, 256, bs, dtype=np.uint8).tobytes() for i in range(a.blocks)]
+    batches = [(s, min(s + a.batch, a.blocks)) for s in range(0, a.blocks, a.batch)]
 
-    # Ceiling: copying the same bytes once into a preallocated buffer (what the shm path must do).
+    # Ceilings: the same bytes copied once, from private memory, into memory already touched.
     dst = bytearray(total)
     dv = memoryview(dst)
+    sinks = [bytearray(bs) for _ in range(a.batch)]
 
-    def memcpy():
+    def memcpy_one_buffer():
         for i, b in enumerate(data):
             dv[i * bs:(i + 1) * bs] = b
-    ceiling = best_rate(total, memcpy, a.rounds)
+
+    def memcpy_reused():
+        for s, e in batches:
+            for sink, b in zip(sinks, data[s:e]):
+                sink[:] = b
+    memcpy_reused()          # touch the destinations once
+    memcpy_one_buffer()
+    ceilings = {"memcpy into one preallocated buffer": measure(total, memcpy_one_buffer, a.rounds, memcpy_one_buffer),
+                "memcpy into a batch of reused buffers": measure(total, memcpy_reused, a.rounds, memcpy_reused)}
+    against = {"one": memcpy_one_buffer, "reused": memcpy_reused}
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvtierd-bench-") as tmp:
-        proc, _ = start_kvtierd(Path(tmp), total * 2 + (64 << 20))
+        proc, sock = start_kvtierd(Path(tmp), total * 3 + (64 << 20))
         try:
-            with Client(Path(tmp) / "kvtierd.sock") as c:
-                for path in ("shared memory", "inline"):
-                    ns = c.namespace(f"bench-{path}", block_size=bs)
-                    gen = [0]
+            prime_host_tier(sock, total * 3 + (64 << 20))
+            with Client(sock) as c:
+                state = {}
 
-                    def put():
-                        gen[0] += 1
-                        keys = [b"%d-%d" % (gen[0], i) for i in range(a.blocks)]
-                        for s in range(0, a.blocks, a.batch):
-                            ks, bl = keys[s:s + a.batch], data[s:s + a.batch]
-                            n = ns.put_many(ks, bl) if path == "shared memory" else ns.put_inline(ks, bl)
-                            assert n == len(ks)
-                        ns.delete(keys)
+                def fresh_client(prefault: bool):
+                    def setup():
+                        if "c" in state:
+                            state["c"].close()
+                        state["c"] = Client(sock)
+                        state["ns"] = state["c"].namespace("bench-shm", block_size=bs)
+                        state["ns"].region.prefault_enabled = prefault
+                    return setup
 
+                if "shm" in paths:
+                    ns = c.namespace("bench-shm", block_size=bs)
                     keys = [b"get-%d" % i for i in range(a.blocks)]
                     ns.put_many(keys, data)
+                    gen = [0]
 
-                    def get():
-                        for s in range(0, a.blocks, a.batch):
-                            ks = keys[s:s + a.batch]
-                            out = ns.get_many(ks) if path == "shared memory" else ns.get_inline(ks)
-                            assert out[0] is not None
+                    def put_many(target=None):
+                        target = target or ns
+                        gen[0] += 1
+                        ks = [b"%d-%d" % (gen[0], i) for i in range(a.blocks)]
+                        for s, e in batches:
+                            assert target.put_many(ks[s:e], data[s:e]) == e - s
+                        target.delete(ks)
 
-                    rows.append((path, "put", best_rate(total, put, a.rounds)))
-                    rows.append((path, "get", best_rate(total, get, a.rounds)))
-                    if path == "shared memory":
-                        # get_into copies into buffers the caller reuses: no allocation, no page faults.
-                        outs = [bytearray(bs) for _ in range(a.batch)]
+                    def copy_out(target=None):
+                        target = target or ns
+                        for s, e in batches:
+                            with target.acquire(keys[s:e]) as lease:
+                                assert lease.count == e - s
+                                for sink, v in zip(sinks, lease.views):
+                                    sink[:] = v
 
-                        def get_into():
-                            for s in range(0, a.blocks, a.batch):
-                                assert all(ns.get_into(keys[s:s + a.batch], outs))
-                        rows.append((path, "get_into", best_rate(total, get_into, a.rounds)))
+                    def get_into(target=None):
+                        target = target or ns
+                        for s, e in batches:
+                            assert all(target.get_into(keys[s:e], sinks[:e - s]))
+
+                    def get_many(target=None):
+                        target = target or ns
+                        for s, e in batches:
+                            assert target.get_many(keys[s:e])[0] is not None
+
+                    def get_buffers(target=None):
+                        target = target or ns
+                        for s, e in batches:
+                            assert target.get_buffers(keys[s:e])[0] is not None
+
+                    ops = (("put_many", put_many, "one"), ("acquire + copy-out", copy_out, "reused"),
+                           ("get_into", get_into, "reused"), ("get_many", get_many, "one"),
+                           ("get_buffers", get_buffers, "one"))
+                    for name, fn, vs in ops:
+                        rows.append(("shm, warm client", name, vs, *measure(total, fn, a.rounds, against[vs])))
+                    for prefault in (True, False):
+                        label = "shm, cold client" + ("" if prefault else ", prefault off")
+                        for name, fn, vs in ops:
+                            if name in ("get_into", "get_buffers") and not prefault:
+                                continue
+                            rows.append((label, name, vs, *measure(total, lambda: fn(state["ns"]), a.rounds,
+                                                                   against[vs], fresh_client(prefault))))
+                    state.pop("c").close()
+                if "inline" in paths:
+                    ns = c.namespace("bench-inline", block_size=bs)
+                    keys = [b"get-%d" % i for i in range(a.blocks)]
+                    ns.put_many(keys, data)
+                    gen = [0]
+
+                    def put_inline():
+                        gen[0] += 1
+                        ks = [b"%d-%d" % (gen[0], i) for i in range(a.blocks)]
+                        for s, e in batches:
+                            assert ns.put_inline(ks[s:e], data[s:e]) == e - s
+                        ns.delete(ks)
+
+                    def get_inline():
+                        for s, e in batches:
+                            assert ns.get_inline(keys[s:e])[0] is not None
+                    rows.append(("inline", "put_inline", "one", *measure(total, put_inline, a.rounds,
+                                                                         memcpy_one_buffer)))
+                    rows.append(("inline", "get_inline", "one", *measure(total, get_inline, a.rounds,
+                                                                         memcpy_one_buffer)))
         finally:
             proc.terminate()
             proc.wait(30)
 
+    load = os.getloadavg()
     print(f"\nkvtierd put/get, {format_size(bs)} blocks, {a.blocks} blocks per round, batches of {a.batch}, "
-          f"median of {a.rounds} rounds, {os.cpu_count()} cores")
-    print(f"{'path':<15} {'op':<9} {'GB/s':>7} {'ratio to memcpy':>16}")
-    print(f"{'memcpy ceiling':<15} {'':<9} {ceiling:>7.2f} {1.0:>16.2f}")
-    for path, op, rate in rows:
-        print(f"{path:<15} {op:<9} {rate:>7.2f} {rate / ceiling:>16.2f}")
+          f"median of {a.rounds} rounds, {os.cpu_count()} cores, load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"{'path':<32} {'op':<20} {'GB/s':>7} {'/memcpy':>8} {'vs':>7} {'faults/MiB':>11}")
+    for name, (rate, ratio, flt) in ceilings.items():
+        print(f"{name:<53} {rate:>7.2f} {ratio:>8.2f}")
+    for path, op, vs, rate, ratio, flt in rows:
+        print(f"{path:<32} {op:<20} {rate:>7.2f} {ratio:>8.2f} {vs:>7} {flt:>11.1f}")
     return 0
 
 

@@ -12,22 +12,27 @@ kvtierd is measured three ways:
           used as a user would: bytes end up in memory the client owns)
   many    put_many / get_many: the convenience calls (shared memory inside,
           get returns fresh bytes objects)
+  buffers put_many / get_buffers: get returns memoryviews into one fresh buffer
+          per call (huge pages where the kernel allows) instead of bytes
   inline  put_inline / get_inline: bytes inside the protocol frames, for
           clients that cannot map the region
 Redis is redis-py with pipelines (transaction=False), GET returning bytes.
 
-Client processes are long-lived, as inference workers are: each runs
---warmup unmeasured rounds (put, get, delete) before the measured one. A
-process's first write to a page of the shared region costs a minor page
-fault (~2 µs per 4 KiB here): a cold process writes the region at ~2 GB/s,
-a warm one at memcpy speed. With several clients a freed slot is often
-reused by another process, whose page table has never mapped it, so puts
-keep faulting; `faults/MiB` shows it (256 = every 4 KiB page faulted).
+Each client process runs --warmup unmeasured rounds (put, get, delete)
+before the measured one; with --warmup 0 the measured round is the first
+thing a fresh process does (a cold client: nothing of the shared region is
+in its page table, its heap has never grown). A first touch of a page of
+the region would cost a minor page fault (~1-2 µs per 4 KiB here); the
+client maps the slots of each reservation or lease in bulk before copying
+(kvtierd.regions.ClientRegion.prefault: 16 faults per MiB, counted in
+`faults/MiB`, instead of 256). Fresh `bytes` from get_many fault on every
+page of new heap memory (256 per MiB).
 `/memcpy` is the fraction of a one-thread memcpy of the same bytes (one
 source block into distinct warm destinations, as the put workers copy),
 measured in the same run. Ratios kvtierd/Redis come last.
 
     python bench/vs_redis.py [--sizes 256KiB,1MiB,4MiB] [--clients 1,8] [--total 256MiB] [--batch 8]
+                             [--warmup 1] [--systems redis,kvtierd-shm,...]
 """
 
 from __future__ import annotations
@@ -49,13 +54,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _daemon import start_kvtierd  # noqa: E402
+from _daemon import prime_host_tier, start_kvtierd  # noqa: E402
 
 from kvtierd import Client  # noqa: E402
 from kvtierd.config import format_size, parse_size  # noqa: E402
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
-SYSTEMS = ("redis", "kvtierd-shm", "kvtierd-many", "kvtierd-inline")
+SYSTEMS = ("redis", "kvtierd-shm", "kvtierd-many", "kvtierd-buffers", "kvtierd-inline")
 
 
 # ------------------------------------------------------------------- servers
@@ -135,12 +140,14 @@ def worker(system: str, target: str, size: int, rounds: list[list[bytes]], batch
                     assert lease.count == len(ks)
                     for v, sink in zip(lease.views, sinks):
                         sink[:] = v
-        elif system == "kvtierd-many":
+        elif system in ("kvtierd-many", "kvtierd-buffers"):
             def put(ks):
                 ns.put_many(ks, blocks[:len(ks)])
 
+            read = ns.get_many if system == "kvtierd-many" else ns.get_buffers
+
             def get(ks):
-                vals = ns.get_many(ks)
+                vals = read(ks)
                 assert all(v is not None for v in vals)
         else:
             def put(ks):
@@ -240,8 +247,9 @@ def main() -> int:
 
     print(f"# {platform.node()} {platform.processor() or platform.machine()} {os.cpu_count()} cpus, "
           f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"# {format_size(total)} per case, batch {a.batch} blocks per op, {a.warmup} warm-up round(s), "
-          f"kvtierd host tier {format_size(host_bytes)}")
+    print(f"# {format_size(total)} per case, batch {a.batch} blocks per op, {a.warmup} warm-up round(s)"
+          f"{' (cold client processes)' if not a.warmup else ''}, kvtierd host tier {format_size(host_bytes)}, "
+          f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     rows, res = [], {}
     with tempfile.TemporaryDirectory(prefix="kvtierd-vs-redis-") as td:
         tmp = Path(td)
@@ -249,6 +257,7 @@ def main() -> int:
         redis_p = start_redis(port, tmp)
         kv_p, sock = start_kvtierd(tmp, host_bytes)
         try:
+            prime_host_tier(sock, host_bytes)
             for size in sizes:
                 ceiling = memcpy_gbps(size, total)
                 print(f"# memcpy ceiling, {format_size(size)} blocks: {ceiling:.2f} GB/s")
@@ -287,13 +296,15 @@ def main() -> int:
                     parts.append(f"{system.removeprefix('kvtierd-')} {r['put']['gbps'] / base['put']['gbps']:.1f}x/"
                                  f"{r['get']['gbps'] / base['get']['gbps']:.1f}x")
                 print(f"  {format_size(size):>9} x{n}: " + ", ".join(parts))
-        if "kvtierd-shm" in systems:
-            # the headline: bytes moved (put + get) per second, shared-memory path vs Redis
+        # the headline: bytes moved (put + get) per second, each kvtierd path vs Redis
+        for system in systems:
+            if system == "redis":
+                continue
             for size in sizes:
                 for n in clients:
-                    kv = sum(res[(size, n, "kvtierd-shm")][ph]["s"] for ph in ("put", "get"))
+                    kv = sum(res[(size, n, system)][ph]["s"] for ph in ("put", "get"))
                     rd = sum(res[(size, n, "redis")][ph]["s"] for ph in ("put", "get"))
-                    print(f"ratio kvtierd-shm/Redis put+get {format_size(size)} x{n}: {rd / kv:.1f}x")
+                    print(f"ratio {system}/Redis put+get {format_size(size)} x{n}: {rd / kv:.1f}x")
     return 0
 
 

@@ -9,8 +9,13 @@ Bulk bytes take the shared-memory path: `reserve` returns slot offsets in the
 host region of the namespace's access domain, which this process mapped from
 the fd the daemon sent with the HELLO reply (kvtierd.regions), and the client copies
 into them before `commit`; `acquire` leases slots and hands out read-only
-views of them until `release`. `put_inline`/`get_inline` send bytes in the
-frame for clients that cannot map the region (another host, a debug shell).
+views of them until `release`. Before copying into or out of slots, the
+client maps them into its page table in bulk (ClientRegion.prefault), so a
+process that just connected copies at memcpy speed instead of taking a page
+fault per 4 KiB. `get_many` returns fresh `bytes`; `get_buffers` returns the
+copies as memoryviews into one huge-page buffer per call, and `get_into`
+copies into the caller's own buffers. `put_inline`/`get_inline` send bytes in
+the frame for clients that cannot map the region (another host, a debug shell).
 
     with Client() as c:
         ns = c.namespace("llama-8b/bf16/tp0", block_size=1 << 20)
@@ -37,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import mmap
 import os
 import select
 import socket
@@ -72,6 +78,7 @@ CLOSING_CODES = frozenset({Code.LIMIT, Code.SHUTTING_DOWN, Code.BAD_HANDLE, Code
 RETRY_CODES = frozenset({Code.LIMIT, Code.SHUTTING_DOWN})
 MAX_UNANSWERED = 1024        # posted requests (releases) whose replies may wait unread at once
 FRAME_SLACK = 1024           # room in a frame for the envelope and the other arguments
+HUGE_PAGE = 2 << 20          # x86-64 / arm64 transparent huge page size
 REPLY_BYTES_PER_KEY = 24     # an offset, an index and a tier name per key, msgpack'd, at most
 
 
@@ -239,6 +246,7 @@ def _put_steps(ns: "_NamespaceBase", keys: list[bytes], blocks: Sequence[Any]) -
             not_stored += [part[i] for i in res["full"]]
         try:
             region = ns.region
+            region.prefault(res["offsets"], ns.block_size)
             for i, off in zip(res["index"], res["offsets"]):
                 region.slot(off, ns.block_size)[:] = views[s + i]
         except BaseException:
@@ -258,7 +266,8 @@ def _put_inline_steps(ns: "_NamespaceBase", keys: list[bytes], blocks: Sequence[
     starts = _inline_chunks(ns, keys)
     for s in starts:
         part = keys[s:s + starts.step]
-        done = yield Op.PUT, {"ns": ns.id, "keys": part, "data": [bytes(v) for v in views[s:s + starts.step]]}
+        # msgpack packs the memoryviews as bin straight from the caller's buffers: no copy to bytes first.
+        done = yield Op.PUT, {"ns": ns.id, "keys": part, "data": views[s:s + starts.step]}
         stored += done["n"]
         if done.get("full"):
             not_stored += [part[i] for i in done["full"]]
@@ -283,7 +292,46 @@ def _get_steps(ns: "_NamespaceBase", keys: list[bytes]) -> Steps:
         lease = yield Op.ACQUIRE, {"ns": ns.id, "keys": part, "prefix": False}
         try:
             region = ns.region
+            region.prefault(lease["offsets"], ns.block_size)
             out += [bytes(region.slot(off, ns.block_size)) if off >= 0 else None for off in lease["offsets"]]
+        finally:
+            yield Op.RELEASE, {"lid": lease["lid"]}
+    return out
+
+
+def _arena(nbytes: int) -> memoryview:
+    """Fresh writable memory for `nbytes` of copies, owned by the caller: private
+    anonymous pages, advised to be transparent huge pages (one page fault per 2 MiB
+    instead of 512, where /sys/kernel/mm/transparent_hugepage/enabled is not `never`).
+    A size of whole huge pages gets a huge-page-aligned mapping from the kernel."""
+    if nbytes >= HUGE_PAGE:
+        nbytes = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    mm = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE)
+    if nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass            # a kernel without THP: 4 KiB pages, still correct
+    return memoryview(mm)
+
+
+def _get_buffers_steps(ns: "_NamespaceBase", keys: list[bytes]) -> Steps:
+    bs = ns.block_size
+    out: list[memoryview | None] = []
+    arena = _arena(len(keys) * bs) if keys else None
+    starts = _chunks(ns, keys)
+    for s in starts:
+        lease = yield Op.ACQUIRE, {"ns": ns.id, "keys": keys[s:s + starts.step], "prefix": False}
+        try:
+            region = ns.region
+            region.prefault(lease["offsets"], bs)
+            for i, off in enumerate(lease["offsets"], s):
+                if off < 0:
+                    out.append(None)
+                    continue
+                dst = arena[i * bs:(i + 1) * bs]
+                dst[:] = region.slot(off, bs)
+                out.append(dst)
         finally:
             yield Op.RELEASE, {"lid": lease["lid"]}
     return out
@@ -299,6 +347,7 @@ def _get_into_steps(ns: "_NamespaceBase", keys: list[bytes], out: Sequence[Any])
         lease = yield Op.ACQUIRE, {"ns": ns.id, "keys": keys[s:s + starts.step], "prefix": False}
         try:
             region = ns.region
+            region.prefault(lease["offsets"], ns.block_size)
             for off, dst in zip(lease["offsets"], dests[s:s + starts.step]):
                 if off >= 0:
                     dst[:ns.block_size] = region.slot(off, ns.block_size)
@@ -321,6 +370,8 @@ class Lease:
         self.tiers: list[str | None] = reply["tiers"]
         self.keys = keys[:len(self.offsets)]
         region = ns.region
+        # Map the host slots in now, in bulk: the caller's copy out of the views then takes no page faults.
+        region.prefault([off for off, tier in zip(self.offsets, self.tiers) if tier == "host"], ns.block_size)
         self.views: list[memoryview | None] = [
             region.slot(off, ns.block_size).toreadonly() if off >= 0 and tier == "host" else None
             for off, tier in zip(self.offsets, self.tiers)]
@@ -363,6 +414,8 @@ class Reservation:
         region = ns.region
         # Slots in HBM are written by the worker copy path, not through views.
         self.views = [region.slot(off, ns.block_size) for off in self.offsets] if self.tier == "host" else []
+        if self.tier == "host":
+            region.prefault(self.offsets, ns.block_size)   # writes into the views then take no page faults
         self.done = False
 
 
@@ -425,12 +478,22 @@ class Namespace(_NamespaceBase):
         return self.client._drive(_put_steps(self, list(keys), blocks))
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
-        """Copies of the blocks, None for each miss."""
+        """Copies of the blocks, None for each miss. Each is a new `bytes`, whose fresh memory
+        costs a page fault per 4 KiB: for bulk reads get_buffers or get_into are several times faster."""
         return self.client._drive(_get_steps(self, list(keys)))
 
     def get_into(self, keys: list[bytes], out: Sequence[Any]) -> list[bool]:
         """Copies blocks into the caller's writable buffers (no allocation); False for each miss."""
         return self.client._drive(_get_into_steps(self, list(keys), out))
+
+    def get_buffers(self, keys: list[bytes]) -> list[memoryview | None]:
+        """Copies of the blocks like get_many, None for each miss, as writable memoryviews
+        into one buffer allocated for this call (huge pages where the kernel allows)
+        instead of one `bytes` per block. The caller owns them: they stay valid, and
+        unchanged by the daemon, for as long as they are referenced. For bulk reads into
+        memory the caller does not already have: fresh `bytes` cost a page fault per
+        4 KiB, which makes get_many several times slower than a memcpy."""
+        return self.client._drive(_get_buffers_steps(self, list(keys)))
 
     def _keys_op(self, op: Op, keys: list[bytes]) -> tuple[int, list]:
         if _fits_one_frame(self, keys):
@@ -955,6 +1018,10 @@ class AsyncNamespace(_NamespaceBase):
 
     async def get_into(self, keys: list[bytes], out: Sequence[Any]) -> list[bool]:
         return await self.client._drive(_get_into_steps(self, list(keys), out))
+
+    async def get_buffers(self, keys: list[bytes]) -> list[memoryview | None]:
+        """See Namespace.get_buffers."""
+        return await self.client._drive(_get_buffers_steps(self, list(keys)))
 
     async def _keys_op(self, op: Op, keys: list[bytes]) -> tuple[int, list]:
         if _fits_one_frame(self, keys):
