@@ -238,6 +238,7 @@ class Daemon:
     def _stats_for_metrics(self) -> dict:
         s = self.store.stats()
         s["clients"] = len(self.server.conns)
+        s["busy_poll_seconds"] = self.server.busy_poll.spun_s
         return s
 
     def reload(self) -> None:

@@ -311,6 +311,8 @@ class StatsCollector:
              "back (checksum mismatch): dropped, never served or persisted.", CounterMetricFamily),
             ("full_keys", "kvtierd_full_keys", "Keys a writer could not store because no room appeared in time "
              "(answered FULL).", CounterMetricFamily),
+            ("busy_poll_seconds", "kvtierd_busy_poll_seconds", "Time the loop spun for a next request instead of "
+             "sleeping (server.busy_poll_us).", CounterMetricFamily),
             ("bad_frees", "kvtierd_slot_free_refused", "Slot frees the allocator refused (double or out of range): "
              "a bug caught before it could hand one slot to two blocks.", CounterMetricFamily),
         ):

@@ -42,6 +42,7 @@ from types import CoroutineType
 from typing import Any, Callable
 
 from kvtierd import __version__, regions
+from kvtierd.busypoll import BusyPoll
 from kvtierd.core.store import Store
 from kvtierd.logs import printable
 from kvtierd.protocol import (
@@ -93,6 +94,7 @@ class Connection(asyncio.BufferedProtocol):
         self.paused_write = False             # reading stopped: the peer does not read its replies
         self.opened = self.last_active = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
+        self.fd = -1
 
     # ---------------------------------------------------------- transport
 
@@ -107,10 +109,14 @@ class Connection(asyncio.BufferedProtocol):
             return
         self.admitted = True
         self.server.add(self)
+        raw = transport.get_extra_info("socket")
+        self.fd = raw.fileno() if raw is not None else -1
+        self.server.busy_poll.watch(self.fd)
         self._arm(self.server.cfg.server.hello_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.server.busy_poll.unwatch(self.fd)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -292,6 +298,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def frame(self, body: memoryview, nbytes: int) -> None:
         self.last_active = time.monotonic()
+        self.server.busy_poll.arrived(time.perf_counter())
         if self.revoked:
             self.server.count_error("request_after_revocation")
             return
@@ -356,6 +363,7 @@ class Connection(asyncio.BufferedProtocol):
         if fds is None:
             self.send(data)
         self.server.observe(op, "ok", time.perf_counter() - t0)
+        self.server.busy_poll.answered()
 
     async def finish(self, req_id: int, op: Op, coro: Any, t0: float) -> None:
         try:
@@ -414,6 +422,7 @@ class Server:
         self.store = store
         self.conns: dict[int, Connection] = {}
         self.encoder = Encoder()
+        self.busy_poll = BusyPoll(cfg.server.busy_poll_us / 1e6)
         self.inflight: set[asyncio.Future] = set()
         self.draining = False
         self.started = time.time()
@@ -648,6 +657,7 @@ class Server:
     def op_stats(self, c: Connection) -> dict:
         s = self.store.stats()
         s["clients"] = len(self.conns)
+        s["busy_poll_seconds"] = self.busy_poll.spun_s
         s["server"] = {"version": __version__, "pid": os.getpid(), "uptime_s": time.time() - self.started,
                        "socket": self.cfg.server.socket, "draining": self.draining}
         if self._extra_stats:

@@ -30,7 +30,7 @@ def full_stats() -> dict:
         "namespaces": [{"name": "llama", "block_size": 65536, "blocks": 300, "hits": 120, "misses": 25,
                         "tokens_per_block": 16, "tokens_served": 1920, "bytes_served": 7 << 16,
                         "bytes_stored": 9 << 16, "acquire_misses": 2}],
-        "clients": 3, "leases": 5, "reservations": 2, "lease_timeouts": 1, "reservation_timeouts": 1,
+        "clients": 3, "busy_poll_seconds": 0.5, "leases": 5, "reservations": 2, "lease_timeouts": 1, "reservation_timeouts": 1,
         "quarantined_slots": 2, "corrupt_blocks": 1, "full_keys": 3, "bad_frees": 0,
         "disk": {"checksum_failures": 2, "torn_records": 1, "corrupt_records": 0, "recovery_seconds": 0.25,
                  "compaction_runs": 4, "compaction_bytes": 1 << 20, "io_errors": 6, "direct_io": True,
