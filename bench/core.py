@@ -192,7 +192,7 @@ def main() -> int:
     print(f"\nkvtierd put/get, {format_size(bs)} blocks, {a.blocks} blocks per round, batches of {a.batch}, "
           f"median of {a.rounds} rounds, {os.cpu_count()} cores, load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"{'path':<32} {'op':<20} {'GB/s':>7} {'/memcpy':>8} {'vs':>7} {'faults/MiB':>11}")
-    for name, (rate, ratio, flt) in ceilings.items():
+    for name, (rate, ratio, _flt) in ceilings.items():
         print(f"{name:<53} {rate:>7.2f} {ratio:>8.2f}")
     for path, op, vs, rate, ratio, flt in rows:
         print(f"{path:<32} {op:<20} {rate:>7.2f} {ratio:>8.2f} {vs:>7} {flt:>11.1f}")

@@ -113,8 +113,32 @@ class Encoder:
     def request(self, req_id: int, op: Op, args: dict) -> bytes:
         return self.frame([req_id, int(op), args])
 
+    def pack(self, obj: Any) -> bytes:
+        """msgpack of `obj` alone (a reply map packed ahead: Packed)."""
+        return self._pack(obj)
+
+    def reply_head(self, req_id: int, body_bytes: int) -> bytes:
+        """The frame header and the envelope of a success reply whose packed result map of
+        `body_bytes` follows separately: [req_id, 0, <map>] is 0x93, the id, 0x00, the map."""
+        head = b"\x93" + self._pack(req_id) + b"\x00"
+        n = len(head) + body_bytes
+        if n > MAX_WIRE_FRAME:
+            raise ProtocolError(Code.FRAME_TOO_LARGE, f"a frame of {n} bytes cannot be sent "
+                                                      f"(the protocol's limit is {MAX_WIRE_FRAME})")
+        return HEADER.pack(n) + head
+
     def reply_ok(self, req_id: int, result: dict) -> bytes:
         return self.frame([req_id, 0, result])
+
+
+class Packed:
+    """A handler's result map already packed (GET packs block bytes straight from the slots while it
+    holds their lease): sent after the envelope as it is, never copied into a bigger frame."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: bytes):
+        self.body = body
 
 
 def unpack_body(body: bytes | memoryview) -> Any:

@@ -51,6 +51,7 @@ from kvtierd.protocol import (
     Code,
     Encoder,
     Op,
+    Packed,
     ProtocolError,
     parse_args,
     parse_request,
@@ -347,6 +348,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def reply(self, req_id: int, op: Op, result: Any, t0: float) -> None:
         fds = None
+        if type(result) is Packed:                  # GET: block bytes packed from the slots, sent as they are
+            self._reply_packed(req_id, op, result.body, t0)
+            return
         if isinstance(result, regions.WithFds):     # HELLO: the reply frame carries the region fds
             result, fds = result.reply, result.fds
         try:
@@ -362,6 +366,22 @@ class Connection(asyncio.BufferedProtocol):
             return
         if fds is None:
             self.send(data)
+        self.server.observe(op, "ok", time.perf_counter() - t0)
+        self.server.busy_poll.answered()
+
+    def _reply_packed(self, req_id: int, op: Op, body: bytes, t0: float) -> None:
+        limit = self.server.cfg.server.max_frame_bytes
+        try:
+            head = self.server.encoder.reply_head(req_id, len(body))
+            size = len(head) - 4 + len(body)
+            if size > limit:
+                raise ProtocolError(Code.FRAME_TOO_LARGE, f"the reply would be {size} bytes, over "
+                                                          f"server.max_frame_bytes ({limit}); ask for less at once")
+        except ProtocolError as e:
+            self.fail(req_id, op, e, t0)
+            return
+        self.send(head)
+        self.send(body)
         self.server.observe(op, "ok", time.perf_counter() - t0)
         self.server.busy_poll.answered()
 
@@ -640,13 +660,15 @@ class Server:
                         f"bytes, over server.max_frame_bytes ({limit}); ask for at most "
                         f"{max(1, (limit - REPLY_OVERHEAD) // (per + 1))} keys per get_inline, or use get_many")
             view = self.store.view
-            blocks = [bytes(view(e)) if e is not None else None for e in lease.entries]
+            # Packed from the slots while the lease holds them: one copy into the reply, not a bytes
+            # object per block and then the frame (and the frame again behind a header).
+            body = self.encoder.pack({"blocks": [view(e) if e is not None else None for e in lease.entries]})
+            hits = [k for k, e in zip(keys, lease.entries) if e is not None]
         finally:
             self.store.release(lease.lid, c.id)
         if self._record_reads:
-            asyncio.get_running_loop().call_soon(
-                self._record_reads, space.name, [k for k, b in zip(keys, blocks) if b is not None])
-        return {"blocks": blocks}
+            asyncio.get_running_loop().call_soon(self._record_reads, space.name, hits)
+        return Packed(body)
 
     def op_delete(self, c: Connection, ns: int, keys: list) -> dict:
         return {"n": self.store.delete(c.ns(ns), keys)}

@@ -172,14 +172,17 @@ def test_daemon_killed_mid_serving_every_request_completes_correctly(engines):
     engines.daemon.start()                       # same socket: the connectors reconnect on their own
     attempts = iter(range(100))
 
-    def stored_again():
+    def served_again():
+        # Each engine's links retry on their own backoff (doubling from retry_s while the daemon was
+        # down), so a may store again before b looks again: a fresh prompt per attempt.
         p = prompt(f"after-restart-{next(attempts)}", 200)
         engines.a.generate([p])
-        return p if _stored(engines, p) else None
+        if not _stored(engines, p):
+            return None
+        out = engines.b.generate([p + [4]])[0]
+        return (p, out) if out["cached"] == full_chunks(len(p)) * BLOCK else None
 
-    fresh = wait_until(stored_again, 60, "engine a to reconnect and store again")
-    out = engines.b.generate([fresh + [4]])[0]
-    assert out["cached"] == full_chunks(len(fresh)) * BLOCK
+    fresh, out = wait_until(served_again, 120, "engine a to store again and engine b to load from the daemon")
     assert same_output(out, engines.reference(fresh + [4]))
 
 
