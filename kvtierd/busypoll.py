@@ -30,25 +30,34 @@ class BusyPoll:
     def __init__(self, limit_s: float):
         self.policy = SpinPolicy(limit_s)
         self._ep = select.epoll() if limit_s > 0 else None
+        self._owners: dict[int, object] = {}
         self._armed = False
         self._done_at = 0.0         # when the last answer went out
-        self._spins = 0
         self.spun_s = 0.0           # time spent spinning (for stats)
         self.caught = 0             # spins that ended with a request readable
 
-    def watch(self, fd: int) -> None:
-        if self._ep is not None and fd >= 0:
-            try:
-                self._ep.register(fd, select.EPOLLIN)
-            except OSError:
-                pass                # already watched, or not pollable: no spin for it
+    def watch(self, fd: int, owner: object) -> None:
+        """Polls `fd` for `owner` (its connection). A closed fd leaves the epoll set by itself, and
+        its number may come back for a new connection before the old one's unwatch: so the set
+        remembers whose each fd is, and only that owner's unwatch removes it."""
+        if self._ep is None or fd < 0:
+            return
+        try:
+            self._ep.register(fd, select.EPOLLIN)
+        except FileExistsError:
+            self._ep.modify(fd, select.EPOLLIN)
+        except OSError:
+            return                  # not pollable: no spin for it
+        self._owners[fd] = owner
 
-    def unwatch(self, fd: int) -> None:
-        if self._ep is not None and fd >= 0:
-            try:
-                self._ep.unregister(fd)
-            except (OSError, ValueError):
-                pass
+    def unwatch(self, fd: int, owner: object) -> None:
+        if self._ep is None or self._owners.get(fd) is not owner:
+            return
+        del self._owners[fd]
+        try:
+            self._ep.unregister(fd)
+        except (OSError, ValueError):
+            pass                    # already closed: the kernel dropped it from the set
 
     def arrived(self, now: float) -> None:
         """A request arrived: the gap since the last answer teaches the policy."""

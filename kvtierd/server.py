@@ -112,12 +112,12 @@ class Connection(asyncio.BufferedProtocol):
         self.server.add(self)
         raw = transport.get_extra_info("socket")
         self.fd = raw.fileno() if raw is not None else -1
-        self.server.busy_poll.watch(self.fd)
+        self.server.busy_poll.watch(self.fd, self)
         self._arm(self.server.cfg.server.hello_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.server.busy_poll.unwatch(self.fd)
+        self.server.busy_poll.unwatch(self.fd, self)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

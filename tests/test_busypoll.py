@@ -13,14 +13,14 @@ def test_a_readable_connection_ends_the_spin_at_once_and_an_idle_one_spins_out()
     bp = BusyPoll(0.01)
     a, b = socket.socketpair()
     try:
-        bp.watch(a.fileno())
+        bp.watch(a.fileno(), "conn")
         bp._spin()                         # nothing to read: spins the whole 10 ms window
         assert bp.caught == 0 and bp.spun_s >= 0.01
         b.send(b"x")
         bp._spin()                         # a request is waiting: the first poll sees it
         assert bp.caught == 1
-        bp.unwatch(a.fileno())
-        bp.unwatch(a.fileno())             # twice, or after the fd closed: harmless
+        bp.unwatch(a.fileno(), "conn")
+        bp.unwatch(a.fileno(), "conn")     # twice, or after the fd closed: harmless
     finally:
         a.close()
         b.close()
@@ -49,9 +49,31 @@ def test_it_spins_only_while_requests_follow_answers_within_the_limit():
     bp.close()
 
 
+def test_a_reused_fd_stays_watched_for_its_new_connection():
+    """A closed connection's fd number can come back for the next connection before the old one's
+    connection_lost runs: the old unwatch must not take the new connection out of the set."""
+    bp = BusyPoll(0.01)
+    a, b = socket.socketpair()
+    try:
+        fd = a.fileno()
+        bp.watch(fd, "old")
+        bp.watch(fd, "new")                # the same number, now another connection's
+        bp.unwatch(fd, "old")              # the old connection's late goodbye
+        b.send(b"x")
+        bp._spin()
+        assert bp.caught == 1              # still polled for the new one
+        bp.unwatch(fd, "new")
+        bp._spin()
+        assert bp.caught == 1              # now gone from the set: spins out
+    finally:
+        a.close()
+        b.close()
+        bp.close()
+
+
 def test_zero_never_spins():
     bp = BusyPoll(0.0)
-    bp.watch(0)
+    bp.watch(0, "conn")
     bp.answered()
     assert not bp._armed and bp.policy.spin_s == 0
     bp.close()
