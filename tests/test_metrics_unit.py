@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvtierd.hotkeys import BUCKETS, HotKeys
 from kvtierd.metrics import LATENCY_BUCKETS, Metrics
 
-ALLOWED_LABELS = {"tier", "op", "namespace", "reason", "code", "src", "dst", "kind", "result", "le"}
+ALLOWED_LABELS = {"tier", "op", "namespace", "reason", "code", "src", "dst", "kind", "result", "generation", "le"}
 
 
 def full_stats() -> dict:
@@ -353,3 +353,19 @@ def test_grafana_dashboard_and_operating_doc_name_only_metrics_that_exist():
     # and every exported family is documented
     undocumented = sorted(f for f in families if f not in doc)
     assert not undocumented, undocumented
+
+
+def test_garbage_collection_pauses_are_a_histogram_by_generation():
+    import gc
+    m = Metrics(None)
+    try:
+        before = scrape(m).get(("kvtierd_gc_pause_seconds_count", (("generation", "2"),)), 0)
+        gc.collect(2)
+        gc.collect(2)
+        v = scrape(m)
+        assert v[("kvtierd_gc_pause_seconds_count", (("generation", "2"),))] >= before + 2
+        assert v[("kvtierd_gc_pause_seconds_sum", (("generation", "2"),))] > 0
+        assert ("kvtierd_gc_pause_seconds_bucket", (("generation", "0"), ("le", "+Inf"))) in v
+    finally:
+        m.gc_pauses.close()
+    assert m.gc_pauses._callback not in gc.callbacks
