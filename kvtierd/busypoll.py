@@ -14,7 +14,8 @@ It spins only while it pays: the same policy as the client's reply spin
 request's arrival on any connection. Sparse traffic (an inference engine
 between prefills) and many busy clients on few cores (requests already
 queued, or gaps longer than the limit) turn it off; `server.busy_poll_us` = 0
-never spins.
+never spins. While it spins, other ready work (a disk read finishing in a
+thread, a new connection) waits for it: hence a limit of at most 1 ms.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class BusyPoll:
 
     def _spin(self) -> None:
         self._armed = False
+        if self._ep is None:           # closed after this spin was queued
+            return
         t0 = time.perf_counter()
         until = t0 + self.policy.spin_s
         poll = self._ep.poll

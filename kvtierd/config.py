@@ -200,7 +200,7 @@ class ServerConfig:
     max_frame_bytes: int = opt(64 << 20, _size(4096, 1 << 30), "largest request frame accepted, and largest reply sent (a GET whose reply would be bigger is refused)", live=True)
     max_connections: int = opt(1024, _num(int, 1), "connections beyond this are refused", live=True)
     max_connections_per_uid: int = opt(512, _num(int, 1), "connections one uid (root too) may hold at once; beyond this they are refused (LIMIT), so one uid cannot lock others out", live=True)
-    busy_poll_us: float = opt(50.0, _num(float, 0, 10_000), "after answering, spin up to this long for the next request instead of sleeping (only while requests do come that fast); 0: never")
+    busy_poll_us: float = opt(50.0, _num(float, 0, 1000), "after answering, spin up to this long for the next request instead of sleeping (only while requests do come that fast); 0: never")
     max_pipelined: int = opt(1024, _num(int, 1, 1 << 20), "requests queued per connection behind a waiting one; beyond this (or max_frame_bytes of queued frames) the daemon stops reading that connection until the queue drains", live=True)
     hello_timeout_s: float = opt(5.0, _num(float, 0.01), "a connection that has not said hello by then is closed", live=True)
     idle_timeout_s: float = opt(600.0, _num(float, 0), "a connection with no request for this long and no lease or reservation is closed (clients reconnect on their next call); 0 disables", live=True)

@@ -280,6 +280,7 @@ class Daemon:
         log.info("draining: no new connections")
         self.unix_server.close()
         await self.server.drain(self.cfg.server.drain_timeout_s)
+        self.server.busy_poll.close()
         await self.store.close(flush=self.cfg.disk.flush_on_shutdown)
         await self.metrics.stop_http()
         if self.owns_socket:

@@ -100,11 +100,21 @@ class Encoder:
     """Frames with one reused msgpack Packer (packb builds a new one per call). Not
     thread-safe: one per connection owner (the server's loop, a client)."""
 
+    KEEP_BYTES = 1 << 20      # a packer that grew past this for one frame is replaced after it
+
     def __init__(self) -> None:
         self._pack = msgpack.Packer(use_bin_type=True).pack
 
-    def frame(self, obj: Any) -> bytes:
+    def _packed(self, obj: Any) -> bytes:
         body = self._pack(obj)
+        if len(body) > self.KEEP_BYTES:
+            # A packer keeps its buffer at the largest frame it ever packed (64 MiB after one big
+            # inline put or get, for good): a large frame gets a packer of its own, dropped after.
+            self._pack = msgpack.Packer(use_bin_type=True).pack
+        return body
+
+    def frame(self, obj: Any) -> bytes:
+        body = self._packed(obj)
         if len(body) > MAX_WIRE_FRAME:
             raise ProtocolError(Code.FRAME_TOO_LARGE, f"a frame of {len(body)} bytes cannot be sent "
                                                       f"(the protocol's limit is {MAX_WIRE_FRAME})")
@@ -115,7 +125,7 @@ class Encoder:
 
     def pack(self, obj: Any) -> bytes:
         """msgpack of `obj` alone (a reply map packed ahead: Packed)."""
-        return self._pack(obj)
+        return self._packed(obj)
 
     def reply_head(self, req_id: int, body_bytes: int) -> bytes:
         """The frame header and the envelope of a success reply whose packed result map of

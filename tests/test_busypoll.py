@@ -88,3 +88,16 @@ def test_a_daemon_without_busy_poll_serves_as_usual(start_daemon):
             assert ns.lookup([b"k"]) == 1
             with ns.acquire([b"k"]) as lease:
                 assert bytes(lease.views[0]) == b"v" * 4096
+
+
+def test_a_spin_queued_before_close_does_nothing():
+    bp = BusyPoll(0.01)
+
+    async def go() -> None:
+        bp._done_at = 1.0
+        bp.arrived(1.0 + 1e-6)
+        bp.answered()                      # a spin queued for after this pass...
+        bp.close()                         # ...then the daemon shuts down
+        await asyncio.sleep(0)             # the queued spin runs against a closed poller
+        assert bp.spun_s == 0
+    asyncio.run(go())

@@ -459,3 +459,12 @@ def test_log_lines_escape_control_characters_in_text_and_json():
     line = JsonFormatter().format(record)
     assert not [ch for ch in RAW_CONTROL + ["\n"] if ch in line], repr(line)
     assert json.loads(line)["msg"] == f"namespace {EVIL} dropped" and json.loads(line)["ns"] == EVIL
+
+
+def test_a_large_frame_does_not_leave_its_buffer_in_the_reused_packer():
+    enc = protocol.Encoder()
+    small = enc._pack
+    enc.frame({"x": b"a" * 100})
+    assert enc._pack is small                          # small frames reuse one packer
+    enc.frame({"x": b"a" * (2 << 20)})
+    assert enc._pack is not small                      # after a 2 MiB frame: a fresh one (its buffer freed)

@@ -576,6 +576,12 @@ def test_a_failing_layerwise_forward_still_releases_the_lease(daemon, model, mon
                 kv.forward(ids)
         assert c.stats()["leases"] == 0
         assert kv.forward(ids).n_cached_tokens == 96          # and the next request is served
+        from kvtierd.integrations import transformers as integration
+        with monkeypatch.context() as m:
+            m.setattr(integration, "_set_layer", out_of_memory)           # fails before the forward starts
+            with pytest.raises(RuntimeError, match="out of memory"):
+                kv.forward(ids)
+        assert c.stats()["leases"] == 0
 
 
 @pytest.mark.gpu

@@ -47,16 +47,24 @@ class LayerGate:
         self.copy_s = 0.0                   # time the copies took (GPU: measured on the side stream)
         if self._cuda:
             self._stream = stream if stream is not None else torch.cuda.Stream(device)
-            # The layer tensors were allocated on the compute stream: the side stream starts after that.
+            # The layer tensors were allocated on the compute stream, and the copiers' tables uploaded
+            # on the legacy default stream (cupy's null stream): the side stream starts after both.
             self._stream.wait_stream(torch.cuda.current_stream(device))
+            self._stream.wait_stream(torch.cuda.default_stream(device))
             self._start = torch.cuda.Event(enable_timing=True)
-            with torch.cuda.stream(self._stream):
-                self._start.record()
-                for i in range(n_layers):
-                    copy_layer(i)
-                    ev = torch.cuda.Event(enable_timing=i == n_layers - 1)
-                    ev.record()
-                    self._events.append(ev)
+            try:
+                with torch.cuda.stream(self._stream):
+                    self._start.record()
+                    for i in range(n_layers):
+                        copy_layer(i)
+                        ev = torch.cuda.Event(enable_timing=i == n_layers - 1)
+                        ev.record()
+                        self._events.append(ev)
+            except BaseException:
+                # Copies of earlier layers may be in flight into tensors and out of slots the caller
+                # is about to free and release: let them land first.
+                self._stream.synchronize()
+                raise
 
     def ready(self, layer: int) -> None:
         """Layer `layer` may be read from here on (on a GPU: by work enqueued on the current stream)."""

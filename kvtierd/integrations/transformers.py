@@ -384,7 +384,7 @@ class KVTierCache:
         return ids.to(self.device)
 
     def _load(self, ids: "torch.Tensor", keys: list[bytes],
-              overlap: bool = False) -> tuple[Any, int, int, tuple[LayerGate, list[str]] | None]:
+              overlap: bool = False) -> tuple[Any, int, int, tuple[LayerGate, list[str], float] | None]:
         """(cache, tokens loaded, blocks loaded, pending) for the leading cached chunks the cost model
         accepts. With `overlap` and layer-wise loading the copies may still be under way: `pending`
         then holds the gate and the lease, and `_finish(pending)` must follow the forward."""
@@ -420,32 +420,34 @@ class KVTierCache:
                 kv = self._read_blocks(lease.views[:n])
             if gate is None and self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # release only once the copies are done
+            # A block the lookup found in the remote tier is leased from host (the daemon pulled it
+            # in for this acquire): its time is the remote's, so it teaches the remote rate.
+            leased_tiers = ["remote" if t == "remote" else lt for t, lt in zip(tiers, lease.tiers[:n])]
+            n_cached = min(n * g.chunk_tokens, ids.numel() - 1)
+            for layer, (k, v) in enumerate(kv):
+                _set_layer(cache, layer, k[:, :, :n_cached], v[:, :, :n_cached])
+            if gate is not None:
+                gate.hook(cache, lease)          # the forward's update of layer i waits for layer i's copy
         except BaseException:
             if gate is not None:
-                gate.finish()
-            lease.release()
+                gate.finish()                    # copies landed (or made), hook gone, lease released
+            lease.release()                      # (a no-op when finish() released it)
             raise
-        # A block the lookup found in the remote tier is leased from host (the daemon pulled it
-        # in for this acquire): its time is the remote's, so it teaches the remote rate.
-        leased_tiers = ["remote" if t == "remote" else lt for t, lt in zip(tiers, lease.tiers[:n])]
-        n_cached = min(n * g.chunk_tokens, ids.numel() - 1)
-        for layer, (k, v) in enumerate(kv):
-            _set_layer(cache, layer, k[:, :, :n_cached], v[:, :, :n_cached])
         self.stats.hit_tokens += n_cached
         if gate is not None:
-            gate.hook(cache, lease)          # the forward's update of layer i waits for layer i's copy
-            return cache, n_cached, n, (gate, leased_tiers)
+            return cache, n_cached, n, (gate, leased_tiers, time.perf_counter() - t0)
         lease.release()
         self.cost.observe_load(leased_tiers, g.block_bytes, time.perf_counter() - t0)
         return cache, n_cached, n, None
 
-    def _finish(self, pending: tuple[LayerGate, list[str]] | None) -> None:
-        """After an overlapped forward: copies done, lease released, the copy time learned."""
+    def _finish(self, pending: tuple[LayerGate, list[str], float] | None) -> None:
+        """After an overlapped forward: copies done, lease released, the load's time learned (what
+        the whole-prefix path measures too: lookup and acquire up to the copies, then the copies)."""
         if pending is None:
             return
-        gate, leased_tiers = pending
+        gate, leased_tiers, before_copies_s = pending
         gate.finish()
-        self.cost.observe_load(leased_tiers, self.geometry.block_bytes, gate.copy_s)
+        self.cost.observe_load(leased_tiers, self.geometry.block_bytes, before_copies_s + gate.copy_s)
 
     def _read_layerwise(self, offsets: list[int], tiers: list[str],
                         views: list[memoryview | None]) -> tuple[list[KV], LayerGate]:
