@@ -459,23 +459,35 @@ class _Pin:
         self._local.active, self._local.stats = False, None
 
 
-def _cumulative(buckets: list[int]) -> list[tuple[str, int]]:
-    """Per-bucket counts (LATENCY_BUCKETS, then +Inf) as the cumulative (le, count) pairs of a histogram."""
-    out, running = [], 0
-    for bound, n in zip((*LATENCY_BUCKETS, float("inf")), list(buckets)):
-        running += n
-        out.append(("+Inf" if bound == float("inf") else repr(bound), running))
-    return out
+class _Latencies:
+    """One histogram's plain counts over LATENCY_BUCKETS (then +Inf) and its sum: an observe is a bisect and
+    two additions, no lock (one thread observes; a scrape reads ints under the GIL)."""
+    __slots__ = ("buckets", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """The (le, count) pairs of a prometheus histogram."""
+        out, running = [], 0
+        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), list(self.buckets)):
+            running += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return out
 
 
 class _OpFigures:
-    """One (op, code)'s count, and one op's latency buckets (shared by its codes)."""
-    __slots__ = ("count", "buckets", "sum")
+    """One (op, code)'s count, and its op's latencies (shared by the op's codes)."""
+    __slots__ = ("count", "latency")
 
-    def __init__(self, buckets: list[int], sums: list[float]) -> None:
+    def __init__(self, latency: _Latencies) -> None:
         self.count = 0
-        self.buckets = buckets    # per LATENCY_BUCKETS bound, then +Inf; not cumulative
-        self.sum = sums           # one-element list shared by the op's codes
+        self.latency = latency
 
 
 class RequestCollector:
@@ -486,24 +498,24 @@ class RequestCollector:
         self._code_label = BoundedLabels(_MAX_LABEL_VALUES)
         self._figures: dict[tuple[Any, str], _OpFigures] = {}
         self._by_label: dict[tuple[str, str], _OpFigures] = {}
-        self._ops: dict[str, tuple[list[int], list[float]]] = {}
+        self._ops: dict[str, _Latencies] = {}
 
     def observe(self, op: str | enum.Enum, code: str, seconds: float) -> None:
         f = self._figures.get((op, code))
         if f is None:
             f = self._figures[(op, code)] = self._new(op, code)
         f.count += 1
-        f.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        f.sum[0] += seconds
+        f.latency.observe(seconds)
 
     def _new(self, op: str | enum.Enum, code: str) -> _OpFigures:
         name = op.name.lower() if isinstance(op, enum.Enum) else str(op)
         lop, lcode = self._op_label(name), self._code_label(str(code))
         f = self._by_label.get((lop, lcode))
         if f is None:
-            if lop not in self._ops:
-                self._ops[lop] = ([0] * (len(LATENCY_BUCKETS) + 1), [0.0])
-            f = self._by_label[(lop, lcode)] = _OpFigures(*self._ops[lop])
+            latency = self._ops.get(lop)
+            if latency is None:
+                latency = self._ops[lop] = _Latencies()
+            f = self._by_label[(lop, lcode)] = _OpFigures(latency)
         return f
 
     def describe(self) -> list[Metric]:
@@ -517,8 +529,8 @@ class RequestCollector:
         yield requests
         latency = HistogramMetricFamily("kvtierd_request_duration_seconds",
                                         "Time from a request's arrival to its reply.", labels=["op"])
-        for lop, (buckets, sums) in list(self._ops.items()):
-            latency.add_metric([lop], _cumulative(buckets), sums[0])
+        for lop, h in list(self._ops.items()):
+            latency.add_metric([lop], h.cumulative(), h.sum)
         yield latency
 
 
@@ -531,7 +543,7 @@ class GcPauses:
 
     def __init__(self) -> None:
         self._t0 = 0.0
-        self._figures = [([0] * (len(LATENCY_BUCKETS) + 1), [0.0]) for _ in range(3)]
+        self._generations = [_Latencies() for _ in range(3)]
         gc.callbacks.append(self._callback)
 
     def _callback(self, phase: str, info: dict) -> None:
@@ -540,10 +552,7 @@ class GcPauses:
             return
         gen = info.get("generation", 0)
         if self._t0 and 0 <= gen < 3:
-            buckets, total = self._figures[gen]
-            seconds = time.perf_counter() - self._t0
-            buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-            total[0] += seconds
+            self._generations[gen].observe(time.perf_counter() - self._t0)
 
     def close(self) -> None:
         if self._callback in gc.callbacks:
@@ -555,8 +564,8 @@ class GcPauses:
     def collect(self) -> Iterator[Metric]:
         fam = HistogramMetricFamily("kvtierd_gc_pause_seconds", "Time the process stood still in a garbage "
                                     "collection, by generation (2: a full one).", labels=["generation"])
-        for gen, (buckets, total) in enumerate(self._figures):
-            fam.add_metric([str(gen)], _cumulative(buckets), total[0])
+        for gen, h in enumerate(self._generations):
+            fam.add_metric([str(gen)], h.cumulative(), h.sum)
         yield fam
 
 
