@@ -88,12 +88,17 @@ class ProtocolError(Exception):
 MAX_WIRE_FRAME = 2**32 - 1   # what the 4-byte length can say at all
 
 
+def length_header(n: int) -> bytes:
+    """The 4-byte header of an n-byte frame; refuses what the header cannot say."""
+    if n > MAX_WIRE_FRAME:
+        raise ProtocolError(Code.FRAME_TOO_LARGE, f"a frame of {n} bytes cannot be sent "
+                                                  f"(the protocol's limit is {MAX_WIRE_FRAME})")
+    return HEADER.pack(n)
+
+
 def pack(obj: Any) -> bytes:
     body = msgpack.packb(obj, use_bin_type=True)
-    if len(body) > MAX_WIRE_FRAME:
-        raise ProtocolError(Code.FRAME_TOO_LARGE, f"a frame of {len(body)} bytes cannot be sent "
-                                                  f"(the protocol's limit is {MAX_WIRE_FRAME})")
-    return HEADER.pack(len(body)) + body
+    return length_header(len(body)) + body
 
 
 class Encoder:
@@ -115,10 +120,7 @@ class Encoder:
 
     def frame(self, obj: Any) -> bytes:
         body = self._packed(obj)
-        if len(body) > MAX_WIRE_FRAME:
-            raise ProtocolError(Code.FRAME_TOO_LARGE, f"a frame of {len(body)} bytes cannot be sent "
-                                                      f"(the protocol's limit is {MAX_WIRE_FRAME})")
-        return HEADER.pack(len(body)) + body
+        return length_header(len(body)) + body
 
     def request(self, req_id: int, op: Op, args: dict) -> bytes:
         return self.frame([req_id, int(op), args])
@@ -131,11 +133,7 @@ class Encoder:
         """The frame header and the envelope of a success reply whose packed result map of
         `body_bytes` follows separately: [req_id, 0, <map>] is 0x93, the id, 0x00, the map."""
         head = b"\x93" + self._pack(req_id) + b"\x00"
-        n = len(head) + body_bytes
-        if n > MAX_WIRE_FRAME:
-            raise ProtocolError(Code.FRAME_TOO_LARGE, f"a frame of {n} bytes cannot be sent "
-                                                      f"(the protocol's limit is {MAX_WIRE_FRAME})")
-        return HEADER.pack(n) + head
+        return length_header(len(head) + body_bytes) + head
 
     def reply_ok(self, req_id: int, result: dict) -> bytes:
         return self.frame([req_id, 0, result])

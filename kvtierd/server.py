@@ -348,40 +348,27 @@ class Connection(asyncio.BufferedProtocol):
 
     def reply(self, req_id: int, op: Op, result: Any, t0: float) -> None:
         fds = None
-        if type(result) is Packed:                  # GET: block bytes packed from the slots, sent as they are
-            self._reply_packed(req_id, op, result.body, t0)
-            return
         if isinstance(result, regions.WithFds):     # HELLO: the reply frame carries the region fds
             result, fds = result.reply, result.fds
+        enc = self.server.encoder
         try:
-            data = self.server.encoder.reply_ok(req_id, result)
+            if type(result) is Packed:              # GET: block bytes packed from the slots, sent as they are
+                parts = (enc.reply_head(req_id, len(result.body)), result.body)
+            else:
+                parts = (enc.reply_ok(req_id, result),)
+            size = sum(map(len, parts)) - 4
             limit = self.server.cfg.server.max_frame_bytes
-            if len(data) - 4 > limit:
-                raise ProtocolError(Code.FRAME_TOO_LARGE, f"the reply would be {len(data) - 4} bytes, over "
+            if size > limit:
+                raise ProtocolError(Code.FRAME_TOO_LARGE, f"the reply would be {size} bytes, over "
                                                           f"server.max_frame_bytes ({limit}); ask for less at once")
             if fds is not None and not self.closed:
-                regions.send_with_fds(self.transport, data, fds)
+                regions.send_with_fds(self.transport, parts[0], fds)
         except ProtocolError as e:
             self.fail(req_id, op, e, t0)
             return
         if fds is None:
-            self.send(data)
-        self.server.observe(op, "ok", time.perf_counter() - t0)
-        self.server.busy_poll.answered()
-
-    def _reply_packed(self, req_id: int, op: Op, body: bytes, t0: float) -> None:
-        limit = self.server.cfg.server.max_frame_bytes
-        try:
-            head = self.server.encoder.reply_head(req_id, len(body))
-            size = len(head) - 4 + len(body)
-            if size > limit:
-                raise ProtocolError(Code.FRAME_TOO_LARGE, f"the reply would be {size} bytes, over "
-                                                          f"server.max_frame_bytes ({limit}); ask for less at once")
-        except ProtocolError as e:
-            self.fail(req_id, op, e, t0)
-            return
-        self.send(head)
-        self.send(body)
+            for data in parts:
+                self.send(data)
         self.server.observe(op, "ok", time.perf_counter() - t0)
         self.server.busy_poll.answered()
 
