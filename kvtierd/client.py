@@ -125,10 +125,16 @@ def _stale_for(op: Op, args: dict, why: Exception | None = None) -> ConnectionLo
     return _stale("lid", args["lid"], why) if op == Op.RELEASE else _stale("rid", args["rid"], why)
 
 
-def _posted_failed(code: int, message: Any) -> None:
-    """A posted request (a release) was refused: nobody waits for it, so it is logged. It happens only
-    when the lease was already gone; a revocation also closes the connection, which the next call sees."""
-    log.warning("kvtierd refused a release: %s: %s", Code(code).name, message)
+def _took_posted(unanswered: set[int], rid: int, code: int, message: Any) -> bool:
+    """Whether this reply answers a posted request (a release), which is then dropped. Nobody waits for
+    it, so a refusal is logged: it happens only when the lease was already gone (a revocation also
+    closes the connection, which the next call sees)."""
+    if rid not in unanswered:
+        return False
+    unanswered.discard(rid)
+    if code != Code.OK:
+        log.warning("kvtierd refused a release: %s: %s", Code(code).name, message)
+    return True
 
 
 def _first_error(data: bytes | bytearray) -> KvtierdError | None:
@@ -784,11 +790,9 @@ class Client:
                 break
             rid, code, result = unpack_body(memoryview(self._rb)[self._rs + 4:self._rs + 4 + length])
             self._rs += 4 + length
-            if rid in self._unanswered:
-                self._unanswered.discard(rid)
-                if code != Code.OK:
-                    _posted_failed(code, result)
-            elif code != Code.OK and rid == 0:
+            if _took_posted(self._unanswered, rid, code, result):
+                continue
+            if code != Code.OK and rid == 0:
                 err = KvtierdError(Code(code), result)
                 if code in CLOSING_CODES:
                     self._lose(err)
@@ -884,10 +888,7 @@ class Client:
             except TimeoutError as e:
                 self._lose(e)         # its reply may still come: this connection is out of step
                 raise
-            if rid in self._unanswered:
-                self._unanswered.discard(rid)
-                if code != Code.OK:
-                    _posted_failed(code, result)
+            if _took_posted(self._unanswered, rid, code, result):
                 continue
             if code != Code.OK:
                 err = KvtierdError(Code(code), result)
@@ -1188,10 +1189,7 @@ class AsyncClient:
                 (length,) = HEADER.unpack(await self._reader.readexactly(4))
                 rid, code, result = unpack_body(await self._reader.readexactly(length))
                 fut = self._waiting.pop(rid, None)
-                if fut is None and rid in self._unanswered:
-                    self._unanswered.discard(rid)
-                    if code != Code.OK:
-                        _posted_failed(code, result)
+                if fut is None and _took_posted(self._unanswered, rid, code, result):
                     continue
                 if fut is None:
                     if code != Code.OK:   # connection-level error (id 0)
