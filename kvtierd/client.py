@@ -15,7 +15,9 @@ process that just connected copies at memcpy speed instead of taking a page
 fault per 4 KiB. `get_many` returns fresh `bytes`; `get_buffers` returns the
 copies as memoryviews into one huge-page buffer per call, and `get_into`
 copies into the caller's own buffers. `put_inline`/`get_inline` send bytes in
-the frame for clients that cannot map the region (another host, a debug shell).
+the frame for clients that cannot map the region (another host, a debug shell):
+as the frame's raw tail (kvtierd.protocol), sent from the caller's buffers and
+received into a buffer the client keeps, never through msgpack.
 
     with Client() as c:
         ns = c.namespace("llama-8b/bf16/tp0", block_size=1 << 20)
@@ -42,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import mmap
 import os
 import select
 import socket
@@ -51,12 +52,14 @@ import weakref
 from typing import Any, Generator, Sequence
 
 from kvtierd import regions as regions_mod
+from kvtierd.buffers import huge_buffer
 from kvtierd.config import default_socket_path
 from kvtierd.protocol import (
     HEADER,
     MAX_KEY_BYTES,
     MAX_KEYS_PER_REQUEST,
     PROTOCOL_VERSION,
+    TAIL,
     Code,
     Encoder,
     Op,
@@ -78,7 +81,7 @@ CLOSING_CODES = frozenset({Code.LIMIT, Code.SHUTTING_DOWN, Code.BAD_HANDLE, Code
 RETRY_CODES = frozenset({Code.LIMIT, Code.SHUTTING_DOWN})
 MAX_UNANSWERED = 1024        # posted requests (releases) whose replies may wait unread at once
 FRAME_SLACK = 1024           # room in a frame for the envelope and the other arguments
-HUGE_PAGE = 2 << 20          # x86-64 / arm64 transparent huge page size
+IOV_MAX = 1024               # buffers one sendmsg takes at most (Linux)
 REPLY_BYTES_PER_KEY = 24     # an offset, an index and a tier name per key, msgpack'd, at most
 
 
@@ -270,10 +273,12 @@ def _put_inline_steps(ns: "_NamespaceBase", keys: list[bytes], blocks: Sequence[
     stored = 0
     not_stored: list[bytes] = []
     starts = _inline_chunks(ns, keys)
+    # The blocks go as the frame's tail, sent from the caller's buffers (sendmsg); a daemon that reads
+    # no tails gets them as msgpack bin items, packed from those buffers.
+    field = "tail" if ns.client.tails else "data"
     for s in starts:
         part = keys[s:s + starts.step]
-        # msgpack packs the memoryviews as bin straight from the caller's buffers: no copy to bytes first.
-        done = yield Op.PUT, {"ns": ns.id, "keys": part, "data": views[s:s + starts.step]}
+        done = yield Op.PUT, {"ns": ns.id, "keys": part, field: views[s:s + starts.step]}
         stored += done["n"]
         if done.get("full"):
             not_stored += [part[i] for i in done["full"]]
@@ -285,8 +290,26 @@ def _put_inline_steps(ns: "_NamespaceBase", keys: list[bytes], blocks: Sequence[
 def _get_inline_steps(ns: "_NamespaceBase", keys: list[bytes]) -> Steps:
     out: list[bytes | None] = []
     starts = _inline_chunks(ns, keys)
+    if not ns.client.tails:
+        for s in starts:
+            out += (yield Op.GET, {"ns": ns.id, "keys": keys[s:s + starts.step]})["blocks"]
+        return out
+    bs = ns.block_size
     for s in starts:
-        out += (yield Op.GET, {"ns": ns.id, "keys": keys[s:s + starts.step]})["blocks"]
+        part = keys[s:s + starts.step]
+        r = yield Op.GET, {"ns": ns.id, "keys": part, "raw": True}
+        found, tail = r.get("found"), r.get("tail")
+        if not isinstance(found, list) or len(found) != len(part) or tail is None \
+                or len(tail) != bs * sum(map(bool, found)):
+            raise KvtierdError(Code.BAD_FRAME, "the daemon's get reply does not match its keys")
+        # The tail lies in the client's receive buffer, reused by the next reply: copied out now.
+        at = 0
+        for f in found:
+            if f:
+                out.append(bytes(tail[at:at + bs]))
+                at += bs
+            else:
+                out.append(None)
     return out
 
 
@@ -308,17 +331,29 @@ def _get_steps(ns: "_NamespaceBase", keys: list[bytes]) -> Steps:
 def _arena(nbytes: int) -> memoryview:
     """Fresh writable memory for `nbytes` of copies, owned by the caller: private
     anonymous pages, advised to be transparent huge pages (one page fault per 2 MiB
-    instead of 512, where /sys/kernel/mm/transparent_hugepage/enabled is not `never`).
-    A size of whole huge pages gets a huge-page-aligned mapping from the kernel."""
-    if nbytes >= HUGE_PAGE:
-        nbytes = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
-    mm = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE)
-    if nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            mm.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass            # a kernel without THP: 4 KiB pages, still correct
-    return memoryview(mm)
+    instead of 512, where /sys/kernel/mm/transparent_hugepage/enabled is not `never`)."""
+    return memoryview(huge_buffer(nbytes))
+
+
+def _request_parts(encoder: Encoder, req_id: int, op: Op, args: dict) -> list:
+    """A request as the buffers to send: its frame, or (a PUT whose blocks are the tail) the
+    header and msgpack followed by the caller's block buffers themselves."""
+    try:
+        tail = args.get("tail")
+        if tail is None:
+            return [encoder.request(req_id, op, args)]
+        rest = {k: v for k, v in args.items() if k != "tail"}
+        return [encoder.with_tail([req_id, int(op), rest], sum(v.nbytes for v in tail)), *tail]
+    except ProtocolError as e:
+        raise KvtierdError(e.code, e.message) from None
+
+
+def _attach_tail(msg: Any, tail: Any) -> Any:
+    """A reply with a tail: the tail goes into its result map (a reply without a map is malformed)."""
+    if not isinstance(msg, list) or len(msg) != 3 or not isinstance(msg[2], dict):
+        raise ConnectionError("kvtierd sent a malformed reply with a tail")
+    msg[2]["tail"] = tail
+    return msg
 
 
 def _get_buffers_steps(ns: "_NamespaceBase", keys: list[bytes]) -> Steps:
@@ -666,6 +701,7 @@ class Client:
         self.sock: socket.socket | None = None
         self.regions: dict[str, HostRegionMapping] = {}
         self._worker_regions: Any = None
+        self._tail_buf: Any = None            # where reply tails are received, kept for the next one
         self._connect()
 
     @property
@@ -700,6 +736,7 @@ class Client:
             raise
         self.server_info = info
         self.max_frame_bytes: int = info.get("max_frame_bytes", 64 << 20)
+        self.tails: bool = bool(info.get("tails"))
         self.regions = regions
         self._epoch += 1
 
@@ -821,13 +858,25 @@ class Client:
             self._spin.waited(time.perf_counter() - t0)
             return k
 
-    def _send_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
+    def _send_all(self, parts: list) -> None:
+        """Sends the buffers in order, as they are (sendmsg gathers them: no join)."""
+        views = [memoryview(p).cast("B") for p in parts]
+        i = 0
+        while i < len(views):
             try:
-                view = view[self.sock.send(view):]
+                sent = self.sock.sendmsg(views[i:i + IOV_MAX]) if len(views) - i > 1 else self.sock.send(views[i])
             except BlockingIOError:
                 select.select([], [self.sock], [], None if self._timeout_ms < 0 else self._timeout_ms / 1000)
+                continue
+            while sent:
+                n = views[i].nbytes
+                if sent < n:
+                    views[i] = views[i][sent:]
+                    break
+                sent -= n
+                i += 1
+            while i < len(views) and not views[i].nbytes:
+                i += 1
 
     def _pending_error(self) -> KvtierdError | None:
         """After a failed send: the error frame the daemon sent before it closed, if any
@@ -850,6 +899,8 @@ class Client:
         while self._re - self._rs < 4:
             self._fill()
         (length,) = HEADER.unpack_from(self._rb, self._rs)
+        if length >= TAIL:
+            return self._read_tail_frame(length & (TAIL - 1))
         start = self._rs + 4
         if start + length <= len(self._rb):
             while self._re < start + length:
@@ -866,13 +917,36 @@ class Client:
             have += self._recv_into(view[have:])
         return unpack_body(big)
 
+    def _read_tail_frame(self, length: int) -> Any:
+        """A reply of `length` bytes with a tail: its msgpack (small) from the receive buffer, the
+        tail straight into the client's tail buffer (kept for the next reply, so warm: a reply's
+        tail is only good until the next one is read)."""
+        while self._re - self._rs < 8:
+            self._fill()
+        (env,) = HEADER.unpack_from(self._rb, self._rs + 4)
+        if env > length - 4 or 8 + env > len(self._rb):
+            raise ConnectionError(f"kvtierd sent a reply whose msgpack ({env} bytes) does not fit it")
+        while self._re - self._rs < 8 + env:
+            self._fill()
+        start = self._rs + 8
+        msg = unpack_body(memoryview(self._rb)[start:start + env])
+        self._rs = start + env
+        n = length - 4 - env
+        if self._tail_buf is None or len(self._tail_buf) < n:
+            self._tail_buf = None
+            self._tail_buf = huge_buffer(n)
+        tail = memoryview(self._tail_buf)[:n]
+        have = min(self._re - self._rs, n)
+        tail[:have] = self._rb[self._rs:self._rs + have]
+        self._rs += have
+        while have < n:
+            have += self._recv_into(tail[have:])
+        return _attach_tail(msg, tail)
+
     def _call_once(self, op: Op, args: dict) -> dict:
         """One request on the current connection; raises _Lost when the connection is gone."""
         req_id = next(self._ids)
-        try:
-            frame = self._encoder.request(req_id, op, args)
-        except ProtocolError as e:
-            raise KvtierdError(e.code, e.message) from None
+        frame = _request_parts(self._encoder, req_id, op, args)
         try:
             self._send_all(frame)
         except (BrokenPipeError, ConnectionResetError) as e:
@@ -935,7 +1009,7 @@ class Client:
         except _Lost as lost:
             raise _stale_for(op, args, lost.error) from None
         req_id = next(self._ids)
-        frame = self._encoder.request(req_id, op, args)
+        frame = [self._encoder.request(req_id, op, args)]
         try:
             self._send_all(frame)
         except (BrokenPipeError, ConnectionResetError) as e:
@@ -1179,6 +1253,7 @@ class AsyncClient:
         self._reader_task = asyncio.create_task(self._read_replies())
         self.server_info = info
         self.max_frame_bytes: int = info.get("max_frame_bytes", 64 << 20)
+        self.tails: bool = bool(info.get("tails"))
         self.regions = regions
         self._epoch += 1
         return self
@@ -1187,7 +1262,15 @@ class AsyncClient:
         try:
             while True:
                 (length,) = HEADER.unpack(await self._reader.readexactly(4))
-                rid, code, result = unpack_body(await self._reader.readexactly(length))
+                if length >= TAIL:
+                    length &= TAIL - 1
+                    (env,) = HEADER.unpack(await self._reader.readexactly(4))
+                    if env > length - 4:
+                        raise ConnectionError(f"kvtierd sent a reply whose msgpack ({env} bytes) does not fit it")
+                    msg = unpack_body(await self._reader.readexactly(env))
+                    rid, code, result = _attach_tail(msg, memoryview(await self._reader.readexactly(length - 4 - env)))
+                else:
+                    rid, code, result = unpack_body(await self._reader.readexactly(length))
                 fut = self._waiting.pop(rid, None)
                 if fut is None and _took_posted(self._unanswered, rid, code, result):
                     continue
@@ -1223,14 +1306,11 @@ class AsyncClient:
         if self._broken is not None:
             raise _Lost(self._broken, True)
         req_id = next(self._ids)
-        try:
-            frame = self._encoder.request(req_id, op, args)
-        except ProtocolError as e:
-            raise KvtierdError(e.code, e.message) from None
+        parts = _request_parts(self._encoder, req_id, op, args)
         fut = asyncio.get_running_loop().create_future()
         self._waiting[req_id] = fut
         try:
-            self._writer.write(frame)
+            self._writer.writelines(parts)
             await self._writer.drain()
         except (ConnectionError, OSError):
             # The reader sees the daemon's last word (a refusal says why) and fails the future.

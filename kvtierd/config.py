@@ -198,6 +198,7 @@ class ServerConfig:
     socket_mode: int = opt(0o660, _mode, "permission bits of the socket")
     socket_group: str = opt("", _str, "group owning the socket; empty: the daemon's group")
     max_frame_bytes: int = opt(64 << 20, _size(4096, 1 << 30), "largest request frame accepted, and largest reply sent (a GET whose reply would be bigger is refused)", live=True)
+    frame_cache_bytes: int = opt(128 << 20, _size(0, 16 << 30), "large frame buffers (requests and replies with blocks in them) kept for the next frame, in all; they are memory the daemon holds, and a new one faults in page by page", live=True)
     max_connections: int = opt(1024, _num(int, 1), "connections beyond this are refused", live=True)
     max_connections_per_uid: int = opt(512, _num(int, 1), "connections one uid (root too) may hold at once; beyond this they are refused (LIMIT), so one uid cannot lock others out", live=True)
     busy_poll_us: float = opt(50.0, _num(float, 0, 1000), "after answering, spin up to this long for the next request instead of sleeping (only while requests do come that fast); 0: never")

@@ -314,6 +314,8 @@ class StatsCollector:
              "(answered FULL).", CounterMetricFamily),
             ("busy_poll_seconds", "kvtierd_busy_poll_seconds", "Time the loop spun for a next request instead of "
              "sleeping (server.busy_poll_us).", CounterMetricFamily),
+            ("frame_cache_bytes", "kvtierd_frame_cache_bytes", "Bytes of large frame buffers kept for the next "
+             "frame (server.frame_cache_bytes).", GaugeMetricFamily),
             ("bad_frees", "kvtierd_slot_free_refused", "Slot frees the allocator refused (double or out of range): "
              "a bug caught before it could hand one slot to two blocks.", CounterMetricFamily),
         ):

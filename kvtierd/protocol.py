@@ -1,10 +1,15 @@
 """The wire protocol shared by the daemon and every client.
 
 A frame is a 4-byte little-endian length followed by that many bytes of
-msgpack. A request is the array ``[request_id, op, args]``; a reply is
-``[request_id, code, result]`` where ``code`` is 0 and ``result`` a map on
-success, or an error code and a message string otherwise. Request ids let one
-connection pipeline many requests; replies may come back out of order.
+msgpack. A frame may carry raw bytes behind its msgpack (a tail): then the
+length's top bit is set, and its body is a 4-byte little-endian length of the
+msgpack, the msgpack, and the tail. Block bytes travel in tails (PUT without
+`data`, GET with `raw`) so neither side copies them into or out of msgpack;
+a daemon that reads tails says so in its hello reply (`tails`). A request
+is the array ``[request_id, op, args]``; a reply is ``[request_id, code,
+result]`` where ``code`` is 0 and ``result`` a map on success, or an error
+code and a message string otherwise. Request ids let one connection pipeline
+many requests; replies may come back out of order.
 
 Op and error numbers are part of the protocol and never change meaning; new
 ones get new numbers and PROTOCOL_VERSION moves only for incompatible changes.
@@ -22,6 +27,8 @@ import msgpack
 
 PROTOCOL_VERSION = 2          # 2: host regions are fds passed with the HELLO reply
 HEADER = struct.Struct("<I")
+TAIL_HEADER = struct.Struct("<II")   # frame length | TAIL, msgpack length: a frame with a tail
+TAIL = 1 << 31
 MAX_KEY_BYTES = 64
 MAX_KEYS_PER_REQUEST = 65536
 MAX_NAME_BYTES = 256
@@ -85,15 +92,36 @@ class ProtocolError(Exception):
 
 # --------------------------------------------------------------------- framing
 
-MAX_WIRE_FRAME = 2**32 - 1   # what the 4-byte length can say at all
+MAX_WIRE_FRAME = TAIL - 1   # what the length can say at all (its top bit marks a tail)
+
+
+def _check_wire(n: int) -> None:
+    if n > MAX_WIRE_FRAME:
+        raise ProtocolError(Code.FRAME_TOO_LARGE, f"a frame of {n} bytes cannot be sent "
+                                                  f"(the protocol's limit is {MAX_WIRE_FRAME})")
 
 
 def length_header(n: int) -> bytes:
     """The 4-byte header of an n-byte frame; refuses what the header cannot say."""
-    if n > MAX_WIRE_FRAME:
-        raise ProtocolError(Code.FRAME_TOO_LARGE, f"a frame of {n} bytes cannot be sent "
-                                                  f"(the protocol's limit is {MAX_WIRE_FRAME})")
+    _check_wire(n)
     return HEADER.pack(n)
+
+
+def tail_header(envelope: int, tail: int) -> bytes:
+    """The 8 bytes in front of a frame whose msgpack of `envelope` bytes is followed by `tail` raw bytes."""
+    n = 4 + envelope + tail
+    _check_wire(n)
+    return TAIL_HEADER.pack(TAIL | n, envelope)
+
+
+def split_tail(body: memoryview) -> tuple[memoryview, memoryview]:
+    """A tail frame's body (what follows its 4-byte frame length) as (msgpack, tail)."""
+    if len(body) < 4:
+        raise ProtocolError(Code.BAD_FRAME, "a frame with a tail must start with its msgpack length")
+    (env,) = HEADER.unpack_from(body)
+    if env > len(body) - 4:
+        raise ProtocolError(Code.BAD_FRAME, f"the frame's msgpack length ({env}) runs past its end")
+    return body[4:4 + env], body[4 + env:]
 
 
 def pack(obj: Any) -> bytes:
@@ -137,6 +165,32 @@ class Encoder:
 
     def reply_ok(self, req_id: int, result: dict) -> bytes:
         return self.frame([req_id, 0, result])
+
+    def with_tail(self, msg: list, tail: int) -> bytes:
+        """Header and msgpack of a frame whose `tail` raw bytes the caller sends right behind them."""
+        body = self._packed(msg)
+        return tail_header(len(body), tail) + body
+
+
+class WithTail:
+    """A handler's result map and the raw bytes that go behind it in the reply's tail (GET with
+    `raw`: the blocks, copied out of the slots into a buffer the connection reuses)."""
+
+    __slots__ = ("reply", "tail")
+
+    def __init__(self, reply: dict, tail: memoryview):
+        self.reply = reply
+        self.tail = tail
+
+
+class Tail:
+    """The raw bytes a request frame carried behind its msgpack (PUT's blocks). Only the server
+    makes one, from the frame: a client cannot name one in msgpack."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, view: memoryview | bytes):
+        self.view = view
 
 
 class Packed:
@@ -213,6 +267,12 @@ def _blobs(name: str, v: Any) -> list[bytes]:
     return v
 
 
+def _tail(name: str, v: Any) -> Tail:
+    if type(v) is not Tail:
+        raise ProtocolError(Code.BAD_ARGS, f"{name} is the frame's raw tail, not an argument")
+    return v
+
+
 def _bool(name: str, v: Any) -> bool:
     if not isinstance(v, bool):
         raise ProtocolError(Code.BAD_ARGS, f"{name} must be true or false")
@@ -238,8 +298,10 @@ SCHEMAS: dict[Op, dict[str, tuple[Any, bool]]] = {
     Op.LOOKUP: {"ns": (_ID, True), "keys": (_keys, True)},
     Op.ACQUIRE: {"ns": (_ID, True), "keys": (_keys, True), "prefix": (_bool, False), "tier": (_tier, False)},
     Op.RELEASE: {"lid": (_ID, True)},
-    Op.PUT: {"ns": (_ID, True), "keys": (_keys, True), "data": (_blobs, True)},
-    Op.GET: {"ns": (_ID, True), "keys": (_keys, True)},
+    # PUT's blocks come as `data` (bin items) or as the frame's tail (len(keys) * block_size bytes);
+    # GET with `raw` answers {"found": [bool]} with the blocks found, in order, as the reply's tail.
+    Op.PUT: {"ns": (_ID, True), "keys": (_keys, True), "data": (_blobs, False), "tail": (_tail, False)},
+    Op.GET: {"ns": (_ID, True), "keys": (_keys, True), "raw": (_bool, False)},
     Op.DELETE: {"ns": (_ID, True), "keys": (_keys, True)},
     Op.STATS: {},
     Op.PREFETCH: {"ns": (_ID, True), "keys": (_keys, True)},

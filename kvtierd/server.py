@@ -5,10 +5,13 @@ Frames are parsed out of one reused receive buffer per connection
 bytes objects). It starts small, and before hello so is the largest frame
 accepted (HELLO_FRAME_BYTES), so connections that never speak, or only idle,
 cost little; a connection that said hello and gets busy grows it to
-RECV_BUFFER. A frame bigger than that buffer gets one
-of its own, which starts small and doubles as bytes arrive (never the
-announced length up front: a peer that sends only a header costs only what
-it sent). A frame longer than the limit cannot be skipped safely, so it gets
+RECV_BUFFER. A frame bigger than that buffer is received into one of its own
+from the server's buffer pool (kvtierd.buffers): a kept one, warm, or a new
+mapping, whose pages are backed only as bytes arrive (a peer that sends only
+a header costs only what it sent). Block bytes in a frame's tail (PUT) are
+copied from that buffer straight into the slots, and a GET with `raw`
+copies the slots into a send buffer the connection reuses and sends it as
+the reply's tail: no msgpack copies, no fresh memory. A frame longer than the limit cannot be skipped safely, so it gets
 an error reply and the connection is closed; every other bad request gets an
 error reply and the connection carries on.
 
@@ -42,20 +45,25 @@ from types import CoroutineType
 from typing import Any, Callable
 
 from kvtierd import __version__, regions
+from kvtierd.buffers import BufferPool
 from kvtierd.busypoll import BusyPoll
 from kvtierd.core.store import Store
 from kvtierd.logs import printable
 from kvtierd.protocol import (
     HEADER,
     PROTOCOL_VERSION,
+    TAIL,
     Code,
     Encoder,
     Op,
     Packed,
     ProtocolError,
+    Tail,
+    WithTail,
     parse_args,
     parse_request,
     reply_error,
+    split_tail,
     unpack_body,
 )
 
@@ -64,7 +72,6 @@ log = logging.getLogger("kvtierd.server")
 RECV_BUFFER = 256 << 10       # receive buffer of a connection that said hello
 HELLO_RECV_BUFFER = 8 << 10   # ... and of one that has not (yet)
 HELLO_FRAME_BYTES = 64 << 10  # the largest frame accepted before hello
-BIG_FIRST = 256 << 10         # first size of a large frame's own buffer; it doubles as bytes arrive
 WRITE_HIGH_WATER = 8 << 20
 BLOB_OVERHEAD = 5             # msgpack bin32 header of one block in a GET reply
 REPLY_OVERHEAD = 64           # envelope of a reply: id, code, map keys
@@ -78,9 +85,11 @@ class Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray(HELLO_RECV_BUFFER)
         self.start = self.end = 0
-        self.big: bytearray | None = None     # buffer of one oversized frame being received
+        self.big: Any = None                  # pool buffer of one oversized frame being received
         self.big_fill = 0
         self.big_len = 0                      # the length its header announced
+        self.big_tail = False                 # ... and whether it has a tail
+        self.sendbuf: Any = None              # pool buffer of the last reply tail, reused once it is sent
         self.hello = False
         self.uid = self.gid = self.pid = -1
         self.namespaces: set[int] = set()
@@ -117,6 +126,13 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        pool = self.server.frame_pool
+        if self.sendbuf is not None:           # nothing more is sent on a lost connection
+            pool.give(self.sendbuf)
+            self.sendbuf = None
+        if self.big is not None:
+            pool.give(self.big)
+            self.big = None
         self.server.busy_poll.unwatch(self.fd, self)
         if self.timer is not None:
             self.timer.cancel()
@@ -204,14 +220,8 @@ class Connection(asyncio.BufferedProtocol):
     # ---------------------------------------------------------- framing
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        big = self.big
-        if big is not None:
-            if self.big_fill == len(big):
-                # Full but the frame is not: double it (bytes arrived, so memory may follow).
-                grown = bytearray(min(self.big_len, 2 * len(big)))
-                grown[:self.big_fill] = big
-                self.big = big = grown
-            return memoryview(big)[self.big_fill:]
+        if self.big is not None:
+            return memoryview(self.big)[self.big_fill:self.big_len]
         if self.end == len(self.buf):
             # Slide the unparsed tail to the front to make room.
             tail = self.end - self.start
@@ -231,8 +241,8 @@ class Connection(asyncio.BufferedProtocol):
         if self.big is not None:
             self.big_fill += nbytes
             if self.big_fill == self.big_len:
-                body, self.big = self.big, None
-                self.frame(memoryview(body), self.big_len)
+                buf, self.big = self.big, None
+                self.frame(memoryview(buf)[:self.big_len], self.big_len, self.big_tail, buf)
                 if not self.closed and self.end > self.start:
                     self._parse()
             return
@@ -254,6 +264,8 @@ class Connection(asyncio.BufferedProtocol):
                 self._pause_for_queue()
                 return
             (length,) = HEADER.unpack_from(buf, self.start)
+            tail = length >= TAIL
+            length &= TAIL - 1
             limit = self.server.cfg.server.max_frame_bytes
             if not self.hello:
                 limit = min(limit, HELLO_FRAME_BYTES)
@@ -267,7 +279,7 @@ class Connection(asyncio.BufferedProtocol):
             if have >= length:
                 body = memoryview(buf)[self.start + 4:self.start + 4 + length]
                 self.start += 4 + length
-                self.frame(body, length)
+                self.frame(body, length, tail)
                 body.release()
                 if self.closed:
                     return
@@ -277,11 +289,12 @@ class Connection(asyncio.BufferedProtocol):
                     self._grow_buf()
                     buf = self.buf
                     continue
-                # Too big for the shared buffer: receive the rest into its own, grown as it fills.
-                self.big = bytearray(min(length, max(BIG_FIRST, 2 * have)))
+                # Too big for the shared buffer: receive the rest into a buffer of its own.
+                self.big = self.server.frame_pool.take(length, small_head=True)
                 self.big[:have] = buf[self.start + 4:self.end]
                 self.big_fill = have
                 self.big_len = length
+                self.big_tail = tail
                 self.start = self.end = 0
             break
         if self.start == self.end:
@@ -297,33 +310,70 @@ class Connection(asyncio.BufferedProtocol):
 
     # ---------------------------------------------------------- dispatch
 
-    def frame(self, body: memoryview, nbytes: int) -> None:
+    def frame(self, body: memoryview, nbytes: int, tail: bool = False, buf: Any = None) -> None:
+        """One whole frame. `buf`: the pool buffer `body` lies in (a large frame); it goes back to
+        the pool here, or, when the request keeps its tail, once that request is done."""
+        kept = False
+        try:
+            kept = self._frame(body, nbytes, tail, buf)
+        finally:
+            if buf is not None and not kept:
+                body.release()
+                self.server.frame_pool.give(buf)
+
+    def _frame(self, body: memoryview, nbytes: int, tail: bool, buf: Any) -> bool:
         self.last_active = time.monotonic()
         self.server.busy_poll.arrived(time.perf_counter())
         if self.revoked:
             self.server.count_error("request_after_revocation")
-            return
+            return False
+        raw = None
         try:
+            if tail:
+                body, raw = split_tail(body)
             msg = unpack_body(body)
         except Exception:
             self.server.count_error("bad_frame")
             self.send(reply_error(0, Code.BAD_FRAME, "frame is not valid msgpack"))
-            return
+            return False
         try:
             req_id, op, args = parse_request(msg)
+            if raw is not None:
+                if "tail" in args:
+                    raise ProtocolError(Code.BAD_ARGS, "tail is the frame's raw bytes, not an argument")
+                # Out of the shared receive buffer (a small frame), the bytes are copied: that buffer
+                # is reused by the next recv, and the request may wait.
+                args["tail"] = Tail(raw if buf is not None else bytes(raw))
         except ProtocolError as e:
             self.server.count_error(e.code.name.lower())
             rid = msg[0] if isinstance(msg, list) and msg and isinstance(msg[0], int) \
                 and not isinstance(msg[0], bool) and 0 <= msg[0] < 2**63 else 0
             self.send(reply_error(rid, e.code, e.message))
-            return
+            return False
+        held = buf if raw is not None else None
         if self.busy:
-            self.queue.append((req_id, op, args, nbytes))
+            self.queue.append((req_id, op, args, nbytes, held))
             self.queued_bytes += nbytes
         else:
-            self.execute(req_id, op, args)
+            self.execute(req_id, op, args, held)
+        return held is not None
 
-    def execute(self, req_id: int, op: Op, args: dict) -> None:
+    def _done_with(self, args: dict, held: Any) -> None:
+        """A request that kept its frame's pool buffer (its tail) is done: the buffer goes back."""
+        tail = args.get("tail")
+        if type(tail) is Tail and isinstance(tail.view, memoryview):
+            tail.view.release()
+        self.server.frame_pool.give(held)
+
+    def execute(self, req_id: int, op: Op, args: dict, held: Any = None) -> None:
+        try:
+            waits = self._execute(req_id, op, args, held)
+        finally:
+            if held is not None and not waits:
+                self._done_with(args, held)
+
+    def _execute(self, req_id: int, op: Op, args: dict, held: Any) -> bool:
+        """Runs one request; True when it waits (finish() answers it and lets go of `held`)."""
         t0 = time.perf_counter()
         try:
             if not self.hello and op not in (Op.HELLO, Op.PING):
@@ -334,17 +384,34 @@ class Connection(asyncio.BufferedProtocol):
             result = handler(self, **parse_args(op, args))
             if is_async or type(result) is CoroutineType:   # a handler may also decide per call that it waits
                 self.busy = True
-                task = asyncio.ensure_future(self.finish(req_id, op, result, t0))
+                task = asyncio.ensure_future(self.finish(req_id, op, result, t0, args, held))
                 self.server.inflight.add(task)
                 task.add_done_callback(self.server.inflight.discard)
-                return
+                return True
         except ProtocolError as e:
             self.fail(req_id, op, e, t0)
-            return
+            return False
         except Exception as e:
             self.crash(req_id, op, e, t0)
-            return
+            return False
         self.reply(req_id, op, result, t0)
+        return False
+
+    def send_buffer(self, nbytes: int) -> memoryview:
+        """Room for a reply tail of `nbytes`: the connection's last send buffer when everything
+        written before has gone to the kernel (nothing reads it any more), else a pool buffer."""
+        if not nbytes:
+            return memoryview(b"")
+        pool = self.server.frame_pool
+        mm = self.sendbuf
+        if mm is not None and (len(mm) < nbytes or self.transport.get_write_buffer_size()):
+            if not self.transport.get_write_buffer_size():
+                pool.give(mm)
+            # else a pending write still reads it; it is unmapped once that write lets go of it
+            self.sendbuf = mm = None
+        if mm is None:
+            self.sendbuf = mm = pool.take(nbytes)
+        return memoryview(mm)[:nbytes]
 
     def reply(self, req_id: int, op: Op, result: Any, t0: float) -> None:
         fds = None
@@ -352,7 +419,9 @@ class Connection(asyncio.BufferedProtocol):
             result, fds = result.reply, result.fds
         enc = self.server.encoder
         try:
-            if type(result) is Packed:              # GET: block bytes packed from the slots, sent as they are
+            if type(result) is WithTail:            # GET with raw: the blocks go behind the envelope
+                parts = (enc.with_tail([req_id, 0, result.reply], len(result.tail)), result.tail)
+            elif type(result) is Packed:            # GET: block bytes packed from the slots, sent as they are
                 parts = (enc.reply_head(req_id, len(result.body)), result.body)
             else:
                 parts = (enc.reply_ok(req_id, result),)
@@ -372,7 +441,7 @@ class Connection(asyncio.BufferedProtocol):
         self.server.observe(op, "ok", time.perf_counter() - t0)
         self.server.busy_poll.answered()
 
-    async def finish(self, req_id: int, op: Op, coro: Any, t0: float) -> None:
+    async def finish(self, req_id: int, op: Op, coro: Any, t0: float, args: dict, held: Any) -> None:
         try:
             result = await coro
         except ProtocolError as e:
@@ -381,6 +450,9 @@ class Connection(asyncio.BufferedProtocol):
             self.crash(req_id, op, e, t0)
         else:
             self.reply(req_id, op, result, t0)
+        finally:
+            if held is not None:
+                self._done_with(args, held)
         if self.closed:
             # The peer left while this request waited: what it just got (a lease, a
             # reservation) must not outlive it until a timeout.
@@ -388,9 +460,9 @@ class Connection(asyncio.BufferedProtocol):
         self.busy = False
         queue = self.queue
         while queue and not self.busy and not self.closed:
-            req_id, op, args, nbytes = queue.popleft()
+            req_id, op, args, nbytes, held = queue.popleft()
             self.queued_bytes -= nbytes
-            self.execute(req_id, op, args)
+            self.execute(req_id, op, args, held)
         if self.paused_queue and not self.closed and not self._queue_full():
             self.paused_queue = False
             self._parse()            # frames already received behind the full queue
@@ -429,6 +501,7 @@ class Server:
         self.store = store
         self.conns: dict[int, Connection] = {}
         self.encoder = Encoder()
+        self.frame_pool = BufferPool(cfg.server.frame_cache_bytes)
         self.busy_poll = BusyPoll(cfg.server.busy_poll_us / 1e6)
         self.inflight: set[asyncio.Future] = set()
         self.draining = False
@@ -547,7 +620,7 @@ class Server:
         if c.pid < 0:
             c.pid = pid
         reply = {"version": PROTOCOL_VERSION, "server": f"kvtierd {__version__}", "pid": os.getpid(),
-                 "host": [], "hbm": [], "max_frame_bytes": self.cfg.server.max_frame_bytes}
+                 "host": [], "hbm": [], "max_frame_bytes": self.cfg.server.max_frame_bytes, "tails": True}
         return self.gate.hello(c, reply) if self.gate else reply   # regions go only where access allows
 
     def op_ping(self, c: Connection) -> dict:
@@ -616,21 +689,37 @@ class Server:
         self.store.release(lid, c.id)
         return {}
 
-    async def op_put(self, c: Connection, ns: int, keys: list, data: list) -> dict:
+    async def op_put(self, c: Connection, ns: int, keys: list, data: list | None = None,
+                     tail: Tail | None = None) -> dict:
         space = c.ns(ns)
-        if len(keys) != len(data):
-            raise ProtocolError(Code.BAD_ARGS, f"{len(keys)} keys but {len(data)} blocks")
-        for b in data:
-            if len(b) != space.block_size:
-                raise ProtocolError(Code.BAD_BLOCK, f"block of {len(b)} bytes in a namespace of "
-                                                    f"block size {space.block_size}")
+        bs = space.block_size
+        if (data is None) == (tail is None):
+            raise ProtocolError(Code.BAD_ARGS, "put: the blocks come either as data or as the frame's tail")
+        if tail is not None:
+            if len(tail.view) != len(keys) * bs:
+                raise ProtocolError(Code.BAD_BLOCK, f"a tail of {len(tail.view)} bytes for {len(keys)} blocks "
+                                                    f"of {bs} bytes")
+            raw = memoryview(tail.view)
+            blocks: Any = [raw[i * bs:(i + 1) * bs] for i in range(len(keys))]
+        else:
+            if len(keys) != len(data):
+                raise ProtocolError(Code.BAD_ARGS, f"{len(keys)} keys but {len(data)} blocks")
+            for b in data:
+                if len(b) != bs:
+                    raise ProtocolError(Code.BAD_BLOCK, f"block of {len(b)} bytes in a namespace of "
+                                                        f"block size {bs}")
+            blocks = data
         res = await self.store.reserve(space, keys, c.id)
         view = self.store.view
         for i, e in zip(res.index, res.entries):
-            view(e)[:] = data[i]
+            view(e)[:] = blocks[i]
+        if tail is not None:
+            for b in blocks:
+                b.release()
+            raw.release()
         return {"n": self.store.commit(res.rid, c.id), "full": res.full}
 
-    async def op_get(self, c: Connection, ns: int, keys: list) -> dict:
+    async def op_get(self, c: Connection, ns: int, keys: list, raw: bool = False) -> Any:
         space = c.ns(ns)
         limit = self.cfg.server.max_frame_bytes
         per = space.block_size + BLOB_OVERHEAD
@@ -647,15 +736,29 @@ class Server:
                         f"bytes, over server.max_frame_bytes ({limit}); ask for at most "
                         f"{max(1, (limit - REPLY_OVERHEAD) // (per + 1))} keys per get_inline, or use get_many")
             view = self.store.view
-            # Packed from the slots while the lease holds them: one copy into the reply, not a bytes
-            # object per block and then the frame (and the frame again behind a header).
-            body = self.encoder.pack({"blocks": [view(e) if e is not None else None for e in lease.entries]})
+            if raw:
+                # Copied from the slots, while the lease holds them, into a warm send buffer: the
+                # reply's tail. The lease ends here, not when the kernel has taken the bytes.
+                found = [e is not None for e in lease.entries]
+                bs = space.block_size
+                out = c.send_buffer(bs * sum(found))
+                at = 0
+                for e in lease.entries:
+                    if e is not None:
+                        out[at:at + bs] = view(e)
+                        at += bs
+                result: Any = WithTail({"found": found}, out)
+            else:
+                # Packed from the slots while the lease holds them: one copy into the reply, not a bytes
+                # object per block and then the frame (and the frame again behind a header).
+                result = Packed(self.encoder.pack({"blocks": [view(e) if e is not None else None
+                                                              for e in lease.entries]}))
             hits = [k for k, e in zip(keys, lease.entries) if e is not None]
         finally:
             self.store.release(lease.lid, c.id)
         if self._record_reads:
             asyncio.get_running_loop().call_soon(self._record_reads, space.name, hits)
-        return Packed(body)
+        return result
 
     def op_delete(self, c: Connection, ns: int, keys: list) -> dict:
         return {"n": self.store.delete(c.ns(ns), keys)}
@@ -667,6 +770,8 @@ class Server:
         s = self.store.stats()
         s["clients"] = len(self.conns)
         s["busy_poll_seconds"] = self.busy_poll.spun_s
+        self.frame_pool.keep_bytes = self.cfg.server.frame_cache_bytes     # live: follows a reload
+        s["frame_cache_bytes"] = self.frame_pool.kept
         s["server"] = {"version": __version__, "pid": os.getpid(), "uptime_s": time.time() - self.started,
                        "socket": self.cfg.server.socket, "draining": self.draining}
         if self._extra_stats:

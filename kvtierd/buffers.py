@@ -1,0 +1,93 @@
+"""Large byte buffers that do not fault per page: huge-page-advised private mappings, and a pool that
+keeps a few of them warm for the next frame.
+
+Fresh memory is what made big frames slow, not the copies: a new 32 MiB `bytearray` (or a heap block
+glibc just gave back) takes a page fault and a zero-fill per 4 KiB before the first byte lands, which
+costs about what the copy does. A private anonymous mapping advised MADV_HUGEPAGE faults once per
+2 MiB, and one kept for the next frame does not fault at all. A fresh mapping costs address space
+only: its pages are backed as bytes are written into them, so asking for a frame's announced size up
+front spends no memory a peer did not send.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+HUGE_PAGE = 2 << 20          # x86-64 / arm64 transparent huge page size
+
+
+def huge_buffer(nbytes: int, small_head: bool = False) -> mmap.mmap:
+    """A writable private mapping of at least `nbytes` (whole huge pages from 2 MiB on), advised to
+    be backed by transparent huge pages where the kernel has them (4 KiB pages otherwise: still correct).
+
+    `small_head`: its first 2 MiB stay 4 KiB pages, for a buffer a peer fills: its first byte would
+    back a whole huge page, so a peer that sends a big frame's header and stops would cost 2 MiB."""
+    if nbytes >= HUGE_PAGE:
+        nbytes = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    mm = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE)
+    start = HUGE_PAGE if small_head else 0
+    if nbytes - start >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE, start, nbytes - start)
+        except OSError:
+            pass
+    return mm
+
+
+class BufferPool:
+    """Big buffers handed out for one frame each and kept, up to `keep_bytes` in all, for the next one.
+
+    Single-threaded (the daemon's loop). A buffer given back must no longer be read or written by
+    anyone: a receive buffer once its frame's request finished, a send buffer once its bytes are
+    with the kernel."""
+
+    def __init__(self, keep_bytes: int):
+        self.keep_bytes = keep_bytes
+        self._free: list[mmap.mmap] = []
+        self.kept = 0                # bytes in free buffers (backed memory, once they were used)
+        self.made = 0                # buffers mapped, for the metric and the tests
+        self.reused = 0
+
+    def take(self, nbytes: int, small_head: bool = False) -> mmap.mmap:
+        """A buffer of at least `nbytes`: the smallest kept one that fits and wastes at most 3/4 of
+        itself, or a new mapping (huge_buffer; `small_head` for one a peer fills)."""
+        best = -1
+        for i, mm in enumerate(self._free):          # a handful at most: keep_bytes / frame size
+            size = len(mm)
+            if nbytes <= size <= 4 * max(nbytes, HUGE_PAGE) and (best < 0 or size < len(self._free[best])):
+                best = i
+        if best >= 0:
+            mm = self._free.pop(best)
+            self.kept -= len(mm)
+            self.reused += 1
+            return mm
+        self.made += 1
+        return huge_buffer(nbytes, small_head)
+
+    def give(self, mm: mmap.mmap) -> None:
+        """Back to the pool, or unmapped when keeping it would pass keep_bytes (the smallest kept
+        buffers go first to make room for a bigger one)."""
+        size = len(mm)
+        if size > self.keep_bytes:
+            _unmap(mm)
+            return
+        self._free.sort(key=len)
+        while self._free and self.kept + size > self.keep_bytes:
+            old = self._free.pop(0)
+            self.kept -= len(old)
+            _unmap(old)
+        self._free.append(mm)
+        self.kept += size
+
+    def clear(self) -> None:
+        for mm in self._free:
+            _unmap(mm)
+        self._free.clear()
+        self.kept = 0
+
+
+def _unmap(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:
+        pass    # a view of it is still alive somewhere (a pending write): unmapped when that goes

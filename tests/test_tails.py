@@ -1,0 +1,212 @@
+"""Block bytes as a frame's raw tail (put_inline, get_inline): what a client sends and gets back,
+the older msgpack form still served, and hostile tail frames refused without harm."""
+
+import asyncio
+import os
+import socket
+import struct
+
+import msgpack
+import pytest
+from test_bad_input import Raw, still_serving
+
+from kvtierd import AsyncClient
+from kvtierd.protocol import TAIL, Code, Op
+
+BS = 256 << 10      # 256 KiB blocks: a batch of them is a frame bigger than the receive buffer
+
+
+def blocks_for(keys, size=BS):
+    return [bytes([i % 251]) * 7 + os.urandom(size - 7) for i, _ in enumerate(keys)]
+
+
+def tail_frame(msg, tail: bytes, env_len: int | None = None) -> bytes:
+    env = msgpack.packb(msg, use_bin_type=True)
+    n = 4 + len(env) + len(tail)
+    return struct.pack("<II", TAIL | n, len(env) if env_len is None else env_len) + env + tail
+
+
+class TailRaw(Raw):
+    def reply_with_tail(self):
+        """A reply that may carry a tail: (msg, tail bytes or None)."""
+        while len(self.buf) < 4:
+            self.buf += self._recv()
+        (n,) = struct.unpack_from("<I", self.buf)
+        if n < TAIL:
+            return self.reply(), None
+        n &= TAIL - 1
+        while len(self.buf) < 4 + n:
+            self.buf += self._recv()
+        body, self.buf = self.buf[4:4 + n], self.buf[4 + n:]
+        (env,) = struct.unpack_from("<I", body)
+        return msgpack.unpackb(body[4:4 + env], raw=False), body[4 + env:]
+
+    def _recv(self):
+        chunk = self.s.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError("closed")
+        return chunk
+
+    def open(self, name, block_size):
+        r = self.call(2, Op.OPEN, {"name": name, "block_size": block_size})
+        assert r[1] == 0, r
+        return r[2]["ns"]
+
+
+@pytest.fixture
+def raw(daemon):
+    r = TailRaw(daemon.socket)
+    info = r.hello()
+    assert info["tails"] is True           # the daemon says it reads tails
+    return r
+
+
+@pytest.mark.parametrize("tails", [True, False], ids=["tails", "msgpack"])
+def test_put_inline_and_get_inline_round_trip_big_batches(daemon, tails):
+    """Batches bigger than the daemon's receive buffer, misses among the hits, both wire forms
+    (False: a client speaking to a daemon that reads no tails)."""
+    with daemon.client() as c:
+        c.tails = tails
+        ns = c.namespace("tails", block_size=BS)
+        keys = [b"t%03d" % i for i in range(40)]               # 10 MiB: several frames of many blocks
+        blocks = blocks_for(keys)
+        assert ns.put_inline(keys, blocks) == 40
+        asked = keys[:3] + [b"absent-1"] + keys[3:] + [b"absent-2"]
+        got = ns.get_inline(asked)
+        assert got == blocks[:3] + [None] + blocks[3:] + [None]
+        assert all(type(b) is bytes for b in got if b is not None)
+        # What went in by tail is what the shared-memory path reads.
+        assert ns.get_many(keys) == blocks
+
+
+def test_an_async_client_moves_blocks_as_tails(daemon):
+    async def body():
+        async with AsyncClient(daemon.socket) as c:
+            assert c.tails
+            ns = await c.namespace("async-tails", block_size=BS)
+            keys = [b"a%02d" % i for i in range(12)]
+            blocks = blocks_for(keys)
+            puts = [ns.put_inline(keys[:6], blocks[:6]), ns.put_inline(keys[6:], blocks[6:])]
+            assert await asyncio.gather(*puts) == [6, 6]       # two tail frames in flight at once
+            got = await asyncio.gather(ns.get_inline(keys[:6] + [b"none"]), ns.get_inline(keys[6:]))
+            assert got == [blocks[:6] + [None], blocks[6:]]
+    asyncio.run(body())
+
+
+def test_a_get_with_raw_answers_found_flags_and_the_found_blocks_in_order(daemon, raw):
+    with daemon.client() as c:
+        ns = c.namespace("rawget", block_size=4096)
+        ns.put_many([b"a", b"c"], [b"A" * 4096, b"C" * 4096])
+    ns_id = raw.open("rawget", 4096)
+    raw.send_frame([5, int(Op.GET), {"ns": ns_id, "keys": [b"a", b"b", b"c"], "raw": True}])
+    (rid, code, result), tail = raw.reply_with_tail()
+    assert (rid, code, result) == (5, 0, {"found": [True, False, True]})
+    assert tail == b"A" * 4096 + b"C" * 4096
+    # Nothing found: an empty tail.
+    raw.send_frame([6, int(Op.GET), {"ns": ns_id, "keys": [b"zz"], "raw": True}])
+    assert raw.reply_with_tail() == ([6, 0, {"found": [False]}], b"")
+
+
+def test_pipelined_big_tail_puts_queue_with_their_bytes(daemon, raw):
+    """Tail frames sent back to back without waiting (each bigger than the receive buffer): each one's
+    bytes stay its own while it waits behind the one before."""
+    ns_id = raw.open("pipelined", BS)
+    sent = {}
+    frames = b""
+    for rid in range(10, 16):
+        keys = [b"p%d-%d" % (rid, i) for i in range(3)]
+        blocks = blocks_for(keys)
+        sent.update(zip(keys, blocks))
+        frames += tail_frame([rid, int(Op.PUT), {"ns": ns_id, "keys": keys}], b"".join(blocks))
+    raw.s.sendall(frames)
+    replies = sorted(raw.reply() for _ in range(6))
+    assert replies == [[rid, 0, {"n": 3, "full": []}] for rid in range(10, 16)]
+    with daemon.client() as c:
+        ns = c.namespace("pipelined", block_size=BS)
+        keys = sorted(sent)
+        assert ns.get_many(keys) == [sent[k] for k in keys]
+        assert c.stats()["frame_cache_bytes"] > 0        # their buffers were kept for the next frames
+
+
+@pytest.mark.parametrize("case,code", [
+    ("short tail", Code.BAD_BLOCK),
+    ("long tail", Code.BAD_BLOCK),
+    ("data and tail", Code.BAD_ARGS),
+    ("tail named in msgpack", Code.BAD_ARGS),
+    ("neither", Code.BAD_ARGS),
+])
+def test_bad_tail_puts_are_refused_and_store_nothing(daemon, raw, case, code):
+    ns_id = raw.open("badtail", 4096)
+    keys = [b"k1", b"k2"]
+    args = {"ns": ns_id, "keys": keys}
+    if case == "short tail":
+        frame = tail_frame([7, int(Op.PUT), args], b"x" * (2 * 4096 - 1))
+    elif case == "long tail":
+        frame = tail_frame([7, int(Op.PUT), args], b"x" * (2 * 4096 + 1))
+    elif case == "data and tail":
+        frame = tail_frame([7, int(Op.PUT), {**args, "data": [b"x" * 4096] * 2}], b"x" * 2 * 4096)
+    elif case == "tail named in msgpack":
+        frame = tail_frame([7, int(Op.PUT), {**args, "tail": b"x" * 8192}], b"x" * 2 * 4096)
+    else:
+        frame = struct.pack("<I", len(body := msgpack.packb([7, int(Op.PUT), args]))) + body
+    raw.s.sendall(frame)
+    rid, got, message = raw.reply()
+    assert (rid, got) == (7, code), message
+    with daemon.client() as c:
+        assert c.namespace("badtail", block_size=4096).lookup(keys) == 0
+    still_serving(daemon)
+
+
+def test_a_plain_frame_cannot_pass_a_tail_argument(daemon, raw):
+    ns_id = raw.open("notail", 4096)
+    r = raw.call(8, Op.PUT, {"ns": ns_id, "keys": [b"k"], "tail": b"x" * 4096})
+    assert r[:2] == [8, Code.BAD_ARGS]
+    assert "tail" in r[2]
+
+
+def test_a_tail_frame_whose_msgpack_length_runs_past_its_end_is_refused(daemon, raw):
+    ns_id = raw.open("overrun", 4096)
+    raw.s.sendall(tail_frame([9, int(Op.PUT), {"ns": ns_id, "keys": [b"k"]}], b"x" * 4096, env_len=1 << 20))
+    assert raw.reply()[:2] == [0, Code.BAD_FRAME]
+    assert raw.call(10, Op.PING, {})[1] == 0          # the connection goes on
+    still_serving(daemon)
+
+
+def test_a_tail_frame_over_the_limit_closes_the_connection(start_daemon):
+    d = start_daemon("--set", "server.max_frame_bytes=1MiB")
+    r = TailRaw(d.socket)
+    r.hello()
+    r.s.sendall(struct.pack("<II", TAIL | (2 << 20), 10))
+    rid, code, _ = r.reply()
+    assert (rid, code) == (0, Code.FRAME_TOO_LARGE)
+    with pytest.raises((ConnectionError, OSError)):
+        r.call(11, Op.PING, {})
+    still_serving(d)
+
+
+def test_a_peer_gone_in_the_middle_of_a_tail_stores_nothing(daemon):
+    r = TailRaw(daemon.socket)
+    r.hello()
+    ns_id = r.open("torn", BS)
+    keys = [b"torn%d" % i for i in range(8)]
+    frame = tail_frame([12, int(Op.PUT), {"ns": ns_id, "keys": keys}], os.urandom(8 * BS))
+    r.s.sendall(frame[:len(frame) // 2])
+    r.s.shutdown(socket.SHUT_RDWR)
+    r.s.close()
+    with daemon.client() as c:
+        ns = c.namespace("torn", block_size=BS)
+        assert ns.lookup(keys) == 0                      # half a frame is no request
+        blocks = blocks_for(keys)
+        assert ns.put_inline(keys, blocks) == 8
+        assert ns.get_inline(keys) == blocks
+
+
+def test_with_no_frame_cache_nothing_is_kept_and_everything_works(start_daemon):
+    d = start_daemon("--set", "server.frame_cache_bytes=0")
+    with d.client() as c:
+        ns = c.namespace("nocache", block_size=BS)
+        keys = [b"n%d" % i for i in range(16)]
+        blocks = blocks_for(keys)
+        assert ns.put_inline(keys, blocks) == 16
+        assert ns.get_inline(keys) == blocks
+        assert c.stats()["frame_cache_bytes"] == 0
