@@ -186,7 +186,9 @@ def case_keys(tag: str, size: int, clients: int, total: int, batch: int, rounds:
 
 def run_case(system: str, target: str, size: int, keysets: list[list[list[bytes]]], batch: int) -> dict:
     clients, per_client = len(keysets), len(keysets[0][0])
-    ctx = mp.get_context("fork")
+    # Spawned, not forked: each client process starts as a fresh interpreter, its heap untouched by
+    # this one's (forked workers inherited a heap kvtierd's client had set up, Redis's workers too).
+    ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(clients)
     q = ctx.Queue()
     procs = []

@@ -52,7 +52,7 @@ import weakref
 from typing import Any, Generator, Sequence
 
 from kvtierd import regions as regions_mod
-from kvtierd.buffers import huge_buffer
+from kvtierd.buffers import huge_buffer, retain_freed_heap
 from kvtierd.config import default_socket_path
 from kvtierd.protocol import (
     HEADER,
@@ -670,7 +670,7 @@ class Client:
 
     def __init__(self, socket_path: str | os.PathLike | None = None, *, timeout: float | None = 60.0,
                  name: str = "", spin_us: float = 200.0, reconnect_attempts: int = 10,
-                 reconnect_backoff_s: float = 0.05, read_only: bool = False):
+                 reconnect_backoff_s: float = 0.05, read_only: bool = False, retain_heap: bool = True):
         """`spin_us`: the longest busy-poll for a reply before sleeping in poll(2). A reply
         usually comes within tens of microseconds, and a sleeping thread costs a wakeup
         (about 50 µs on small VMs), so a short spin halves small-request latency. The
@@ -683,7 +683,12 @@ class Client:
         Refusals (DENIED, LIMIT) are raised as KvtierdError with the daemon's reason.
 
         `read_only`: map the host regions read-only (a reader process then cannot
-        write them at all; reserve/put_many fail, put_inline still works)."""
+        write them at all; reserve/put_many fail, put_inline still works).
+
+        `retain_heap`: get_many and get_inline return a fresh `bytes` per block; so that those
+        do not fault on every 4 KiB, the first client of a process lets glibc's heap keep up to
+        60 MiB of freed memory for reuse (kvtierd.buffers.retain_freed_heap). False: leave the
+        process's allocator as it is."""
         self.socket_path = str(socket_path or default_socket_path())
         self.name = name
         self.read_only = read_only
@@ -695,6 +700,8 @@ class Client:
         self._unanswered: set[int] = set()   # posted requests whose replies are dropped when they come
         self.reconnect_attempts = reconnect_attempts
         self.reconnect_backoff_s = reconnect_backoff_s
+        if retain_heap:
+            retain_freed_heap()
         self._epoch = 0                       # which connection: bumped on every (re)connect
         self._broken: Exception | None = None  # why the current connection is unusable
         self._namespaces: weakref.WeakSet = weakref.WeakSet()
@@ -1206,13 +1213,16 @@ class AsyncClient:
     Reconnects like Client (same `reconnect_attempts` and `reconnect_backoff_s`)."""
 
     def __init__(self, socket_path: str | os.PathLike | None = None, *, name: str = "",
-                 reconnect_attempts: int = 10, reconnect_backoff_s: float = 0.05, read_only: bool = False):
-        """`read_only`: map the host regions read-only, as for Client."""
+                 reconnect_attempts: int = 10, reconnect_backoff_s: float = 0.05, read_only: bool = False,
+                 retain_heap: bool = True):
+        """`read_only`, `retain_heap`: as for Client."""
         self.socket_path = str(socket_path or default_socket_path())
         self.name = name
         self.read_only = read_only
         self.reconnect_attempts = reconnect_attempts
         self.reconnect_backoff_s = reconnect_backoff_s
+        if retain_heap:
+            retain_freed_heap()
         self._ids = itertools.count(1)
         self._encoder = Encoder()
         self._waiting: dict[int, asyncio.Future] = {}
