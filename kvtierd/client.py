@@ -867,6 +867,14 @@ class Client:
 
     def _send_all(self, parts: list) -> None:
         """Sends the buffers in order, as they are (sendmsg gathers them: no join)."""
+        if len(parts) == 1:            # a small request: one send, nothing built around it
+            try:
+                sent = self.sock.send(parts[0])
+            except BlockingIOError:
+                sent = 0
+            if sent == len(parts[0]):
+                return
+            parts = [memoryview(parts[0])[sent:]]
         views = [memoryview(p).cast("B") for p in parts]
         i = 0
         while i < len(views):
