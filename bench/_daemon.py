@@ -42,9 +42,9 @@ class Daemon:
             self.proc.wait(120)
 
 
-def start_kvtierd(tmp: Path, host_bytes: int) -> tuple[subprocess.Popen, str]:
-    """A daemon with only a host tier of `host_bytes`: (process, socket path)."""
-    d = Daemon(tmp, ["--host-bytes", str(host_bytes), "--disk-bytes", "0"]).start()
+def start_kvtierd(tmp: Path, host_bytes: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    """A daemon with only a host tier of `host_bytes` (and `extra` arguments): (process, socket path)."""
+    d = Daemon(tmp, ["--host-bytes", str(host_bytes), "--disk-bytes", "0", *extra]).start()
     return d.proc, d.sock
 
 

@@ -16,7 +16,13 @@ pages would fault), as a worker that just started does. The prefault-off rows tu
 the client's bulk mapping (kvtierd.regions.ClientRegion.prefault) off, to show
 what it is worth in the same run.
 
+`--huge-pages` gives the daemon host.huge_pages = on (the host region from the hugetlb
+pool: reserve (3 x blocks x block + 64 MiB) of huge pages first, e.g. `echo 512 >
+/proc/sys/vm/nr_hugepages` for the defaults): a cold client then maps one huge page
+per fault instead of 16 pages per MiB.
+
     python bench/core.py [--block 1MiB] [--blocks 256] [--batch 32] [--rounds 5] [--paths shm,inline]
+                         [--huge-pages]
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--paths", default="shm,inline")
+    ap.add_argument("--huge-pages", action="store_true", help="the host region in huge pages (host.huge_pages=on)")
     a = ap.parse_args()
     bs = parse_size(a.block)
     total = bs * a.blocks
@@ -99,7 +106,8 @@ def main() -> int:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvtierd-bench-") as tmp:
-        proc, sock = start_kvtierd(Path(tmp), total * 3 + (64 << 20))
+        extra = ("--set", "host.huge_pages=on") if a.huge_pages else ()
+        proc, sock = start_kvtierd(Path(tmp), total * 3 + (64 << 20), *extra)
         try:
             prime_host_tier(sock, total * 3 + (64 << 20))
             with Client(sock) as c:
@@ -111,7 +119,8 @@ def main() -> int:
                             state["c"].close()
                         state["c"] = Client(sock)
                         state["ns"] = state["c"].namespace("bench-shm", block_size=bs)
-                        state["ns"].region.prefault_enabled = prefault
+                        if not prefault:
+                            state["ns"].region.prefault_enabled = False
                     return setup
 
                 if "shm" in paths:
@@ -190,7 +199,8 @@ def main() -> int:
 
     load = os.getloadavg()
     print(f"\nkvtierd put/get, {format_size(bs)} blocks, {a.blocks} blocks per round, batches of {a.batch}, "
-          f"median of {a.rounds} rounds, {os.cpu_count()} cores, load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+          f"median of {a.rounds} rounds, {os.cpu_count()} cores, load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
+          f"host region in {'huge' if a.huge_pages else '4 KiB'} pages")
     print(f"{'path':<32} {'op':<20} {'GB/s':>7} {'/memcpy':>8} {'vs':>7} {'faults/MiB':>11}")
     for name, (rate, ratio, _flt) in ceilings.items():
         print(f"{name:<53} {rate:>7.2f} {ratio:>8.2f}")

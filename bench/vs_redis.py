@@ -31,8 +31,11 @@ page of new heap memory (256 per MiB).
 source block into distinct warm destinations, as the put workers copy),
 measured in the same run. Ratios kvtierd/Redis come last.
 
+`--huge-pages` gives the daemon host.huge_pages = on (reserve 1.25 x total + 64 MiB of huge
+pages first, e.g. `echo 256 > /proc/sys/vm/nr_hugepages` for the defaults).
+
     python bench/vs_redis.py [--sizes 256KiB,1MiB,4MiB] [--clients 1,8] [--total 256MiB] [--batch 8]
-                             [--warmup 1] [--systems redis,kvtierd-shm,...]
+                             [--warmup 1] [--systems redis,kvtierd-shm,...] [--huge-pages]
 """
 
 from __future__ import annotations
@@ -237,6 +240,7 @@ def main() -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--warmup", type=int, default=1,
                     help="unmeasured rounds per client process before the measured one")
+    ap.add_argument("--huge-pages", action="store_true", help="the host region in huge pages (host.huge_pages=on)")
     a = ap.parse_args()
     sizes = [parse_size(s) for s in a.sizes.split(",")]
     clients = [int(c) for c in a.clients.split(",")]
@@ -250,14 +254,15 @@ def main() -> int:
     print(f"# {platform.node()} {platform.processor() or platform.machine()} {os.cpu_count()} cpus, "
           f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"# {format_size(total)} per case, batch {a.batch} blocks per op, {a.warmup} warm-up round(s)"
-          f"{' (cold client processes)' if not a.warmup else ''}, kvtierd host tier {format_size(host_bytes)}, "
+          f"{' (cold client processes)' if not a.warmup else ''}, kvtierd host tier {format_size(host_bytes)}"
+          f"{' in huge pages' if a.huge_pages else ''}, "
           f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     rows, res = [], {}
     with tempfile.TemporaryDirectory(prefix="kvtierd-vs-redis-") as td:
         tmp = Path(td)
         port = free_port()
         redis_p = start_redis(port, tmp)
-        kv_p, sock = start_kvtierd(tmp, host_bytes)
+        kv_p, sock = start_kvtierd(tmp, host_bytes, *(("--set", "host.huge_pages=on") if a.huge_pages else ()))
         try:
             prime_host_tier(sock, host_bytes)
             for size in sizes:

@@ -224,6 +224,7 @@ class HostConfig:
     high_watermark: float = opt(0.95, _num(float, 0.0, 1.0), "above this fill, the coldest blocks move down a tier", live=True)
     low_watermark: float = opt(0.85, _num(float, 0.0, 1.0), "demotion stops at this fill", live=True)
     shm_dir: str = opt("/dev/shm", _str, "where daemons before memfd regions left region files; scanned only to remove their leftovers")
+    huge_pages: str = opt("off", _choice("off", "try", "on"), "back the host regions with huge pages from the hugetlb pool (reserve them with vm.nr_hugepages): a process that maps a region then takes one page fault per huge page instead of 16-256 per MiB, so a worker that just started copies at memcpy speed; try: 4 KiB pages, with a warning, when too few are free; on: refuse to start then")
     pin: bool = opt(True, _bool, "page-lock the region with cudaHostRegister when CUDA is present")
     reserve_wait_s: float = opt(1.0, _num(float, 0.0, 60.0), "a reserve that finds no room waits this long for moves in flight before answering FULL for the keys it could not place", live=True)
     checksums: bool = opt(True, _bool, "take an xxh3 of each host block at commit and check it before the block is persisted or sent elsewhere", live=True)

@@ -88,15 +88,19 @@ class Daemon:
         from kvtierd.tiers.host import HostRegion, remove_legacy_regions
         for p in remove_legacy_regions(self.cfg.host.shm_dir):
             log.info("removed %s, a shared-memory region file left by an earlier kvtierd version", p)
-        slab = self.cfg.host.slab_bytes
-        regions = {"default": HostRegion(self.cfg.host.bytes, slab)}
+        slab, huge = self.cfg.host.slab_bytes, self.cfg.host.huge_pages
+        regions = {"default": HostRegion(self.cfg.host.bytes, slab, huge_pages=huge)}
         try:
             for name, d in self.cfg.access.domains.items():
-                regions[name] = HostRegion(d["host_bytes"], slab, domain=name)
+                regions[name] = HostRegion(d["host_bytes"], slab, domain=name, huge_pages=huge)
         except BaseException:
             for r in regions.values():
                 r.close()
             raise
+        for name, r in regions.items():
+            if r.huge_page_bytes:
+                log.info("host region of domain %r: %d MiB in huge pages of %d KiB", name, r.size >> 20,
+                         r.huge_page_bytes >> 10)
         if len(regions) > 1:
             log.info("access domains: %s", ", ".join(f"{n} ({r.size >> 20} MiB)" for n, r in regions.items()))
         return regions

@@ -41,7 +41,7 @@ import time
 from typing import Any
 
 from kvtierd.protocol import HEADER, Code, Op, ProtocolError, request, unpack_body
-from kvtierd.tiers.host import HostRegionError, HostRegionMapping
+from kvtierd.tiers.host import HostRegionError, HostRegionMapping, is_huge
 
 MAX_FDS = 64                    # one per domain; SCM_RIGHTS allows 253 per message
 PREFAULT_CHUNK_SHIFT = 16       # prefault bookkeeping per 64 KiB: the kernel's fault-around window
@@ -117,7 +117,8 @@ class ClientRegion(HostRegionMapping):
         shift = PREFAULT_CHUNK_SHIFT
         # One byte per chunk: 1 once this process populated it. 16 KiB per GiB of region.
         self._mapped = bytearray((size + (1 << shift) - 1) >> shift)
-        self.prefault_enabled = True
+        # A huge-page region faults once per huge page: nothing to populate ahead.
+        self.prefault_enabled = not is_huge(fd)
 
     def prefaulted(self, offset: int, length: int) -> bool:
         """Whether [offset, offset+length) was populated in this process."""

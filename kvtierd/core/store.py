@@ -72,7 +72,8 @@ class Store:
     def __init__(self, cfg: Any, disk: Any | None = None, regions: dict[str, Any] | None = None):
         self.cfg = cfg
         if regions is None:
-            regions = {DEFAULT_DOMAIN: HostRegion(cfg.host.bytes, cfg.host.slab_bytes)}
+            regions = {DEFAULT_DOMAIN: HostRegion(cfg.host.bytes, cfg.host.slab_bytes,
+                                                  huge_pages=cfg.host.huge_pages)}
         self.regions = regions
         self.hosts: dict[str, MemTier] = {
             d: MemTier("host", r.slots, cfg.host.high_watermark, cfg.host.low_watermark, r, d)
@@ -668,7 +669,8 @@ class Store:
         out = {
             "tiers": tiers,
             "domains": {d: {"capacity_bytes": t.slots.capacity_bytes, "used_bytes": t.slots.used_bytes,
-                            "blocks": t.blocks} for d, t in self.hosts.items()},
+                            "blocks": t.blocks, "huge_page_bytes": getattr(t.region, "huge_page_bytes", 0)}
+                        for d, t in self.hosts.items()},
             "misses": c.misses,
             "moves": [{"src": s, "dst": d, "kind": k, "blocks": m.blocks, "bytes": m.bytes}
                       for (s, d, k), m in c.moves.items()],
