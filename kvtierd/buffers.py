@@ -69,49 +69,68 @@ def retain_freed_heap() -> bool:
 
 
 class BufferPool:
-    """Big buffers handed out for one frame each and kept, up to `keep_bytes` in all, for the next one.
+    """Big buffers handed out for one frame each and kept, up to `keep_bytes` and MAX_KEPT buffers
+    in all, for the next one. Below POOLED bytes a buffer is a plain bytearray, never kept: small
+    frames cost little to allocate, and a pool of many small mappings would cost more to search.
 
     Single-threaded (the daemon's loop). A buffer given back must no longer be read or written by
     anyone: a receive buffer once its frame's request finished, a send buffer once its bytes are
     with the kernel."""
 
+    POOLED = 1 << 20
+    MAX_KEPT = 64
+
     def __init__(self, keep_bytes: int):
         self.keep_bytes = keep_bytes
-        self._free: list[mmap.mmap] = []
+        self._free: list[mmap.mmap] = []       # sorted by size, smallest first
         self.kept = 0                # bytes in free buffers (backed memory, once they were used)
-        self.made = 0                # buffers mapped, for the metric and the tests
+        self.made = 0                # buffers mapped, for the tests
         self.reused = 0
 
-    def take(self, nbytes: int, small_head: bool = False) -> mmap.mmap:
+    def take(self, nbytes: int, small_head: bool = False) -> mmap.mmap | bytearray:
         """A buffer of at least `nbytes`: the smallest kept one that fits and wastes at most 3/4 of
         itself, or a new mapping (huge_buffer; `small_head` for one a peer fills)."""
-        best = -1
-        for i, mm in enumerate(self._free):          # a handful at most: keep_bytes / frame size
+        if nbytes < self.POOLED:
+            return bytearray(nbytes)
+        free = self._free
+        for i, mm in enumerate(free):                # at most MAX_KEPT, smallest first
             size = len(mm)
-            if nbytes <= size <= 4 * max(nbytes, HUGE_PAGE) and (best < 0 or size < len(self._free[best])):
-                best = i
-        if best >= 0:
-            mm = self._free.pop(best)
-            self.kept -= len(mm)
-            self.reused += 1
-            return mm
+            if size >= nbytes:
+                if size > 4 * nbytes:
+                    break
+                del free[i]
+                self.kept -= size
+                self.reused += 1
+                return mm
         self.made += 1
         return huge_buffer(nbytes, small_head)
 
-    def give(self, mm: mmap.mmap) -> None:
-        """Back to the pool, or unmapped when keeping it would pass keep_bytes (the smallest kept
-        buffers go first to make room for a bigger one)."""
-        size = len(mm)
-        if size > self.keep_bytes:
-            _unmap(mm)
+    def give(self, buf: mmap.mmap | bytearray) -> None:
+        """Back to the pool, or unmapped when keeping it would pass keep_bytes or MAX_KEPT (the
+        smallest kept buffers go first to make room for a bigger one)."""
+        if not isinstance(buf, mmap.mmap):
             return
-        self._free.sort(key=len)
-        while self._free and self.kept + size > self.keep_bytes:
+        size = len(buf)
+        free = self._free
+        if size > self.keep_bytes:
+            _unmap(buf)
+            return
+        while free and (self.kept + size > self.keep_bytes or len(free) >= self.MAX_KEPT):
+            old = free.pop(0)
+            self.kept -= len(old)
+            _unmap(old)
+        i = 0
+        while i < len(free) and len(free[i]) < size:
+            i += 1
+        free.insert(i, buf)
+        self.kept += size
+
+    def trim(self) -> None:
+        """Unmaps kept buffers beyond keep_bytes (after a reload lowered it)."""
+        while self._free and self.kept > self.keep_bytes:
             old = self._free.pop(0)
             self.kept -= len(old)
             _unmap(old)
-        self._free.append(mm)
-        self.kept += size
 
     def clear(self) -> None:
         for mm in self._free:

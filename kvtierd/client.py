@@ -936,6 +936,8 @@ class Client:
         """A reply of `length` bytes with a tail: its msgpack (small) from the receive buffer, the
         tail straight into the client's tail buffer (kept for the next reply, so warm: a reply's
         tail is only good until the next one is read)."""
+        if length < 4:
+            raise ConnectionError("kvtierd sent a reply with a tail but no msgpack length")
         while self._re - self._rs < 8:
             self._fill()
         (env,) = HEADER.unpack_from(self._rb, self._rs + 4)
@@ -968,6 +970,10 @@ class Client:
             refusal = self._pending_error()
             self._lose(refusal or ConnectionError(f"kvtierd closed the connection ({e.strerror})"))
             raise _Lost(self._broken, refusal is None or refusal.code in RETRY_CODES) from None
+        except BaseException:
+            # Interrupted part way through a frame (a signal): the stream is out of step.
+            self._lose(ConnectionError("a request was interrupted while it was being sent"))
+            raise
         while True:
             try:
                 rid, code, result = self._read_frame()
@@ -1282,6 +1288,8 @@ class AsyncClient:
                 (length,) = HEADER.unpack(await self._reader.readexactly(4))
                 if length >= TAIL:
                     length &= TAIL - 1
+                    if length < 4:
+                        raise ConnectionError("kvtierd sent a reply with a tail but no msgpack length")
                     (env,) = HEADER.unpack(await self._reader.readexactly(4))
                     if env > length - 4:
                         raise ConnectionError(f"kvtierd sent a reply whose msgpack ({env} bytes) does not fit it")
@@ -1338,7 +1346,24 @@ class AsyncClient:
                 self._waiting.pop(req_id, None)
                 self._broken = self._broken or ConnectionError("kvtierd closed the connection")
                 raise _Lost(self._broken, True) from None
-        return await fut
+        except BaseException:
+            self._unsend(parts)
+            raise
+        try:
+            return await fut
+        except BaseException:
+            self._unsend(parts)
+            raise
+
+    def _unsend(self, parts: list) -> None:
+        """A call given up (cancelled) while its frame may still sit in the transport: a tail there
+        is the caller's own buffers, not a copy, and the caller may now change them, so the rest of
+        the frame must never reach the daemon. The connection is cut (the daemon drops the half
+        frame; the next call reconnects)."""
+        if len(parts) > 1 and self._writer is not None and self._writer.transport.get_write_buffer_size():
+            self._writer.transport.abort()
+            self._broken = self._broken or ConnectionError("a call carrying blocks was given up while they "
+                                                           "were being sent; the connection was cut")
 
     async def _drop_connection(self) -> None:
         if self._reader_task is not None:

@@ -243,6 +243,7 @@ class Daemon:
         s = self.store.stats()
         s["clients"] = len(self.server.conns)
         s["busy_poll_seconds"] = self.server.busy_poll.spun_s
+        s["frame_cache_bytes"] = self.server.frame_pool.kept
         return s
 
     def reload(self) -> None:
@@ -269,6 +270,8 @@ class Daemon:
                         needs_restart.append(key)
         logs.reconfigure(self.cfg.log.level, self.cfg.log.format)
         self.store.reconfigure(self.cfg)
+        self.server.frame_pool.keep_bytes = self.cfg.server.frame_cache_bytes
+        self.server.frame_pool.trim()
         self.policy.reload(self.cfg.access)
         self.hot.configure(self.cfg.metrics.hot_keys, self.cfg.metrics.hot_window_s)
         log.info("reloaded config: applied %s", ", ".join(changed) or "nothing new")

@@ -174,13 +174,15 @@ class Encoder:
 
 class WithTail:
     """A handler's result map and the raw bytes that go behind it in the reply's tail (GET with
-    `raw`: the blocks, copied out of the slots into a buffer the connection reuses)."""
+    `raw`: the blocks, copied out of the slots into `buf`, a buffer of the server's pool that goes
+    back to it once the kernel has taken the reply)."""
 
-    __slots__ = ("reply", "tail")
+    __slots__ = ("reply", "tail", "buf")
 
-    def __init__(self, reply: dict, tail: memoryview):
+    def __init__(self, reply: dict, tail: memoryview, buf: Any = None):
         self.reply = reply
         self.tail = tail
+        self.buf = buf
 
 
 class Tail:

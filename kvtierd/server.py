@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import mmap
 import os
 import time
 from types import CoroutineType
@@ -73,6 +74,8 @@ RECV_BUFFER = 256 << 10       # receive buffer of a connection that said hello
 HELLO_RECV_BUFFER = 8 << 10   # ... and of one that has not (yet)
 HELLO_FRAME_BYTES = 64 << 10  # the largest frame accepted before hello
 WRITE_HIGH_WATER = 8 << 20
+RECLAIM_FIRST_S = 0.005       # a reply tail still being written is looked at again after this ...
+RECLAIM_LAST_S = 1.0          # ... doubling up to this
 BLOB_OVERHEAD = 5             # msgpack bin32 header of one block in a GET reply
 REPLY_OVERHEAD = 64           # envelope of a reply: id, code, map keys
 LIMIT_LOG_INTERVAL_S = 1.0    # a limit hit again within this is counted, and summed into the next line
@@ -89,7 +92,9 @@ class Connection(asyncio.BufferedProtocol):
         self.big_fill = 0
         self.big_len = 0                      # the length its header announced
         self.big_tail = False                 # ... and whether it has a tail
-        self.sendbuf: Any = None              # pool buffer of the last reply tail, reused once it is sent
+        self.sending: list = []               # pool buffers of reply tails the kernel may not have taken yet
+        self.reclaim: asyncio.TimerHandle | None = None
+        self.reclaim_delay = RECLAIM_FIRST_S
         self.hello = False
         self.uid = self.gid = self.pid = -1
         self.namespaces: set[int] = set()
@@ -127,12 +132,20 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         pool = self.server.frame_pool
-        if self.sendbuf is not None:           # nothing more is sent on a lost connection
-            pool.give(self.sendbuf)
-            self.sendbuf = None
+        for buf in self.sending:               # nothing more is sent on a lost connection
+            pool.give(buf)
+        self.sending.clear()
+        if self.reclaim is not None:
+            self.reclaim.cancel()
+            self.reclaim = None
         if self.big is not None:
             pool.give(self.big)
             self.big = None
+        while self.queue:                      # requests that will not run: their frames' buffers go back
+            req_id, op, args, nbytes, held = self.queue.popleft()
+            if held is not None:
+                self._done_with(args, held)
+        self.queued_bytes = 0
         self.server.busy_poll.unwatch(self.fd, self)
         if self.timer is not None:
             self.timer.cancel()
@@ -366,6 +379,7 @@ class Connection(asyncio.BufferedProtocol):
         self.server.frame_pool.give(held)
 
     def execute(self, req_id: int, op: Op, args: dict, held: Any = None) -> None:
+        waits = False
         try:
             waits = self._execute(req_id, op, args, held)
         finally:
@@ -397,21 +411,31 @@ class Connection(asyncio.BufferedProtocol):
         self.reply(req_id, op, result, t0)
         return False
 
-    def send_buffer(self, nbytes: int) -> memoryview:
-        """Room for a reply tail of `nbytes`: the connection's last send buffer when everything
-        written before has gone to the kernel (nothing reads it any more), else a pool buffer."""
-        if not nbytes:
-            return memoryview(b"")
+    def _sent(self, buf: Any) -> None:
+        """A reply tail in pool buffer `buf` was written: back to the pool once the transport has
+        handed every byte to the kernel (at once, usually for a small one; else looked at again,
+        backing off, until it has: a peer that does not read keeps it, and nothing more)."""
+        if not self.transport.get_write_buffer_size():
+            self._reclaim_sent()
+            self.server.frame_pool.give(buf)
+            return
+        self.sending.append(buf)
+        if self.reclaim is None:
+            self.reclaim_delay = RECLAIM_FIRST_S
+            self.reclaim = asyncio.get_running_loop().call_later(self.reclaim_delay, self._reclaim_sent)
+
+    def _reclaim_sent(self) -> None:
+        self.reclaim = None
+        if not self.sending or self.closed:
+            return
+        if self.transport.get_write_buffer_size():
+            self.reclaim_delay = min(2 * self.reclaim_delay, RECLAIM_LAST_S)
+            self.reclaim = asyncio.get_running_loop().call_later(self.reclaim_delay, self._reclaim_sent)
+            return
         pool = self.server.frame_pool
-        mm = self.sendbuf
-        if mm is not None and (len(mm) < nbytes or self.transport.get_write_buffer_size()):
-            if not self.transport.get_write_buffer_size():
-                pool.give(mm)
-            # else a pending write still reads it; it is unmapped once that write lets go of it
-            self.sendbuf = mm = None
-        if mm is None:
-            self.sendbuf = mm = pool.take(nbytes)
-        return memoryview(mm)[:nbytes]
+        for buf in self.sending:
+            pool.give(buf)
+        self.sending.clear()
 
     def reply(self, req_id: int, op: Op, result: Any, t0: float) -> None:
         fds = None
@@ -433,11 +457,18 @@ class Connection(asyncio.BufferedProtocol):
             if fds is not None and not self.closed:
                 regions.send_with_fds(self.transport, parts[0], fds)
         except ProtocolError as e:
+            if type(result) is WithTail and result.buf is not None:
+                self.server.frame_pool.give(result.buf)
             self.fail(req_id, op, e, t0)
             return
         if fds is None:
             for data in parts:
                 self.send(data)
+        if type(result) is WithTail and isinstance(result.buf, mmap.mmap):
+            if self.closed:
+                self.server.frame_pool.give(result.buf)
+            else:
+                self._sent(result.buf)
         self.server.observe(op, "ok", time.perf_counter() - t0)
         self.server.busy_poll.answered()
 
@@ -741,13 +772,15 @@ class Server:
                 # reply's tail. The lease ends here, not when the kernel has taken the bytes.
                 found = [e is not None for e in lease.entries]
                 bs = space.block_size
-                out = c.send_buffer(bs * sum(found))
+                n = bs * sum(found)
+                buf = self.frame_pool.take(n) if n else None
+                out = memoryview(buf)[:n] if n else memoryview(b"")
                 at = 0
                 for e in lease.entries:
                     if e is not None:
                         out[at:at + bs] = view(e)
                         at += bs
-                result: Any = WithTail({"found": found}, out)
+                result: Any = WithTail({"found": found}, out, buf)
             else:
                 # Packed from the slots while the lease holds them: one copy into the reply, not a bytes
                 # object per block and then the frame (and the frame again behind a header).
@@ -770,7 +803,6 @@ class Server:
         s = self.store.stats()
         s["clients"] = len(self.conns)
         s["busy_poll_seconds"] = self.busy_poll.spun_s
-        self.frame_pool.keep_bytes = self.cfg.server.frame_cache_bytes     # live: follows a reload
         s["frame_cache_bytes"] = self.frame_pool.kept
         s["server"] = {"version": __version__, "pid": os.getpid(), "uptime_s": time.time() - self.started,
                        "socket": self.cfg.server.socket, "draining": self.draining}

@@ -5,6 +5,7 @@ import asyncio
 import os
 import socket
 import struct
+import time
 
 import msgpack
 import pytest
@@ -114,13 +115,13 @@ def test_pipelined_big_tail_puts_queue_with_their_bytes(daemon, raw):
     sent = {}
     frames = b""
     for rid in range(10, 16):
-        keys = [b"p%d-%d" % (rid, i) for i in range(3)]
+        keys = [b"p%d-%d" % (rid, i) for i in range(5)]      # 1.25 MiB frames: pool buffers
         blocks = blocks_for(keys)
         sent.update(zip(keys, blocks))
         frames += tail_frame([rid, int(Op.PUT), {"ns": ns_id, "keys": keys}], b"".join(blocks))
     raw.s.sendall(frames)
     replies = sorted(raw.reply() for _ in range(6))
-    assert replies == [[rid, 0, {"n": 3, "full": []}] for rid in range(10, 16)]
+    assert replies == [[rid, 0, {"n": 5, "full": []}] for rid in range(10, 16)]
     with daemon.client() as c:
         ns = c.namespace("pipelined", block_size=BS)
         keys = sorted(sent)
@@ -210,3 +211,87 @@ def test_with_no_frame_cache_nothing_is_kept_and_everything_works(start_daemon):
         assert ns.put_inline(keys, blocks) == 16
         assert ns.get_inline(keys) == blocks
         assert c.stats()["frame_cache_bytes"] == 0
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _until(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_idle_connections_do_not_keep_their_reply_buffers(start_daemon):
+    """With no frame cache, the daemon's memory comes back once big get_inline replies were read,
+    though the connections stay open and idle."""
+    d = start_daemon("--host-bytes", "128MiB", "--set", "server.frame_cache_bytes=0")
+    keys = [b"r%d" % i for i in range(16)]
+    blocks = blocks_for(keys, 1 << 20)
+    with d.client() as c:
+        c.namespace("reclaim", block_size=1 << 20).put_many(keys, blocks)
+    base = _rss(d.proc.pid)
+    clients = [d.client() for _ in range(4)]
+    try:
+        for c in clients:
+            assert c.namespace("reclaim", block_size=1 << 20).get_inline(keys) == blocks   # 16 MiB replies
+        _until(lambda: _rss(d.proc.pid) < base + (24 << 20), 10, "the reply buffers to be unmapped")
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_reply_buffers_go_back_to_the_frame_cache(daemon):
+    keys = [b"c%d" % i for i in range(8)]
+    blocks = blocks_for(keys, 1 << 20)
+    with daemon.client() as c:
+        ns = c.namespace("cache", block_size=1 << 20)
+        ns.put_many(keys, blocks)                      # shared memory: no frame buffer used
+        assert c.stats()["frame_cache_bytes"] == 0
+        assert ns.get_inline(keys) == blocks           # an 8 MiB reply tail from a pool buffer
+        _until(lambda: c.stats()["frame_cache_bytes"] >= 8 << 20, 10, "the send buffer to be kept")
+
+
+def test_a_cancelled_async_put_inline_never_stores_bytes_changed_after_it(daemon):
+    """The tail is sent from the caller's buffers: a put given up while they are still being sent
+    cuts the connection, so what the caller writes into them afterwards is never stored."""
+    import uvloop
+
+    keys = [b"x%02d" % i for i in range(32)]
+
+    async def body():
+        async with AsyncClient(daemon.socket) as c:
+            ns = await c.namespace("cancel", block_size=1 << 20)
+            blocks = [bytearray(b"A" * (1 << 20)) for _ in keys]
+            task = asyncio.ensure_future(ns.put_inline(keys, blocks))
+            while not c._writer.transport.get_write_buffer_size() and not task.done():
+                await asyncio.sleep(0)
+            cut = not task.done()
+            task.cancel()
+            for b in blocks:
+                b[:] = b"B" * (1 << 20)
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            if cut:
+                assert c._broken is not None          # the connection was cut ...
+            assert await ns.lookup([b"nothing"]) == 0  # ... and the next call reconnects
+        return cut
+
+    loop = uvloop.new_event_loop()
+    try:
+        cut = loop.run_until_complete(body())
+    finally:
+        loop.close()
+    with daemon.client() as c:
+        got = c.namespace("cancel", block_size=1 << 20).get_many(keys)
+    assert all(g is None or g == b"A" * (1 << 20) for g in got)
+    assert cut, "the put finished before it could be cancelled mid-send; the test proves nothing"

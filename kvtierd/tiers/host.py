@@ -98,6 +98,9 @@ def _memfd(domain: str, nbytes: int, slab_bytes: int, huge_pages: str) -> tuple[
                 try:
                     os.ftruncate(fd, size)
                     os.posix_fallocate(fd, 0, size)     # takes the pages now: none can go missing later
+                    if size < nbytes // slab_bytes * slab_bytes:
+                        log.info("host region of domain %r: %d bytes, whole slabs of whole huge pages of the "
+                                 "%d asked for", domain, size, nbytes)
                     return fd, size, hps
                 except OSError as e:
                     os.close(fd)
