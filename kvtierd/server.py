@@ -416,7 +416,7 @@ class Connection(asyncio.BufferedProtocol):
         handed every byte to the kernel (at once, usually for a small one; else looked at again,
         backing off, until it has: a peer that does not read keeps it, and nothing more)."""
         if not self.transport.get_write_buffer_size():
-            self._reclaim_sent()
+            self._give_sent()
             self.server.frame_pool.give(buf)
             return
         self.sending.append(buf)
@@ -432,10 +432,23 @@ class Connection(asyncio.BufferedProtocol):
             self.reclaim_delay = min(2 * self.reclaim_delay, RECLAIM_LAST_S)
             self.reclaim = asyncio.get_running_loop().call_later(self.reclaim_delay, self._reclaim_sent)
             return
+        self._give_sent()
+
+    def _give_sent(self) -> None:
         pool = self.server.frame_pool
         for buf in self.sending:
             pool.give(buf)
         self.sending.clear()
+        if self.reclaim is not None:
+            self.reclaim.cancel()
+            self.reclaim = None
+
+    def send_buffer(self, nbytes: int) -> Any:
+        """A pool buffer for a reply tail of `nbytes`. The tails sent before go back first if the
+        kernel has taken them: a client that reads its reply and asks again gets the same warm one."""
+        if self.sending and not self.transport.get_write_buffer_size():
+            self._give_sent()
+        return self.server.frame_pool.take(nbytes)
 
     def reply(self, req_id: int, op: Op, result: Any, t0: float) -> None:
         fds = None
@@ -773,7 +786,7 @@ class Server:
                 found = [e is not None for e in lease.entries]
                 bs = space.block_size
                 n = bs * sum(found)
-                buf = self.frame_pool.take(n) if n else None
+                buf = c.send_buffer(n) if n else None
                 out = memoryview(buf)[:n] if n else memoryview(b"")
                 at = 0
                 for e in lease.entries:
