@@ -21,7 +21,10 @@ waiting runs inline, and while one that waits (disk reads, demotion to make
 room) is in flight, later frames of that connection queue behind it. Other
 connections are not held up. The queue is bounded (server.max_pipelined
 requests, max_frame_bytes of frames): when it is full the daemon stops
-reading that connection until it drains (back-pressure, not an error).
+reading that connection until it drains (back-pressure, not an error). While
+a peer does not read its replies (more than WRITE_HIGH_WATER unsent), the
+daemon neither reads its requests nor runs those already queued, so unread
+replies never pile up beyond one.
 
 Limits on connections: server.max_connections in all and
 server.max_connections_per_uid per peer uid (root too); a hello deadline
@@ -154,13 +157,17 @@ class Connection(asyncio.BufferedProtocol):
             self.server.store.drop_owner(self.id)
 
     def pause_writing(self) -> None:
-        # The peer does not read its replies: stop reading its requests.
+        # The peer does not read its replies: stop reading its requests, and stop running those
+        # already received (each could add a reply as big as max_frame_bytes to what waits unsent).
         self.paused_write = True
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.paused_write = False
-        if not self.paused_queue and not self.closed:
+        if self.closed:
+            return
+        self._run_queue()
+        if not self.paused_queue and not self.paused_write and not self.closed:
             self.transport.resume_reading()
 
     def send(self, data: bytes) -> None:
@@ -267,7 +274,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def _queue_full(self) -> bool:
         cfg = self.server.cfg.server
-        return self.busy and (len(self.queue) >= cfg.max_pipelined or self.queued_bytes >= cfg.max_frame_bytes)
+        return (self.busy or self.paused_write) and \
+            (len(self.queue) >= cfg.max_pipelined or self.queued_bytes >= cfg.max_frame_bytes)
 
     def _parse(self) -> None:
         """Runs every whole frame in the buffer; stops early while the request queue is full."""
@@ -364,7 +372,7 @@ class Connection(asyncio.BufferedProtocol):
             self.send(reply_error(rid, e.code, e.message))
             return False
         held = buf if raw is not None else None
-        if self.busy:
+        if self.busy or self.paused_write:
             self.queue.append((req_id, op, args, nbytes, held))
             self.queued_bytes += nbytes
         else:
@@ -502,8 +510,13 @@ class Connection(asyncio.BufferedProtocol):
             # reservation) must not outlive it until a timeout.
             self.server.store.drop_owner(self.id)
         self.busy = False
+        self._run_queue()
+
+    def _run_queue(self) -> None:
+        """Runs queued requests in order until one waits or the peer stops reading its replies;
+        then reads on if the queue had stopped reading."""
         queue = self.queue
-        while queue and not self.busy and not self.closed:
+        while queue and not self.busy and not self.closed and not self.paused_write:
             req_id, op, args, nbytes, held = queue.popleft()
             self.queued_bytes -= nbytes
             self.execute(req_id, op, args, held)

@@ -295,3 +295,32 @@ def test_a_cancelled_async_put_inline_never_stores_bytes_changed_after_it(daemon
         got = c.namespace("cancel", block_size=1 << 20).get_many(keys)
     assert all(g is None or g == b"A" * (1 << 20) for g in got)
     assert cut, "the put finished before it could be cancelled mid-send; the test proves nothing"
+
+
+def test_a_peer_that_does_not_read_its_replies_holds_at_most_a_few_of_them(daemon, raw):
+    """Requests queued behind replies the peer has not read wait until it reads: 20 pipelined 8 MiB
+    gets do not become 160 MiB of replies in the daemon; all 20 come, in order, once it reads."""
+    keys = [b"u%d" % i for i in range(8)]
+    blocks = blocks_for(keys, 1 << 20)
+    with daemon.client() as c:
+        c.namespace("unread", block_size=1 << 20).put_many(keys, blocks)
+    ns_id = raw.open("unread", 1 << 20)
+    base = _rss(daemon.proc.pid)
+    raw.s.sendall(b"".join(struct.pack("<I", len(b)) + b for b in (
+        msgpack.packb([100 + i, int(Op.GET), {"ns": ns_id, "keys": keys, "raw": True}]) for i in range(20))))
+    def served() -> int:
+        return next(n["bytes_served"] for n in other.stats()["namespaces"] if n["name"] == "unread")
+
+    with daemon.client() as other:        # served meanwhile
+        _until(lambda: served() >= 8 << 20, 10, "the first get to be served")
+        # What must not happen has no event to wait for: watch for a second that it does not.
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert served() <= 3 * (8 << 20), "gets ran on while their replies were not read"
+            time.sleep(0.05)
+    grown = _rss(daemon.proc.pid) - base
+    assert grown < 48 << 20, f"daemon RSS grew by {grown >> 20} MiB for 20 unread 8 MiB replies"
+    for i in range(20):
+        (rid, code, result), tail = raw.reply_with_tail()
+        assert (rid, code, result["found"]) == (100 + i, 0, [True] * 8)
+        assert tail == b"".join(blocks)
