@@ -73,57 +73,60 @@ def is_huge(fd: int) -> bool:
         return False
 
 
-def _memfd(domain: str, nbytes: int, slab_bytes: int, huge_pages: str) -> tuple[int, int, int]:
-    """(fd, size, huge page size or 0): a hugetlb memfd where asked for and possible, else a plain one.
-    The size is whole slabs (and whole huge pages); its pages are reserved before it is returned."""
-    if huge_pages != "off":
-        hps, free = huge_page_pool()
-        unit = math.lcm(slab_bytes, hps) if hps else 0
-        size = nbytes // unit * unit if unit else 0
-        need = size // hps if hps else 0
-        why = ""
-        if not hps or not hasattr(os, "MFD_HUGETLB"):
-            why = "this kernel has no hugetlb pages"
-        elif size <= 0:
-            why = f"{nbytes} bytes is less than one unit of slab and huge page ({unit} bytes)"
-        elif free < need:
-            why = (f"{need} huge pages of {hps >> 10} KiB are needed, {free} are free "
-                   f"(raise vm.nr_hugepages)")
-        else:
-            try:
-                fd = os.memfd_create(f"kvtierd:{domain}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | os.MFD_HUGETLB)
-            except OSError as e:
-                fd, why = -1, f"memfd_create(MFD_HUGETLB): {e.strerror}"
-            if fd >= 0:
-                try:
-                    os.ftruncate(fd, size)
-                    os.posix_fallocate(fd, 0, size)     # takes the pages now: none can go missing later
-                    if size < nbytes // slab_bytes * slab_bytes:
-                        log.info("host region of domain %r: %d bytes, whole slabs of whole huge pages of the "
-                                 "%d asked for", domain, size, nbytes)
-                    return fd, size, hps
-                except OSError as e:
-                    os.close(fd)
-                    why = f"cannot reserve {need} huge pages ({e.strerror}; another process took some)"
-        message = f"host region of domain {domain!r}: no huge pages: {why}"
-        if huge_pages == "on":
-            raise HostRegionError(message + "; set host.huge_pages = \"try\" or \"off\" to start without them")
-        log.warning("%s; using 4 KiB pages (host.huge_pages = \"try\")", message)
-    size = nbytes // slab_bytes * slab_bytes
-    try:
-        fd = os.memfd_create(f"kvtierd:{domain}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    except OSError as e:
-        raise HostRegionError(f"cannot create the shared-memory region of domain {domain!r}: "
-                              f"{e.strerror}") from None
+def _new_memfd(domain: str, size: int, flags: int = 0) -> int:
+    """A sealable memfd of `size` bytes whose pages are all reserved (posix_fallocate): memory that
+    cannot be had fails here (OSError), not as a SIGBUS in a client later."""
+    fd = os.memfd_create(f"kvtierd:{domain}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | flags)
     try:
         os.ftruncate(fd, size)
         os.posix_fallocate(fd, 0, size)
-    except OSError as e:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def _huge_memfd(domain: str, nbytes: int, slab_bytes: int) -> tuple[int, int, int] | str:
+    """(fd, size, huge page size) of a hugetlb region of whole slabs and whole huge pages, or why
+    there can be none."""
+    hps, free = huge_page_pool()
+    if not hps or not hasattr(os, "MFD_HUGETLB"):
+        return "this kernel has no hugetlb pages"
+    unit = math.lcm(slab_bytes, hps)
+    size = nbytes // unit * unit
+    if size <= 0:
+        return f"{nbytes} bytes is less than one unit of slab and huge page ({unit} bytes)"
+    need = size // hps
+    if free < need:
+        return f"{need} huge pages of {hps >> 10} KiB are needed, {free} are free (raise vm.nr_hugepages)"
+    try:
+        fd = _new_memfd(domain, size, os.MFD_HUGETLB)
+    except OSError as e:
+        return f"cannot reserve {need} huge pages ({e.strerror}; another process may have taken some)"
+    if size < nbytes // slab_bytes * slab_bytes:
+        log.info("host region of domain %r: %d bytes (whole slabs of whole huge pages) of the %d asked for",
+                 domain, size, nbytes)
+    return fd, size, hps
+
+
+def _memfd(domain: str, nbytes: int, slab_bytes: int, huge_pages: str) -> tuple[int, int, int]:
+    """(fd, size, huge page size or 0): a hugetlb memfd where asked for and possible, else a plain
+    one of whole slabs."""
+    if huge_pages != "off":
+        got = _huge_memfd(domain, nbytes, slab_bytes)
+        if not isinstance(got, str):
+            return got
+        message = f"host region of domain {domain!r}: no huge pages: {got}"
+        if huge_pages == "on":
+            raise HostRegionError(message + '; set host.huge_pages = "try" or "off" to start without them')
+        log.warning('%s; using 4 KiB pages (host.huge_pages = "try")', message)
+    size = nbytes // slab_bytes * slab_bytes
+    try:
+        return _new_memfd(domain, size), size, 0
+    except OSError as e:
         raise HostRegionError(
             f"cannot reserve {size} bytes of shared memory for the host tier of domain "
             f"{domain!r} ({e.strerror}); lower host.bytes / access.domains.*.host_bytes") from None
-    return fd, size, 0
 
 
 def remove_legacy_regions(shm_dir: str | Path, uid: int | None = None) -> list[Path]:
