@@ -115,28 +115,24 @@ class BufferPool:
         if size > self.keep_bytes:
             _unmap(buf)
             return
-        while free and (self.kept + size > self.keep_bytes or len(free) >= self.MAX_KEPT):
-            old = free.pop(0)
-            self.kept -= len(old)
-            _unmap(old)
+        self._drop_smallest(self.keep_bytes - size, self.MAX_KEPT - 1)
         i = 0
         while i < len(free) and len(free[i]) < size:
             i += 1
         free.insert(i, buf)
         self.kept += size
 
-    def trim(self) -> None:
-        """Unmaps kept buffers beyond keep_bytes (after a reload lowered it)."""
-        while self._free and self.kept > self.keep_bytes:
-            old = self._free.pop(0)
+    def resize(self, keep_bytes: int) -> None:
+        """A new keep_bytes (a reload): kept buffers beyond it are unmapped now."""
+        self.keep_bytes = keep_bytes
+        self._drop_smallest(keep_bytes, self.MAX_KEPT)
+
+    def _drop_smallest(self, max_bytes: int, max_count: int) -> None:
+        free = self._free
+        while free and (self.kept > max_bytes or len(free) > max_count):
+            old = free.pop(0)
             self.kept -= len(old)
             _unmap(old)
-
-    def clear(self) -> None:
-        for mm in self._free:
-            _unmap(mm)
-        self._free.clear()
-        self.kept = 0
 
 
 def _unmap(mm: mmap.mmap) -> None:

@@ -241,9 +241,7 @@ class Daemon:
 
     def _stats_for_metrics(self) -> dict:
         s = self.store.stats()
-        s["clients"] = len(self.server.conns)
-        s["busy_poll_seconds"] = self.server.busy_poll.spun_s
-        s["frame_cache_bytes"] = self.server.frame_pool.kept
+        s.update(self.server.session_stats())
         return s
 
     def reload(self) -> None:
@@ -270,8 +268,7 @@ class Daemon:
                         needs_restart.append(key)
         logs.reconfigure(self.cfg.log.level, self.cfg.log.format)
         self.store.reconfigure(self.cfg)
-        self.server.frame_pool.keep_bytes = self.cfg.server.frame_cache_bytes
-        self.server.frame_pool.trim()
+        self.server.frame_pool.resize(self.cfg.server.frame_cache_bytes)
         self.policy.reload(self.cfg.access)
         self.hot.configure(self.cfg.metrics.hot_keys, self.cfg.metrics.hot_window_s)
         log.info("reloaded config: applied %s", ", ".join(changed) or "nothing new")

@@ -9,11 +9,12 @@ RECV_BUFFER. A frame bigger than that buffer is received into one of its own
 from the server's buffer pool (kvtierd.buffers): a kept one, warm, or a new
 mapping, whose pages are backed only as bytes arrive (a peer that sends only
 a header costs only what it sent). Block bytes in a frame's tail (PUT) are
-copied from that buffer straight into the slots, and a GET with `raw`
-copies the slots into a send buffer the connection reuses and sends it as
-the reply's tail: no msgpack copies, no fresh memory. A frame longer than the limit cannot be skipped safely, so it gets
-an error reply and the connection is closed; every other bad request gets an
-error reply and the connection carries on.
+copied from that buffer straight into the slots, and a GET with `raw` copies
+the slots into a pool buffer sent as the reply's tail, which goes back to the
+pool once the kernel has taken it: no msgpack copies, no fresh memory. A
+frame longer than the limit cannot be skipped safely, so it gets an error
+reply and the connection is closed; every other bad request gets an error
+reply and the connection carries on.
 
 Requests of one connection run in order, so pipelined requests see each
 other's effects as if sent one by one: a handler that completes without
@@ -42,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import mmap
 import os
 import time
 from types import CoroutineType
@@ -381,9 +381,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _done_with(self, args: dict, held: Any) -> None:
         """A request that kept its frame's pool buffer (its tail) is done: the buffer goes back."""
-        tail = args.get("tail")
-        if type(tail) is Tail and isinstance(tail.view, memoryview):
-            tail.view.release()
+        args["tail"].view.release()         # a held buffer always comes with its tail's view
         self.server.frame_pool.give(held)
 
     def execute(self, req_id: int, op: Op, args: dict, held: Any = None) -> None:
@@ -423,12 +421,12 @@ class Connection(asyncio.BufferedProtocol):
         """A reply tail in pool buffer `buf` was written: back to the pool once the transport has
         handed every byte to the kernel (at once, usually for a small one; else looked at again,
         backing off, until it has: a peer that does not read keeps it, and nothing more)."""
+        self.sending.append(buf)
+        if self.closed:
+            return      # a closing transport still flushes it; connection_lost gives it back
         if not self.transport.get_write_buffer_size():
             self._give_sent()
-            self.server.frame_pool.give(buf)
-            return
-        self.sending.append(buf)
-        if self.reclaim is None:
+        elif self.reclaim is None:
             self.reclaim_delay = RECLAIM_FIRST_S
             self.reclaim = asyncio.get_running_loop().call_later(self.reclaim_delay, self._reclaim_sent)
 
@@ -485,11 +483,8 @@ class Connection(asyncio.BufferedProtocol):
         if fds is None:
             for data in parts:
                 self.send(data)
-        if type(result) is WithTail and isinstance(result.buf, mmap.mmap):
-            if self.closed:
-                self.server.frame_pool.give(result.buf)
-            else:
-                self._sent(result.buf)
+        if type(result) is WithTail and result.buf is not None:
+            self._sent(result.buf)
         self.server.observe(op, "ok", time.perf_counter() - t0)
         self.server.busy_poll.answered()
 
@@ -756,8 +751,6 @@ class Server:
             if len(tail.view) != len(keys) * bs:
                 raise ProtocolError(Code.BAD_BLOCK, f"a tail of {len(tail.view)} bytes for {len(keys)} blocks "
                                                     f"of {bs} bytes")
-            raw = memoryview(tail.view)
-            blocks: Any = [raw[i * bs:(i + 1) * bs] for i in range(len(keys))]
         else:
             if len(keys) != len(data):
                 raise ProtocolError(Code.BAD_ARGS, f"{len(keys)} keys but {len(data)} blocks")
@@ -765,15 +758,15 @@ class Server:
                 if len(b) != bs:
                     raise ProtocolError(Code.BAD_BLOCK, f"block of {len(b)} bytes in a namespace of "
                                                         f"block size {bs}")
-            blocks = data
         res = await self.store.reserve(space, keys, c.id)
         view = self.store.view
-        for i, e in zip(res.index, res.entries):
-            view(e)[:] = blocks[i]
         if tail is not None:
-            for b in blocks:
-                b.release()
-            raw.release()
+            with memoryview(tail.view) as src:
+                for i, e in zip(res.index, res.entries):
+                    view(e)[:] = src[i * bs:(i + 1) * bs]
+        else:
+            for i, e in zip(res.index, res.entries):
+                view(e)[:] = data[i]
         return {"n": self.store.commit(res.rid, c.id), "full": res.full}
 
     async def op_get(self, c: Connection, ns: int, keys: list, raw: bool = False) -> Any:
@@ -825,11 +818,14 @@ class Server:
     def op_prefetch(self, c: Connection, ns: int, keys: list) -> dict:
         return {"n": self.store.prefetch(c.ns(ns), keys)}
 
+    def session_stats(self) -> dict:
+        """The server's own figures, for STATS and for the metrics."""
+        return {"clients": len(self.conns), "busy_poll_seconds": self.busy_poll.spun_s,
+                "frame_cache_bytes": self.frame_pool.kept}
+
     def op_stats(self, c: Connection) -> dict:
         s = self.store.stats()
-        s["clients"] = len(self.conns)
-        s["busy_poll_seconds"] = self.busy_poll.spun_s
-        s["frame_cache_bytes"] = self.frame_pool.kept
+        s.update(self.session_stats())
         s["server"] = {"version": __version__, "pid": os.getpid(), "uptime_s": time.time() - self.started,
                        "socket": self.cfg.server.socket, "draining": self.draining}
         if self._extra_stats:

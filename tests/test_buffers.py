@@ -38,8 +38,7 @@ def test_the_pool_keeps_at_most_keep_bytes_dropping_the_smallest_first():
     assert sorted(len(b) for b in pool._free) == [4 * MiB, 16 * MiB]
     pool.give(pool.take(32 * MiB))           # bigger than keep_bytes: not kept at all
     assert pool.kept <= 20 * MiB
-    pool.keep_bytes = 0
-    pool.trim()
+    pool.resize(0)
     assert pool.kept == 0 and not pool._free
 
 
