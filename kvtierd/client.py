@@ -519,8 +519,8 @@ class Namespace(_NamespaceBase):
         return self.client._drive(_put_steps(self, list(keys), blocks))
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
-        """Copies of the blocks, None for each miss. Each is a new `bytes`, whose fresh memory
-        costs a page fault per 4 KiB: for bulk reads get_buffers or get_into are several times faster."""
+        """Copies of the blocks, None for each miss, each a new `bytes` (from heap the client lets
+        glibc keep: Client's `retain_heap`). get_into copies into buffers the caller reuses."""
         return self.client._drive(_get_steps(self, list(keys)))
 
     def get_into(self, keys: list[bytes], out: Sequence[Any]) -> list[bool]:
@@ -531,9 +531,9 @@ class Namespace(_NamespaceBase):
         """Copies of the blocks like get_many, None for each miss, as writable memoryviews
         into one buffer allocated for this call (huge pages where the kernel allows)
         instead of one `bytes` per block. The caller owns them: they stay valid, and
-        unchanged by the daemon, for as long as they are referenced. For bulk reads into
-        memory the caller does not already have: fresh `bytes` cost a page fault per
-        4 KiB, which makes get_many several times slower than a memcpy."""
+        unchanged by the daemon, for as long as they are referenced. No `bytes` objects: for
+        a process that leaves its allocator alone (retain_heap=False), where each new `bytes`
+        would cost a page fault per 4 KiB."""
         return self.client._drive(_get_buffers_steps(self, list(keys)))
 
     def _keys_op(self, op: Op, keys: list[bytes]) -> tuple[int, list]:
@@ -879,7 +879,7 @@ class Client:
         i = 0
         while i < len(views):
             try:
-                sent = self.sock.sendmsg(views[i:i + IOV_MAX]) if len(views) - i > 1 else self.sock.send(views[i])
+                sent = self.sock.sendmsg(views[i:i + IOV_MAX])
             except BlockingIOError:
                 select.select([], [self.sock], [], None if self._timeout_ms < 0 else self._timeout_ms / 1000)
                 continue

@@ -10,6 +10,8 @@ import time
 import msgpack
 import pytest
 from test_bad_input import Raw, still_serving
+from test_fencing import wait_for
+from test_limits import _vm_rss
 
 from kvtierd import AsyncClient
 from kvtierd.protocol import TAIL, Code, Op
@@ -213,22 +215,6 @@ def test_with_no_frame_cache_nothing_is_kept_and_everything_works(start_daemon):
         assert c.stats()["frame_cache_bytes"] == 0
 
 
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-def _until(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def test_idle_connections_do_not_keep_their_reply_buffers(start_daemon):
     """With no frame cache, the daemon's memory comes back once big get_inline replies were read,
     though the connections stay open and idle."""
@@ -237,12 +223,12 @@ def test_idle_connections_do_not_keep_their_reply_buffers(start_daemon):
     blocks = blocks_for(keys, 1 << 20)
     with d.client() as c:
         c.namespace("reclaim", block_size=1 << 20).put_many(keys, blocks)
-    base = _rss(d.proc.pid)
+    base = _vm_rss(d.proc.pid)
     clients = [d.client() for _ in range(4)]
     try:
         for c in clients:
             assert c.namespace("reclaim", block_size=1 << 20).get_inline(keys) == blocks   # 16 MiB replies
-        _until(lambda: _rss(d.proc.pid) < base + (24 << 20), 10, "the reply buffers to be unmapped")
+        wait_for(lambda: _vm_rss(d.proc.pid) < base + (24 << 20), 10, "the reply buffers to be unmapped")
     finally:
         for c in clients:
             c.close()
@@ -256,7 +242,7 @@ def test_reply_buffers_go_back_to_the_frame_cache(daemon):
         ns.put_many(keys, blocks)                      # shared memory: no frame buffer used
         assert c.stats()["frame_cache_bytes"] == 0
         assert ns.get_inline(keys) == blocks           # an 8 MiB reply tail from a pool buffer
-        _until(lambda: c.stats()["frame_cache_bytes"] >= 8 << 20, 10, "the send buffer to be kept")
+        wait_for(lambda: c.stats()["frame_cache_bytes"] >= 8 << 20, 10, "the send buffer to be kept")
 
 
 def test_a_cancelled_async_put_inline_never_stores_bytes_changed_after_it(daemon):
@@ -305,20 +291,20 @@ def test_a_peer_that_does_not_read_its_replies_holds_at_most_a_few_of_them(daemo
     with daemon.client() as c:
         c.namespace("unread", block_size=1 << 20).put_many(keys, blocks)
     ns_id = raw.open("unread", 1 << 20)
-    base = _rss(daemon.proc.pid)
+    base = _vm_rss(daemon.proc.pid)
     raw.s.sendall(b"".join(struct.pack("<I", len(b)) + b for b in (
         msgpack.packb([100 + i, int(Op.GET), {"ns": ns_id, "keys": keys, "raw": True}]) for i in range(20))))
     def served() -> int:
         return next(n["bytes_served"] for n in other.stats()["namespaces"] if n["name"] == "unread")
 
     with daemon.client() as other:        # served meanwhile
-        _until(lambda: served() >= 8 << 20, 10, "the first get to be served")
+        wait_for(lambda: served() >= 8 << 20, 10, "the first get to be served")
         # What must not happen has no event to wait for: watch for a second that it does not.
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
             assert served() <= 3 * (8 << 20), "gets ran on while their replies were not read"
             time.sleep(0.05)
-    grown = _rss(daemon.proc.pid) - base
+    grown = _vm_rss(daemon.proc.pid) - base
     assert grown < 48 << 20, f"daemon RSS grew by {grown >> 20} MiB for 20 unread 8 MiB replies"
     for i in range(20):
         (rid, code, result), tail = raw.reply_with_tail()
