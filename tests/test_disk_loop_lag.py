@@ -9,9 +9,11 @@ ticker with no disk tier at the same time, and the limit applies to what the tie
 p99(ours) - p99(control) < 5 ms. On an idle machine the control's p99 is ~0.2 ms.
 
 Recovery from hint files is its own phase with its own p99: it takes a fraction of a second
-(~150-300 ticks), so a few long GIL holds in it (the index's dicts copying their tables as
-they grow past 44k and 87k entries held it for 4-12 ms) decide its p99, where over the whole
-run's thousands of ticks they would vanish.
+(~100-160 ticks), so a few long GIL holds in it (the index's dicts copying their tables as
+they grew past 44k and 87k entries held it for 4-12 ms, before the keydir was sharded) decide
+its p99, where over the whole run's thousands of ticks they would vanish. One recovery's p99
+would be its second-worst tick, one scheduling hiccup of the shared machine; the phase runs
+HINT_RUNS recoveries in a row, so its p99 is taken over a few hundred ticks.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ N = 100_000
 PLEN = 512
 REC = record_size(PLEN)
 TICK = 0.002
+HINT_RUNS = 3
 
 
 CONTROL = r"""
@@ -100,16 +103,17 @@ def test_loop_lag_stays_under_5ms_while_recovery_compaction_and_eviction_run(tmp
     async def go() -> dict:
         phases = {}
         cfg = _cfg()
-        tier = DiskTier(cfg, tmp_path)              # every segment has its hint: none is read
         ticker = Ticker()
         ticker.start()
-        await tier.start()
-        await tier.wait_recovered()
-        assert tier.stats()["blocks"] == N
+        for _ in range(HINT_RUNS):                  # every segment has its hint: none is read
+            tier = DiskTier(cfg, tmp_path)
+            await tier.start()
+            await tier.wait_recovered()
+            assert tier.stats()["blocks"] == N
+            await tier.close()
         await ticker.stop()
         phases["hint recovery"] = ticker.p99()
         phases["hint recovery ticks"] = len(ticker.lags)
-        await tier.close()
         hints = sorted((tmp_path / "disk").glob("*.hint"))
         for p in hints[::2]:            # half the segments recover from hints, half by scanning
             p.unlink()
@@ -155,6 +159,6 @@ def test_loop_lag_stays_under_5ms_while_recovery_compaction_and_eviction_run(tmp
         control.kill()
     control_p99, control_ticks = float(out.split()[0]), int(out.split()[1])
     print(f"loop lag p99 by phase (s): {phases}; control process p99 {control_p99:.4f} s")
-    assert phases["ticks"] > 100 and phases["hint recovery ticks"] > 20 and control_ticks > 100
+    assert phases["ticks"] > 100 and phases["hint recovery ticks"] > 60 and control_ticks > 100
     assert phases["hint recovery"] - control_p99 < 0.005, (phases, control_p99)
     assert phases["all"] - control_p99 < 0.005, (phases, control_p99)
