@@ -391,8 +391,9 @@ def test_a_segment_file_that_cannot_be_deleted_is_retried_with_back_off(tmp_path
         assert "retrying in 2 s" in lines[1]     # backing off, not once per 0.2 s maintenance round
         assert first.exists()
         FAULTS.clear()
-        _until(lambda: not first.exists(), 70, "the dead segment to be deleted")   # back-off <= 60 s
-        assert "can be deleted again" in caplog.text
+        # The file goes first, the line saying so right after it (same thread): wait for both.
+        _until(lambda: not first.exists() and "can be deleted again" in caplog.text, 70,
+               "the dead segment to be deleted, and the log to say so")   # back-off <= 60 s
         assert all(r.exc_info is None for r in caplog.records)
     finally:
         m.stop()
