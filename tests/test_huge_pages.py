@@ -1,5 +1,10 @@
-"""host.huge_pages: host regions from the hugetlb pool, so a worker that just started maps its slots
-one huge page at a time; without enough free huge pages, `try` starts on 4 KiB pages and `on` refuses."""
+"""host.huge_pages: host regions from the hugetlb pool (`on`) or in transparent huge pages (`thp`), so
+a worker that just started maps its slots one huge page at a time; without them `on` and `thp` refuse
+to start and say why, and `try` takes what there is: hugetlb, else transparent, else 4 KiB pages.
+
+The transparent case depends on the kernel's shmem policy (shmem_enabled), which a test does not
+change: on a machine where it is `never` (the default) the refusal runs, where it allows them the
+positive case does."""
 
 import subprocess
 import sys
@@ -7,10 +12,12 @@ import textwrap
 
 import pytest
 
-from kvtierd.tiers.host import huge_page_pool
+from kvtierd.tiers.host import THP_USABLE, huge_page_pool, shmem_thp
 
 HPS, FREE = huge_page_pool()
 HOST = 64 << 20
+THP_POLICY, PMD = shmem_thp()
+THP = THP_POLICY in THP_USABLE
 
 
 def too_many() -> str:
@@ -26,9 +33,11 @@ def test_on_without_enough_free_huge_pages_refuses_to_start_and_says_why(start_d
     assert "vm.nr_hugepages" in log or "no hugetlb pages" in log
 
 
+@pytest.mark.skipif(THP, reason="the kernel's shmem policy allows transparent huge pages: try takes those")
 def test_try_without_enough_free_huge_pages_starts_on_small_pages(start_daemon):
     d = start_daemon("--host-bytes", too_many(), "--set", "host.huge_pages=try")
     assert "using 4 KiB pages" in d.log()
+    assert "no transparent huge pages" in d.log()
     with d.client() as c:
         assert c.stats()["domains"]["default"]["huge_page_bytes"] == 0
         assert c.region.prefault_enabled              # small pages: the client maps slots ahead
@@ -78,3 +87,58 @@ def test_a_plain_region_is_not_taken_for_a_huge_one():
         assert not is_huge(r.fd) and r.huge_page_bytes == 0
     finally:
         r.close()
+
+
+def test_the_shmem_policy_is_the_pmd_size_own_setting_unless_it_inherits(tmp_path):
+    (tmp_path / "hpage_pmd_size").write_text("2097152\n")
+    (tmp_path / "shmem_enabled").write_text("always within_size advise [never] deny force\n")
+    own = tmp_path / "hugepages-2048kB"
+    own.mkdir()
+    (own / "shmem_enabled").write_text("always [inherit] within_size advise never\n")
+    assert shmem_thp(tmp_path) == ("never", 2 << 20)
+    (own / "shmem_enabled").write_text("always inherit within_size [advise] never\n")
+    assert shmem_thp(tmp_path) == ("advise", 2 << 20)
+    own.joinpath("shmem_enabled").unlink()              # a kernel before per-size settings
+    assert shmem_thp(tmp_path) == ("never", 2 << 20)
+    assert shmem_thp(tmp_path / "absent") == ("", 0)    # no transparent huge pages at all
+
+
+def test_thp_where_the_shmem_policy_forbids_them_says_which_setting_to_change():
+    from kvtierd.tiers.host import _thp_memfd
+    for policy in ("never", "deny", ""):
+        why = _thp_memfd("default", HOST, 16 << 20, policy, 2 << 20)
+        assert isinstance(why, str) and "shmem_enabled" in why and "advise" in why
+    assert "no transparent huge pages" in _thp_memfd("default", HOST, 16 << 20, "advise", 0)
+    assert "less than one unit" in _thp_memfd("default", 1 << 20, 1 << 20, "advise", 2 << 20)
+
+
+@pytest.mark.skipif(THP, reason="the kernel's shmem policy allows transparent huge pages")
+def test_thp_refuses_to_start_where_the_kernel_does_not_allow_them(start_daemon):
+    d = start_daemon("--host-bytes", str(HOST), "--set", "host.huge_pages=thp", wait=False)
+    assert d.proc.wait(60) != 0
+    log = d.log()
+    assert "no transparent huge pages" in log and "shmem_enabled" in log
+    assert 'host.huge_pages = "try" or "off"' in log
+
+
+@pytest.mark.skipif(not THP, reason="needs a shmem policy that allows transparent huge pages "
+                                    "(/sys/kernel/mm/transparent_hugepage/shmem_enabled: advise)")
+def test_a_thp_region_is_mapped_by_a_new_process_one_huge_page_at_a_time(start_daemon):
+    d = start_daemon("--host-bytes", str(HOST), "--set", "host.huge_pages=thp")
+    assert "in transparent huge pages" in d.log()
+    with d.client() as c:
+        assert c.stats()["domains"]["default"]["huge_page_bytes"] == PMD
+        ns = c.namespace("huge", block_size=1 << 20)
+        keys = [b"b%d" % i for i in range(32)]
+        assert ns.put_many(keys, [bytes([i]) * (1 << 20) for i in range(32)]) == 32
+    out = subprocess.run([sys.executable, "-c", READER, d.socket], check=True, capture_output=True,
+                         text=True, timeout=120).stdout.split()
+    assert float(out[0]) < 4, out          # 4 KiB pages: 16 per MiB at best (fault-around), 256 at worst
+
+
+@pytest.mark.skipif(not THP, reason="needs a shmem policy that allows transparent huge pages")
+def test_try_without_enough_free_huge_pages_takes_transparent_ones(start_daemon):
+    d = start_daemon("--host-bytes", too_many(), "--set", "host.huge_pages=try")
+    assert "in transparent huge pages instead" in d.log()
+    with d.client() as c:
+        assert c.stats()["domains"]["default"]["huge_page_bytes"] == PMD

@@ -23,10 +23,22 @@ number of huge pages, and posix_fallocate takes them all at start. A client
 that maps it takes one page fault per huge page: a process that just started
 reads and writes its slots at memcpy speed, where 4 KiB pages cost it a page
 table entry per 4 KiB first (16 faults per MiB with fault-around, 256 for writes).
+
+With host.huge_pages = "thp" the region is a plain memfd in transparent huge
+pages instead, where the kernel's shmem policy lets a process ask for them
+(/sys/kernel/mm/transparent_hugepage/shmem_enabled: advise, within_size,
+always): the daemon maps it advised MADV_HUGEPAGE and reserves it by
+populating that mapping (MADV_POPULATE_WRITE) rather than by posix_fallocate,
+which has no mapping to take the advice from and would make 4 KiB pages. The
+page cache then holds 2 MiB folios, and any process that maps the memfd maps
+one per fault, advised or not. No pool needs reserving, but the kernel may
+find fewer free 2 MiB runs than asked for: the rest are 4 KiB pages, and the
+log says how much came out huge.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import math
@@ -46,8 +58,35 @@ _SEALS = (getattr(fcntl, "F_SEAL_SHRINK", 0x0002) | getattr(fcntl, "F_SEAL_GROW"
 _F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
 
 
+THP_SYSFS = Path("/sys/kernel/mm/transparent_hugepage")
+THP_USABLE = ("always", "within_size", "advise", "force")   # shmem policies under which MADV_HUGEPAGE works
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
 class HostRegionError(RuntimeError):
     pass
+
+
+def _selected(path: Path) -> str:
+    """The bracketed choice of a sysfs setting such as `always [advise] never`; '' if unreadable."""
+    try:
+        words = path.read_text().split()
+    except OSError:
+        return ""
+    return next((w[1:-1] for w in words if w.startswith("[") and w.endswith("]")), "")
+
+
+def shmem_thp(root: Path = THP_SYSFS) -> tuple[str, int]:
+    """(policy, huge page size) for transparent huge pages in memfds: the PMD size's own shmem
+    setting, or the global one where that says `inherit`; ('', 0) on a kernel without them."""
+    try:
+        pmd = int((root / "hpage_pmd_size").read_text())
+    except (OSError, ValueError):
+        return "", 0
+    policy = _selected(root / f"hugepages-{pmd >> 10}kB" / "shmem_enabled")
+    if policy in ("", "inherit"):
+        policy = _selected(root / "shmem_enabled")
+    return policy, pmd
 
 
 def huge_page_pool() -> tuple[int, int]:
@@ -109,15 +148,80 @@ def _huge_memfd(domain: str, nbytes: int, slab_bytes: int) -> tuple[int, int, in
     return fd, size, hps
 
 
+def _mapped_huge(mm: mmap.mmap) -> int:
+    """Bytes of this process's mapping `mm` of a shmem file that are mapped as huge pages (smaps)."""
+    anchor = ctypes.c_char.from_buffer(mm)
+    start = f"{ctypes.addressof(anchor):x}-"
+    del anchor                                # a live export would keep mm from closing
+    mine = False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                if "-" in line.split(" ", 1)[0]:          # a mapping's first line: its address range
+                    if mine:
+                        break
+                    mine = line.startswith(start)
+                elif mine and line.startswith("ShmemPmdMapped:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _thp_memfd(domain: str, nbytes: int, slab_bytes: int, policy: str, pmd: int) -> tuple[int, int, int] | str:
+    """(fd, size, huge page size) of a memfd of whole slabs and whole huge pages, populated through a
+    mapping advised MADV_HUGEPAGE, or why there can be none (`policy`, `pmd`: shmem_thp())."""
+    if not pmd:
+        return "this kernel has no transparent huge pages"
+    if policy not in THP_USABLE:
+        return (f"the kernel's shmem policy is {policy or 'unknown'!r} ({THP_SYSFS / 'shmem_enabled'}; "
+                f"'advise' lets a process ask for them)")
+    unit = math.lcm(slab_bytes, pmd)
+    size = nbytes // unit * unit
+    if size <= 0:
+        return f"{nbytes} bytes is less than one unit of slab and huge page ({unit} bytes)"
+    fd = os.memfd_create(f"kvtierd:{domain}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+            mm.madvise(MADV_POPULATE_WRITE)   # every page now, as posix_fallocate would: ENOMEM here, not later
+            huge = _mapped_huge(mm)
+        finally:
+            mm.close()
+    except OSError as e:
+        os.close(fd)
+        return f"cannot populate {size} bytes of shared memory ({e.strerror})"
+    if not huge:
+        os.close(fd)
+        return f"the kernel gave no {pmd >> 10} KiB pages (memory too fragmented, or shmem_enabled changed)"
+    level = logging.INFO if huge == size else logging.WARNING
+    log.log(level, "host region of domain %r: %d of %d MiB in transparent huge pages of %d KiB%s", domain,
+            huge >> 20, size >> 20, pmd >> 10, "" if huge == size else " (the kernel found no more; the rest "
+            "are 4 KiB pages)")
+    return fd, size, pmd
+
+
 def _memfd(domain: str, nbytes: int, slab_bytes: int, huge_pages: str) -> tuple[int, int, int]:
-    """(fd, size, huge page size or 0): a hugetlb memfd where asked for and possible, else a plain
-    one of whole slabs."""
+    """(fd, size, huge page size or 0): a hugetlb memfd, or one in transparent huge pages, where asked
+    for and possible, else a plain one of whole slabs."""
     if huge_pages != "off":
-        got = _huge_memfd(domain, nbytes, slab_bytes)
-        if not isinstance(got, str):
-            return got
-        message = f"host region of domain {domain!r}: no huge pages: {got}"
-        if huge_pages == "on":
+        why = []
+        if huge_pages in ("on", "try"):
+            got = _huge_memfd(domain, nbytes, slab_bytes)
+            if not isinstance(got, str):
+                return got
+            why.append(f"no huge pages: {got}")
+        if huge_pages in ("thp", "try"):
+            got = _thp_memfd(domain, nbytes, slab_bytes, *shmem_thp())
+            if not isinstance(got, str):
+                if huge_pages == "try":
+                    log.info("host region of domain %r: %s; in transparent huge pages instead", domain, why[0])
+                return got
+            why.append(f"no transparent huge pages: {got}")
+        message = f"host region of domain {domain!r}: " + "; ".join(why)
+        if huge_pages != "try":
             raise HostRegionError(message + '; set host.huge_pages = "try" or "off" to start without them')
         log.warning('%s; using 4 KiB pages (host.huge_pages = "try")', message)
     size = nbytes // slab_bytes * slab_bytes
@@ -207,6 +311,8 @@ class HostRegion:
                 log.warning("cannot seal the host region of domain %r (%s); clients could truncate it",
                             domain, e.strerror)
             self.mmap = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if self.huge_page_bytes and not is_huge(fd):
+                self.mmap.madvise(mmap.MADV_HUGEPAGE)   # transparent ones: map them huge here too
         except BaseException:
             os.close(fd)
             raise
