@@ -19,10 +19,12 @@ what it is worth in the same run.
 `--huge-pages` gives the daemon host.huge_pages = on (the host region from the hugetlb
 pool: reserve (3 x blocks x block + 64 MiB) of huge pages first, e.g. `echo 512 >
 /proc/sys/vm/nr_hugepages` for the defaults): a cold client then maps one huge page
-per fault instead of 16 pages per MiB.
+per fault instead of 16 pages per MiB. `--huge-pages thp` gives host.huge_pages = thp
+(transparent huge pages: needs /sys/kernel/mm/transparent_hugepage/shmem_enabled =
+advise, or always / within_size).
 
     python bench/core.py [--block 1MiB] [--blocks 256] [--batch 32] [--rounds 5] [--paths shm,inline]
-                         [--huge-pages]
+                         [--huge-pages [on|thp]]
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--paths", default="shm,inline")
-    ap.add_argument("--huge-pages", action="store_true", help="the host region in huge pages (host.huge_pages=on)")
+    ap.add_argument("--huge-pages", nargs="?", const="on", choices=("on", "thp"), default=None,
+                    help="the host region in huge pages: host.huge_pages=on (hugetlb, the default) or thp")
     a = ap.parse_args()
     bs = parse_size(a.block)
     total = bs * a.blocks
@@ -88,7 +91,9 @@ def main() -> int:
     # Ceilings: the same bytes copied once, from private memory, into memory already touched.
     dst = bytearray(total)
     dv = memoryview(dst)
-    sinks = [bytearray(bs) for _ in range(a.batch)]
+    # Memoryviews: `bytearray[:] = x` of anything but a bytearray copies x into a new bytearray first
+    # (CPython's bytearray_ass_subscript), two copies where a view's assignment makes one.
+    sinks = [memoryview(bytearray(bs)) for _ in range(a.batch)]
 
     def memcpy_one_buffer():
         for i, b in enumerate(data):
@@ -106,7 +111,7 @@ def main() -> int:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvtierd-bench-") as tmp:
-        extra = ("--set", "host.huge_pages=on") if a.huge_pages else ()
+        extra = ("--set", f"host.huge_pages={a.huge_pages}") if a.huge_pages else ()
         proc, sock = start_kvtierd(Path(tmp), total * 3 + (64 << 20), *extra)
         try:
             prime_host_tier(sock, total * 3 + (64 << 20))
@@ -200,7 +205,7 @@ def main() -> int:
     load = os.getloadavg()
     print(f"\nkvtierd put/get, {format_size(bs)} blocks, {a.blocks} blocks per round, batches of {a.batch}, "
           f"median of {a.rounds} rounds, {os.cpu_count()} cores, load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
-          f"host region in {'huge' if a.huge_pages else '4 KiB'} pages")
+          f"host region in {dict(on='hugetlb', thp='transparent huge').get(a.huge_pages, '4 KiB')} pages")
     print(f"{'path':<32} {'op':<20} {'GB/s':>7} {'/memcpy':>8} {'vs':>7} {'faults/MiB':>11}")
     for name, (rate, ratio, _flt) in ceilings.items():
         print(f"{name:<53} {rate:>7.2f} {ratio:>8.2f}")

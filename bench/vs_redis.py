@@ -32,10 +32,11 @@ source block into distinct warm destinations, as the put workers copy),
 measured in the same run. Ratios kvtierd/Redis come last.
 
 `--huge-pages` gives the daemon host.huge_pages = on (reserve 1.25 x total + 64 MiB of huge
-pages first, e.g. `echo 256 > /proc/sys/vm/nr_hugepages` for the defaults).
+pages first, e.g. `echo 256 > /proc/sys/vm/nr_hugepages` for the defaults); `--huge-pages thp`
+gives host.huge_pages = thp (needs shmem_enabled = advise).
 
     python bench/vs_redis.py [--sizes 256KiB,1MiB,4MiB] [--clients 1,8] [--total 256MiB] [--batch 8]
-                             [--warmup 1] [--systems redis,kvtierd-shm,...] [--huge-pages]
+                             [--warmup 1] [--systems redis,kvtierd-shm,...] [--huge-pages [on|thp]]
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ def worker(system: str, target: str, size: int, rounds: list[list[bytes]], batch
     Redis' allocator and socket buffers grown).
     """
     block = np.random.default_rng(os.getpid()).integers(0, 256, size, dtype=np.uint8).tobytes()
-    sinks = [bytearray(size) for _ in range(batch)]          # the client's own buffers for shm gets
+    # The client's own buffers for shm gets, as views: a bytearray's slice assignment from anything
+    # but a bytearray copies twice (into a new bytearray first).
+    sinks = [memoryview(bytearray(size)) for _ in range(batch)]
     if system == "redis":
         import redis
         r = redis.Redis(host="127.0.0.1", port=int(target))
@@ -240,7 +243,8 @@ def main() -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--warmup", type=int, default=1,
                     help="unmeasured rounds per client process before the measured one")
-    ap.add_argument("--huge-pages", action="store_true", help="the host region in huge pages (host.huge_pages=on)")
+    ap.add_argument("--huge-pages", nargs="?", const="on", choices=("on", "thp"), default=None,
+                    help="the host region in huge pages: host.huge_pages=on (hugetlb, the default) or thp")
     a = ap.parse_args()
     sizes = [parse_size(s) for s in a.sizes.split(",")]
     clients = [int(c) for c in a.clients.split(",")]
@@ -255,14 +259,15 @@ def main() -> int:
           f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"# {format_size(total)} per case, batch {a.batch} blocks per op, {a.warmup} warm-up round(s)"
           f"{' (cold client processes)' if not a.warmup else ''}, kvtierd host tier {format_size(host_bytes)}"
-          f"{' in huge pages' if a.huge_pages else ''}, "
+          f"{dict(on=' in hugetlb pages', thp=' in transparent huge pages').get(a.huge_pages, '')}, "
           f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     rows, res = [], {}
     with tempfile.TemporaryDirectory(prefix="kvtierd-vs-redis-") as td:
         tmp = Path(td)
         port = free_port()
         redis_p = start_redis(port, tmp)
-        kv_p, sock = start_kvtierd(tmp, host_bytes, *(("--set", "host.huge_pages=on") if a.huge_pages else ()))
+        huge = ("--set", f"host.huge_pages={a.huge_pages}") if a.huge_pages else ()
+        kv_p, sock = start_kvtierd(tmp, host_bytes, *huge)
         try:
             prime_host_tier(sock, host_bytes)
             for size in sizes:
