@@ -243,6 +243,8 @@ def main() -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--warmup", type=int, default=1,
                     help="unmeasured rounds per client process before the measured one")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a kvtierd config override for the daemon (repeatable), e.g. server.frame_cache_bytes=512MiB")
     ap.add_argument("--huge-pages", nargs="?", const="on", choices=("on", "thp"), default=None,
                     help="the host region in huge pages: host.huge_pages=on (hugetlb, the default) or thp")
     a = ap.parse_args()
@@ -260,14 +262,14 @@ def main() -> int:
     print(f"# {format_size(total)} per case, batch {a.batch} blocks per op, {a.warmup} warm-up round(s)"
           f"{' (cold client processes)' if not a.warmup else ''}, kvtierd host tier {format_size(host_bytes)}"
           f"{dict(on=' in hugetlb pages', thp=' in transparent huge pages').get(a.huge_pages, '')}, "
-          f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"{''.join(f', --set {kv}' for kv in a.set)}, load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     rows, res = [], {}
     with tempfile.TemporaryDirectory(prefix="kvtierd-vs-redis-") as td:
         tmp = Path(td)
         port = free_port()
         redis_p = start_redis(port, tmp)
-        huge = ("--set", f"host.huge_pages={a.huge_pages}") if a.huge_pages else ()
-        kv_p, sock = start_kvtierd(tmp, host_bytes, *huge)
+        sets = [*a.set, *([f"host.huge_pages={a.huge_pages}"] if a.huge_pages else [])]
+        kv_p, sock = start_kvtierd(tmp, host_bytes, *(arg for kv in sets for arg in ("--set", kv)))
         try:
             prime_host_tier(sock, host_bytes)
             for size in sizes:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import time
+from typing import Callable
 
 HUGE_PAGE = 2 << 20          # x86-64 / arm64 transparent huge page size
 HEAP_NUDGE = 30 << 20        # under glibc's DEFAULT_MMAP_THRESHOLD_MAX (32 MiB on 64-bit)
@@ -73,16 +75,25 @@ class BufferPool:
     in all, for the next one. Below POOLED bytes a buffer is a plain bytearray, never kept: small
     frames cost little to allocate, and a pool of many small mappings would cost more to search.
 
+    A kept buffer nobody took for `idle_s` is let go (trim): a burst of large frames (eight clients
+    putting 32 MiB each at once) is served from warm buffers as long as it goes on, and the memory
+    goes back once it is over. `on_keep` is called when the pool starts keeping something again
+    (the daemon arms its trim timer there).
+
     Single-threaded (the daemon's loop). A buffer given back must no longer be read or written by
     anyone: a receive buffer once its frame's request finished, a send buffer once its bytes are
     with the kernel."""
 
     POOLED = 1 << 20
     MAX_KEPT = 64
+    IDLE_S = 30.0
 
-    def __init__(self, keep_bytes: int):
+    def __init__(self, keep_bytes: int, idle_s: float = IDLE_S, on_keep: Callable[[], None] | None = None):
         self.keep_bytes = keep_bytes
+        self.idle_s = idle_s
+        self.on_keep = on_keep
         self._free: list[mmap.mmap] = []       # sorted by size, smallest first
+        self._given: dict[int, float] = {}     # id of a kept buffer -> when it was given back
         self.kept = 0                # bytes in free buffers (backed memory, once they were used)
         self.made = 0                # buffers mapped, for the tests
         self.reused = 0
@@ -99,13 +110,14 @@ class BufferPool:
                 if size > 4 * nbytes:
                     break
                 del free[i]
+                del self._given[id(mm)]
                 self.kept -= size
                 self.reused += 1
                 return mm
         self.made += 1
         return huge_buffer(nbytes, small_head)
 
-    def give(self, buf: mmap.mmap | bytearray) -> None:
+    def give(self, buf: mmap.mmap | bytearray, now: float | None = None) -> None:
         """Back to the pool, or unmapped when keeping it would pass keep_bytes or MAX_KEPT (the
         smallest kept buffers go first to make room for a bigger one)."""
         if not isinstance(buf, mmap.mmap):
@@ -120,7 +132,27 @@ class BufferPool:
         while i < len(free) and len(free[i]) < size:
             i += 1
         free.insert(i, buf)
+        self._given[id(buf)] = time.monotonic() if now is None else now
         self.kept += size
+        if len(free) == 1 and self.on_keep is not None:
+            self.on_keep()
+
+    def trim(self, now: float | None = None) -> float | None:
+        """Lets go of kept buffers given back over idle_s ago; returns the seconds until the next
+        kept one would be idle that long (None when nothing is kept)."""
+        now = time.monotonic() if now is None else now
+        given = self._given
+        keep = [mm for mm in self._free if now - given[id(mm)] < self.idle_s]
+        if len(keep) < len(self._free):
+            for mm in self._free:
+                if now - given[id(mm)] >= self.idle_s:
+                    self.kept -= len(mm)
+                    del given[id(mm)]
+                    _unmap(mm)
+            self._free = keep
+        if not keep:
+            return None
+        return max(0.0, min(given[id(mm)] for mm in keep) + self.idle_s - now)
 
     def resize(self, keep_bytes: int) -> None:
         """A new keep_bytes (a reload): kept buffers beyond it are unmapped now."""
@@ -131,6 +163,7 @@ class BufferPool:
         free = self._free
         while free and (self.kept > max_bytes or len(free) > max_count):
             old = free.pop(0)
+            del self._given[id(old)]
             self.kept -= len(old)
             _unmap(old)
 

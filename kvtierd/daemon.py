@@ -269,6 +269,7 @@ class Daemon:
         logs.reconfigure(self.cfg.log.level, self.cfg.log.format)
         self.store.reconfigure(self.cfg)
         self.server.frame_pool.resize(self.cfg.server.frame_cache_bytes)
+        self.server.frame_pool.idle_s = self.cfg.server.frame_cache_idle_s
         self.policy.reload(self.cfg.access)
         self.hot.configure(self.cfg.metrics.hot_keys, self.cfg.metrics.hot_window_s)
         log.info("reloaded config: applied %s", ", ".join(changed) or "nothing new")

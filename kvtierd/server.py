@@ -553,7 +553,9 @@ class Server:
         self.store = store
         self.conns: dict[int, Connection] = {}
         self.encoder = Encoder()
-        self.frame_pool = BufferPool(cfg.server.frame_cache_bytes)
+        self.frame_pool = BufferPool(cfg.server.frame_cache_bytes, cfg.server.frame_cache_idle_s,
+                                     on_keep=self._arm_frame_trim)
+        self._frame_trim: asyncio.TimerHandle | None = None
         self.busy_poll = BusyPoll(cfg.server.busy_poll_us / 1e6)
         self.inflight: set[asyncio.Future] = set()
         self.draining = False
@@ -585,6 +587,17 @@ class Server:
         # With a remote tier a lookup may wait (bounded by remote.lookup_budget_s) for the chain's rest.
         if getattr(store, "remote", None) is not None:
             self.handlers[Op.LOOKUP] = (self.op_lookup_remote, False)
+
+    def _arm_frame_trim(self) -> None:
+        """The pool keeps buffers again: look for idle ones once the first could be idle."""
+        if self._frame_trim is None:
+            self._frame_trim = asyncio.get_running_loop().call_later(self.frame_pool.idle_s, self._trim_frames)
+
+    def _trim_frames(self) -> None:
+        self._frame_trim = None
+        wait = self.frame_pool.trim()
+        if wait is not None:
+            self._frame_trim = asyncio.get_running_loop().call_later(max(wait, 0.1), self._trim_frames)
 
     def next_conn_id(self) -> int:
         self._conn_ids += 1

@@ -52,3 +52,31 @@ def test_the_pool_keeps_a_bounded_number_of_buffers():
 def test_huge_buffers_are_whole_huge_pages():
     assert len(huge_buffer(3 * MiB)) == 4 * MiB
     assert len(huge_buffer(100)) == 100
+
+
+def test_kept_buffers_nobody_took_for_idle_s_are_let_go_and_the_pool_says_when_to_look_again():
+    armed = []
+    pool = BufferPool(64 * MiB, idle_s=30.0, on_keep=lambda: armed.append(1))
+    a, b = pool.take(4 * MiB), pool.take(8 * MiB)
+    pool.give(a, now=100.0)
+    assert armed == [1]                      # the pool keeps something again: arm a trim
+    pool.give(b, now=110.0)
+    assert armed == [1]                      # already keeping: no second timer
+    assert pool.trim(now=120.0) == 10.0      # nothing idle yet; a is idle in 10 s
+    assert pool.trim(now=131.0) == 9.0       # a let go; b in 9 s
+    assert pool._free == [b] and pool.kept == len(b)
+    assert pool.trim(now=140.0) is None      # b too: nothing kept, no more timer
+    assert pool.kept == 0
+    assert a.closed and b.closed
+    c = pool.take(4 * MiB)                   # the next frame maps a new one
+    assert c is not a and pool.made == 3
+    pool.give(c, now=150.0)
+    assert armed == [1, 1]
+
+
+def test_a_buffer_taken_again_is_not_let_go_under_its_taker():
+    pool = BufferPool(64 * MiB, idle_s=1.0)
+    a = pool.take(4 * MiB)
+    pool.give(a, now=0.0)
+    assert pool.take(4 * MiB) is a           # in use again
+    assert pool.trim(now=10.0) is None and not a.closed

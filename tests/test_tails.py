@@ -310,3 +310,17 @@ def test_a_peer_that_does_not_read_its_replies_holds_at_most_a_few_of_them(daemo
         (rid, code, result), tail = raw.reply_with_tail()
         assert (rid, code, result["found"]) == (100 + i, 0, [True] * 8)
         assert tail == b"".join(blocks)
+
+
+def test_the_frame_cache_lets_go_of_buffers_nobody_took_for_frame_cache_idle_s(start_daemon):
+    d = start_daemon("--set", "server.frame_cache_idle_s=0.5")
+    keys = [b"i%d" % i for i in range(8)]
+    blocks = blocks_for(keys, 1 << 20)
+    with d.client() as c:
+        ns = c.namespace("idle", block_size=1 << 20)
+        ns.put_inline(keys, blocks)                    # an 8 MiB request tail in a pool buffer
+        wait_for(lambda: c.stats()["frame_cache_bytes"] >= 8 << 20, 10, "the receive buffer to be kept")
+        wait_for(lambda: c.stats()["frame_cache_bytes"] == 0, 10, "the idle buffer to be let go")
+        assert ns.get_inline(keys) == blocks           # and the next large frame gets a new one
+        wait_for(lambda: c.stats()["frame_cache_bytes"] >= 8 << 20, 10, "the send buffer to be kept")
+        wait_for(lambda: c.stats()["frame_cache_bytes"] == 0, 10, "that one to be let go too")
