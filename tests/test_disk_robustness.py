@@ -122,7 +122,7 @@ def test_a_daemon_with_a_stray_large_hex_segment_demotes_and_exits_cleanly(start
         s = c.stats()
         assert moved(s, "host", "disk", "demote") >= len(ks) - HOST_SLOTS
         assert s["disk"]["write_errors"] == 0 and s["disk"]["stray_files"] == len(STRAYS)
-    assert "7fffffffffffffff.seg" in d.log()
+    d.wait_log("7fffffffffffffff.seg")      # a logging thread writes the daemon's log lines
     d = restart(start_daemon, d, *ARGS)
     with d.client() as c:
         wait_recovered(c)
