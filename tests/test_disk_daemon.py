@@ -369,7 +369,7 @@ def test_sigkill_at_random_moments_never_returns_wrong_bytes_and_loses_at_most_t
     recovered_from_disk = compactions = 0
     for rnd_no in range(4):
         w = Writer(d.socket, f"r{rnd_no}")
-        assert w.ready.wait(10), why
+        assert w.ready.wait(30), why        # a new interpreter importing numpy and the client
         time.sleep(rnd.uniform(0.6, 1.6))
         with d.client() as c:           # the disk never filled up, so nothing was dropped for room
             # On a loaded machine the writer may not yet have pushed more than the host tier
