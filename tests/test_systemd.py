@@ -187,7 +187,7 @@ def test_socket_activation_hands_a_listening_unix_socket_to_the_daemon(tmp_path)
                              text=True)
     try:
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        client.settimeout(10)
+        client.settimeout(30)           # covers the child's interpreter start, not only the reply
         client.connect(path)
         assert client.recv(100) == b"hello from activated child"
         client.close()
