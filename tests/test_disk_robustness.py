@@ -122,7 +122,7 @@ def test_a_daemon_with_a_stray_large_hex_segment_demotes_and_exits_cleanly(start
         s = c.stats()
         assert moved(s, "host", "disk", "demote") >= len(ks) - HOST_SLOTS
         assert s["disk"]["write_errors"] == 0 and s["disk"]["stray_files"] == len(STRAYS)
-    assert "7fffffffffffffff.seg" in d.log()
+    d.wait_log("7fffffffffffffff.seg")      # a logging thread writes the daemon's log lines
     d = restart(start_daemon, d, *ARGS)
     with d.client() as c:
         wait_recovered(c)
@@ -186,17 +186,23 @@ def test_a_failing_hint_write_is_one_log_line_a_counter_and_a_retry(tmp_path, ca
         FAULTS.arm("meta", err)
         data = payloads(40, 65536, seed=4)
         assert all(s.write_batch([("ns", b"%d" % i, d) for i, d in enumerate(data)]))   # seals 2 segments
-        _until(lambda: s.stats()["hint_errors"] >= 2, 10, "hint write attempts")
+
+        def failed() -> list:
+            return [r for r in caplog.records if "maintenance step hints failed" in r.getMessage()]
+        # hint_errors is counted inside the step, maintenance_errors and the line right after
+        # it (same thread): wait for the second failure's line, not only its count.
+        _until(lambda: s.stats()["hint_errors"] >= 2 and len(failed()) >= 2, 10, "two hint write attempts, logged")
         st = s.stats()
         assert st["maintenance_errors"] >= 2 and st["hints_written"] == 0
-        lines = [r for r in caplog.records if "maintenance step hints failed" in r.getMessage()]
+        lines = failed()
         assert lines and all(r.exc_info is None for r in caplog.records)     # no traceback, ever
         assert os.strerror(err) in lines[0].getMessage() and "retrying in 1 s" in lines[0].getMessage()
         assert "retrying in 2 s" in caplog.text                               # backing off
         assert not list((tmp_path / "disk").glob("*.hint*"))
         FAULTS.clear()
-        _until(lambda: s.stats()["hints_written"] >= 2, 10, "the hints once the disk works")
-        assert "maintenance step hints works again" in caplog.text
+        # The step counts the hints, then says it works again (same thread): wait for both.
+        _until(lambda: s.stats()["hints_written"] >= 2 and "maintenance step hints works again" in caplog.text,
+               10, "the hints once the disk works, and the log to say so")
     finally:
         m.stop()
         m.join()
@@ -414,8 +420,10 @@ def test_a_compaction_that_cannot_read_its_segment_backs_off_and_finishes_later(
         assert "reading" in lines[0] and ".seg" in lines[0] and "Input/output error" in lines[0]
         assert s.stats()["compaction_runs"] == 0 and s.stats()["maintenance_errors"] >= 1
         FAULTS.clear()
-        _until(lambda: s.stats()["compaction_runs"] >= 1, 15, "the compaction once reads work")
-        assert "maintenance step compaction works again" in caplog.text
+        # The run is counted inside the step, the line saying it works again right after it.
+        _until(lambda: s.stats()["compaction_runs"] >= 1
+               and "maintenance step compaction works again" in caplog.text,
+               15, "the compaction once reads work, and the log to say so")
         assert all(r.exc_info is None for r in caplog.records)
     finally:
         m.stop()

@@ -24,7 +24,9 @@ def wait_for(fn, timeout: float = 10.0, what: str = "condition"):
 
 @pytest.fixture
 def fenced(start_daemon):
-    return start_daemon("--set", "server.reservation_timeout_s=0.3", "--set", "server.lease_timeout_s=0.3")
+    # 2 s, not less: the other client's own put_many and get_many hold a reservation or a lease
+    # for a round trip and a copy, and a pause of a loaded machine must not time those out too.
+    return start_daemon("--set", "server.reservation_timeout_s=2", "--set", "server.lease_timeout_s=2")
 
 
 def test_stalled_writer_after_timeout_cannot_corrupt_the_key_stored_again(fenced):

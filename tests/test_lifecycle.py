@@ -66,7 +66,7 @@ def test_a_stale_socket_from_a_crashed_daemon_is_replaced(start_daemon, tmp_path
     stale.bind(str(tmp_path / "kvtierd.sock"))   # bound, never listening, then abandoned: like a crash
     stale.close()
     d = start_daemon()
-    assert "stale socket" in d.log()
+    d.wait_log("stale socket")          # a logging thread writes the daemon's log lines
     with d.client() as c:
         assert c.ping()
 
@@ -87,7 +87,7 @@ def test_region_files_left_by_an_earlier_version_are_removed_at_start(start_daem
         assert holder.stdout.readline().strip() == "mapped"
         d = start_daemon("--set", f"host.shm_dir={shm}")
         assert not legacy.exists() and in_use.exists()
-        assert "left by an earlier kvtierd version" in d.log()
+        d.wait_log("left by an earlier kvtierd version")    # written by the daemon's logging thread
         assert os.listdir(shm) == [in_use.name]       # and the daemon made no file of its own
     finally:
         holder.stdin.close()

@@ -90,20 +90,33 @@ def test_watchdog_interval_honours_watchdog_pid():
 
 
 def test_watchdog_task_pings_at_half_the_interval_and_withholds_when_unhealthy(fake_systemd, monkeypatch):
+    import time
     monkeypatch.setenv("WATCHDOG_USEC", "100000")       # 0.1 s: pings every 0.05 s
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
     healthy = {"ok": True}
+    checks: list[float] = []            # when the task asked the health gate, i.e. when it pinged or withheld
 
-    async def main():
-        task = systemd.start_watchdog(lambda: healthy["ok"])
+    def gate() -> bool:
+        checks.append(time.monotonic())
+        return healthy["ok"]
+
+    async def until(n: int) -> None:    # counted periods, not a sleep: a loaded machine only makes it slower
+        deadline = time.monotonic() + 10
+        while len(checks) < n:
+            assert time.monotonic() < deadline, f"{len(checks)} health checks, waiting for {n}"
+            await asyncio.sleep(0.01)
+
+    async def main() -> int:
+        task = systemd.start_watchdog(gate)
         assert task is not None
-        await asyncio.sleep(0.22)
-        healthy["ok"] = False
-        await asyncio.sleep(0.2)           # four more periods: a broken health gate would add ~4 pings
+        await until(5)
+        healthy["ok"] = False            # between two checks: each check so far pinged, each later one must not
+        pinged = len(checks)
+        await until(pinged + 4)         # four more periods: a broken health gate would add four pings
         task.cancel()
-        return task
+        return pinged
 
-    asyncio.run(main())
+    pinged = asyncio.run(main())
     pings = []
     while True:
         try:
@@ -113,7 +126,10 @@ def test_watchdog_task_pings_at_half_the_interval_and_withholds_when_unhealthy(f
         if len(pings) > 20:
             break
     assert set(pings) == {"WATCHDOG=1"}
-    assert 3 <= len(pings) <= 6, pings
+    assert len(pings) == pinged, (pings, pinged)
+    gaps = sorted(b - a for a, b in zip(checks, checks[1:]))
+    assert gaps[0] >= 0.045, gaps                       # never more often than half the interval
+    assert gaps[len(gaps) // 2] < 0.1, gaps             # and as a rule well within the interval
 
 
 def test_watchdog_not_started_without_watchdog_usec(monkeypatch):
@@ -171,7 +187,7 @@ def test_socket_activation_hands_a_listening_unix_socket_to_the_daemon(tmp_path)
                              text=True)
     try:
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        client.settimeout(10)
+        client.settimeout(30)           # covers the child's interpreter start, not only the reply
         client.connect(path)
         assert client.recv(100) == b"hello from activated child"
         client.close()
