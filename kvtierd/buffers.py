@@ -87,6 +87,8 @@ class BufferPool:
     POOLED = 1 << 20
     MAX_KEPT = 64
     IDLE_S = 30.0
+    TRIM_BYTES = 64 << 20    # unmapped per trim at most: a burst's buffers all go idle at once
+    TRIM_AGAIN_S = 0.1       # ... and the rest a moment later, so one trim never holds the loop long
 
     def __init__(self, keep_bytes: int, idle_s: float = IDLE_S, on_keep: Callable[[], None] | None = None):
         self.keep_bytes = keep_bytes
@@ -95,8 +97,9 @@ class BufferPool:
         self._free: list[mmap.mmap] = []       # sorted by size, smallest first
         self._given: dict[int, float] = {}     # id of a kept buffer -> when it was given back
         self.kept = 0                # bytes in free buffers (backed memory, once they were used)
-        self.made = 0                # buffers mapped, for the tests
+        self.made = 0                # buffers mapped
         self.reused = 0
+        self.let_go = 0              # kept buffers unmapped by trim (idle)
 
     def take(self, nbytes: int, small_head: bool = False) -> mmap.mmap | bytearray:
         """A buffer of at least `nbytes`: the smallest kept one that fits and wastes at most 3/4 of
@@ -138,21 +141,26 @@ class BufferPool:
             self.on_keep()
 
     def trim(self, now: float | None = None) -> float | None:
-        """Lets go of kept buffers given back over idle_s ago; returns the seconds until the next
-        kept one would be idle that long (None when nothing is kept)."""
+        """Lets go of kept buffers given back over idle_s ago, TRIM_BYTES at most per call; returns
+        the seconds until it should be called again (None when nothing is kept)."""
         now = time.monotonic() if now is None else now
         given = self._given
-        keep = [mm for mm in self._free if now - given[id(mm)] < self.idle_s]
-        if len(keep) < len(self._free):
-            for mm in self._free:
-                if now - given[id(mm)] >= self.idle_s:
-                    self.kept -= len(mm)
-                    del given[id(mm)]
-                    _unmap(mm)
-            self._free = keep
+        budget = self.TRIM_BYTES
+        keep = []
+        for mm in self._free:
+            if budget > 0 and now - given[id(mm)] >= self.idle_s:
+                budget -= len(mm)
+                self.kept -= len(mm)
+                self.let_go += 1
+                del given[id(mm)]
+                _unmap(mm)
+            else:
+                keep.append(mm)
+        self._free = keep
         if not keep:
             return None
-        return max(0.0, min(given[id(mm)] for mm in keep) + self.idle_s - now)
+        due = min(given[id(mm)] for mm in keep) + self.idle_s - now
+        return self.TRIM_AGAIN_S if due <= 0 else due
 
     def resize(self, keep_bytes: int) -> None:
         """A new keep_bytes (a reload): kept buffers beyond it are unmapped now."""

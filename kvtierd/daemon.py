@@ -99,8 +99,8 @@ class Daemon:
             raise
         for name, r in regions.items():
             if r.huge_page_bytes:
-                log.info("host region of domain %r: %d MiB in huge pages of %d KiB", name, r.size >> 20,
-                         r.huge_page_bytes >> 10)
+                log.info("host region of domain %r: %d of %d MiB in huge pages of %d KiB", name,
+                         r.huge_bytes >> 20, r.size >> 20, r.huge_page_bytes >> 10)
         if len(regions) > 1:
             log.info("access domains: %s", ", ".join(f"{n} ({r.size >> 20} MiB)" for n, r in regions.items()))
         return regions
@@ -268,8 +268,7 @@ class Daemon:
                         needs_restart.append(key)
         logs.reconfigure(self.cfg.log.level, self.cfg.log.format)
         self.store.reconfigure(self.cfg)
-        self.server.frame_pool.resize(self.cfg.server.frame_cache_bytes)
-        self.server.frame_pool.idle_s = self.cfg.server.frame_cache_idle_s
+        self.server.retune_frame_cache(self.cfg.server.frame_cache_bytes, self.cfg.server.frame_cache_idle_s)
         self.policy.reload(self.cfg.access)
         self.hot.configure(self.cfg.metrics.hot_keys, self.cfg.metrics.hot_window_s)
         log.info("reloaded config: applied %s", ", ".join(changed) or "nothing new")

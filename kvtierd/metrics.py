@@ -316,6 +316,11 @@ class StatsCollector:
              "sleeping (server.busy_poll_us).", CounterMetricFamily),
             ("frame_cache_bytes", "kvtierd_frame_cache_bytes", "Bytes of large frame buffers kept for the next "
              "frame (server.frame_cache_bytes).", GaugeMetricFamily),
+            ("frame_buffers_made", "kvtierd_frame_buffers_made", "Large frame buffers mapped new (none kept fit): "
+             "a steady rise means server.frame_cache_bytes is smaller than the frames in flight.",
+             CounterMetricFamily),
+            ("frame_buffers_let_go", "kvtierd_frame_buffers_let_go", "Kept frame buffers unmapped after "
+             "server.frame_cache_idle_s unused.", CounterMetricFamily),
             ("bad_frees", "kvtierd_slot_free_refused", "Slot frees the allocator refused (double or out of range): "
              "a bug caught before it could hand one slot to two blocks.", CounterMetricFamily),
         ):

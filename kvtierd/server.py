@@ -597,7 +597,15 @@ class Server:
         self._frame_trim = None
         wait = self.frame_pool.trim()
         if wait is not None:
-            self._frame_trim = asyncio.get_running_loop().call_later(max(wait, 0.1), self._trim_frames)
+            self._frame_trim = asyncio.get_running_loop().call_later(wait, self._trim_frames)
+
+    def retune_frame_cache(self, keep_bytes: int, idle_s: float) -> None:
+        """A reload: the new limits apply now, a shorter idle time included (not after the old one)."""
+        self.frame_pool.resize(keep_bytes)
+        self.frame_pool.idle_s = idle_s
+        if self._frame_trim is not None:
+            self._frame_trim.cancel()
+        self._trim_frames()
 
     def next_conn_id(self) -> int:
         self._conn_ids += 1
@@ -834,7 +842,8 @@ class Server:
     def session_stats(self) -> dict:
         """The server's own figures, for STATS and for the metrics."""
         return {"clients": len(self.conns), "busy_poll_seconds": self.busy_poll.spun_s,
-                "frame_cache_bytes": self.frame_pool.kept}
+                "frame_cache_bytes": self.frame_pool.kept, "frame_buffers_made": self.frame_pool.made,
+                "frame_buffers_let_go": self.frame_pool.let_go}
 
     def op_stats(self, c: Connection) -> dict:
         s = self.store.stats()

@@ -80,3 +80,13 @@ def test_a_buffer_taken_again_is_not_let_go_under_its_taker():
     pool.give(a, now=0.0)
     assert pool.take(4 * MiB) is a           # in use again
     assert pool.trim(now=10.0) is None and not a.closed
+
+
+def test_one_trim_unmaps_at_most_trim_bytes_and_asks_to_be_called_again_soon():
+    pool = BufferPool(256 * MiB, idle_s=1.0)
+    bufs = [pool.take(32 * MiB) for _ in range(4)]      # a burst's buffers, all idle at once
+    for b in bufs:
+        pool.give(b, now=0.0)
+    assert pool.trim(now=5.0) == BufferPool.TRIM_AGAIN_S
+    assert pool.let_go == 2 and pool.kept == 2 * len(bufs[0])
+    assert pool.trim(now=5.1) is None and pool.let_go == 4 and pool.kept == 0

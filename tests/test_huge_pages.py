@@ -9,6 +9,7 @@ positive case does."""
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ from kvtierd.tiers.host import THP_USABLE, huge_page_pool, shmem_thp
 
 HPS, FREE = huge_page_pool()
 HOST = 64 << 20
-THP_POLICY, PMD = shmem_thp()
+THP_POLICY, PMD, _ = shmem_thp()
 THP = THP_POLICY in THP_USABLE
 
 
@@ -68,6 +69,7 @@ def test_a_huge_page_region_is_mapped_by_a_new_process_one_huge_page_at_a_time(s
     assert huge_page_pool()[1] <= FREE - HOST // HPS       # the daemon took its pages at start
     with d.client() as c:
         assert c.stats()["domains"]["default"]["huge_page_bytes"] == HPS
+        assert c.stats()["domains"]["default"]["huge_bytes"] == HOST
         assert not c.region.prefault_enabled               # nothing to map ahead
         ns = c.namespace("huge", block_size=1 << 20)
         keys = [b"b%d" % i for i in range(32)]
@@ -84,7 +86,17 @@ def test_a_plain_region_is_not_taken_for_a_huge_one():
     from kvtierd.tiers.host import HostRegion, is_huge
     r = HostRegion(HOST, 16 << 20, huge_pages="off")
     try:
-        assert not is_huge(r.fd) and r.huge_page_bytes == 0
+        assert not is_huge(r.fd) and r.huge_page_bytes == 0 and r.huge_bytes == 0
+    finally:
+        r.close()
+
+
+@pytest.mark.skipif(FREE * HPS < 2 * HOST, reason="needs free huge pages (vm.nr_hugepages) for a 64 MiB region")
+def test_a_hugetlb_region_is_told_by_its_filesystem():
+    from kvtierd.tiers.host import HostRegion, is_huge
+    r = HostRegion(HOST, 16 << 20, huge_pages="on")
+    try:
+        assert is_huge(r.fd) and r.huge_page_bytes == HPS and r.huge_bytes == HOST
     finally:
         r.close()
 
@@ -95,19 +107,22 @@ def test_the_shmem_policy_is_the_pmd_size_own_setting_unless_it_inherits(tmp_pat
     own = tmp_path / "hugepages-2048kB"
     own.mkdir()
     (own / "shmem_enabled").write_text("always [inherit] within_size advise never\n")
-    assert shmem_thp(tmp_path) == ("never", 2 << 20)
+    assert shmem_thp(tmp_path) == ("never", 2 << 20, tmp_path / "shmem_enabled")
     (own / "shmem_enabled").write_text("always inherit within_size [advise] never\n")
-    assert shmem_thp(tmp_path) == ("advise", 2 << 20)
+    assert shmem_thp(tmp_path) == ("advise", 2 << 20, own / "shmem_enabled")
+    (own / "shmem_enabled").write_text("always inherit within_size advise [never]\n")
+    assert shmem_thp(tmp_path) == ("never", 2 << 20, own / "shmem_enabled")   # named in the refusal
     own.joinpath("shmem_enabled").unlink()              # a kernel before per-size settings
-    assert shmem_thp(tmp_path) == ("never", 2 << 20)
-    assert shmem_thp(tmp_path / "absent") == ("", 0)    # no transparent huge pages at all
+    assert shmem_thp(tmp_path) == ("never", 2 << 20, tmp_path / "shmem_enabled")
+    assert shmem_thp(tmp_path / "absent") == ("", 0, tmp_path / "absent")   # no transparent huge pages at all
 
 
 def test_thp_where_the_shmem_policy_forbids_them_says_which_setting_to_change():
     from kvtierd.tiers.host import _thp_memfd
+    where = Path("/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled")
     for policy in ("never", "deny", ""):
-        why = _thp_memfd("default", HOST, 16 << 20, policy, 2 << 20)
-        assert isinstance(why, str) and "shmem_enabled" in why and "advise" in why
+        why = _thp_memfd("default", HOST, 16 << 20, policy, 2 << 20, where)
+        assert isinstance(why, str) and str(where) in why and "advise" in why
     assert "no transparent huge pages" in _thp_memfd("default", HOST, 16 << 20, "advise", 0)
     assert "less than one unit" in _thp_memfd("default", 1 << 20, 1 << 20, "advise", 2 << 20)
 
@@ -117,7 +132,8 @@ def test_thp_refuses_to_start_where_the_kernel_does_not_allow_them(start_daemon)
     d = start_daemon("--host-bytes", str(HOST), "--set", "host.huge_pages=thp", wait=False)
     assert d.proc.wait(60) != 0
     log = d.log()
-    assert "no transparent huge pages" in log and "shmem_enabled" in log
+    assert "no transparent huge pages" in log
+    assert "shmem_enabled" in log or not PMD           # which setting to change, where there is one
     assert 'host.huge_pages = "try" or "off"' in log
 
 
@@ -127,7 +143,9 @@ def test_a_thp_region_is_mapped_by_a_new_process_one_huge_page_at_a_time(start_d
     d = start_daemon("--host-bytes", str(HOST), "--set", "host.huge_pages=thp")
     assert "in transparent huge pages" in d.log()
     with d.client() as c:
-        assert c.stats()["domains"]["default"]["huge_page_bytes"] == PMD
+        domain = c.stats()["domains"]["default"]
+        assert domain["huge_page_bytes"] == PMD and 0 < domain["huge_bytes"] <= HOST
+        assert c.region.prefault_enabled                   # a plain memfd to the client: it maps slots ahead
         ns = c.namespace("huge", block_size=1 << 20)
         keys = [b"b%d" % i for i in range(32)]
         assert ns.put_many(keys, [bytes([i]) * (1 << 20) for i in range(32)]) == 32
@@ -136,9 +154,12 @@ def test_a_thp_region_is_mapped_by_a_new_process_one_huge_page_at_a_time(start_d
     assert float(out[0]) < 4, out          # 4 KiB pages: 16 per MiB at best (fault-around), 256 at worst
 
 
-@pytest.mark.skipif(not THP, reason="needs a shmem policy that allows transparent huge pages")
+@pytest.mark.skipif(not THP or FREE * HPS >= HOST,
+                    reason="needs a shmem policy that allows transparent huge pages, and too few hugetlb pages "
+                           "for a 64 MiB region")
 def test_try_without_enough_free_huge_pages_takes_transparent_ones(start_daemon):
-    d = start_daemon("--host-bytes", too_many(), "--set", "host.huge_pages=try")
+    d = start_daemon("--host-bytes", str(HOST), "--set", "host.huge_pages=try")
     assert "in transparent huge pages instead" in d.log()
     with d.client() as c:
-        assert c.stats()["domains"]["default"]["huge_page_bytes"] == PMD
+        domain = c.stats()["domains"]["default"]
+        assert domain["huge_page_bytes"] == PMD and 0 < domain["huge_bytes"] <= HOST

@@ -3,6 +3,7 @@ the older msgpack form still served, and hostile tail frames refused without har
 
 import asyncio
 import os
+import signal
 import socket
 import struct
 import time
@@ -318,9 +319,29 @@ def test_the_frame_cache_lets_go_of_buffers_nobody_took_for_frame_cache_idle_s(s
     blocks = blocks_for(keys, 1 << 20)
     with d.client() as c:
         ns = c.namespace("idle", block_size=1 << 20)
-        ns.put_inline(keys, blocks)                    # an 8 MiB request tail in a pool buffer
+        ns.put_inline(keys, blocks)                    # an 8 MiB request tail in a new pool buffer
+        assert c.stats()["frame_buffers_made"] == 1
+
+        def let_go(n: int) -> bool:
+            st = c.stats()
+            return st["frame_buffers_let_go"] >= n and st["frame_cache_bytes"] == 0
+        wait_for(lambda: let_go(1), 10, "the idle receive buffer to be let go")
+        assert ns.get_inline(keys) == blocks           # the next large frame maps a new one
+        assert c.stats()["frame_buffers_made"] == 2
+        wait_for(lambda: let_go(2), 10, "the idle send buffer to be let go too")
+
+
+def test_a_reload_that_shortens_frame_cache_idle_s_applies_at_once(start_daemon, tmp_path):
+    conf = tmp_path / "kvtierd.toml"
+    conf.write_text("[server]\nframe_cache_idle_s = 3600.0\n")
+    d = start_daemon("--config", str(conf))
+    keys = [b"r%d" % i for i in range(8)]
+    with d.client() as c:
+        ns = c.namespace("reload", block_size=1 << 20)
+        ns.put_inline(keys, blocks_for(keys, 1 << 20))
         wait_for(lambda: c.stats()["frame_cache_bytes"] >= 8 << 20, 10, "the receive buffer to be kept")
-        wait_for(lambda: c.stats()["frame_cache_bytes"] == 0, 10, "the idle buffer to be let go")
-        assert ns.get_inline(keys) == blocks           # and the next large frame gets a new one
-        wait_for(lambda: c.stats()["frame_cache_bytes"] >= 8 << 20, 10, "the send buffer to be kept")
-        wait_for(lambda: c.stats()["frame_cache_bytes"] == 0, 10, "that one to be let go too")
+        conf.write_text("[server]\nframe_cache_idle_s = 0.2\n")
+        d.proc.send_signal(signal.SIGHUP)              # not an hour later: the timer is re-armed
+        d.wait_log("applied server.frame_cache_idle_s")
+        wait_for(lambda: c.stats()["frame_buffers_let_go"] == 1, 10, "the buffer to be let go after the reload")
+        assert c.stats()["frame_cache_bytes"] == 0

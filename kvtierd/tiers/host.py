@@ -39,6 +39,7 @@ log says how much came out huge.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import logging
 import math
@@ -76,17 +77,20 @@ def _selected(path: Path) -> str:
     return next((w[1:-1] for w in words if w.startswith("[") and w.endswith("]")), "")
 
 
-def shmem_thp(root: Path = THP_SYSFS) -> tuple[str, int]:
-    """(policy, huge page size) for transparent huge pages in memfds: the PMD size's own shmem
-    setting, or the global one where that says `inherit`; ('', 0) on a kernel without them."""
+def shmem_thp(root: Path = THP_SYSFS) -> tuple[str, int, Path]:
+    """(policy, huge page size, the setting that decides it) for transparent huge pages in memfds:
+    the PMD size's own shmem setting, or the global one where that says `inherit` (or is absent);
+    ('', 0, root) on a kernel without them."""
     try:
         pmd = int((root / "hpage_pmd_size").read_text())
     except (OSError, ValueError):
-        return "", 0
-    policy = _selected(root / f"hugepages-{pmd >> 10}kB" / "shmem_enabled")
+        return "", 0, root
+    where = root / f"hugepages-{pmd >> 10}kB" / "shmem_enabled"
+    policy = _selected(where)
     if policy in ("", "inherit"):
-        policy = _selected(root / "shmem_enabled")
-    return policy, pmd
+        where = root / "shmem_enabled"
+        policy = _selected(where)
+    return policy, pmd, where
 
 
 def huge_page_pool() -> tuple[int, int]:
@@ -104,11 +108,20 @@ def huge_page_pool() -> tuple[int, int]:
     return size, free
 
 
+HUGETLBFS_MAGIC = 0x958458F6
+
+
 def is_huge(fd: int) -> bool:
-    """Whether a region fd is backed by huge pages (a hugetlb file's block size is its page size)."""
+    """Whether a region fd is a hugetlb file (its filesystem is hugetlbfs). Not its block size: a plain
+    memfd reports 2 MiB blocks too where shmem transparent huge pages are enabled (Linux 4.18 to 5.x
+    with `advise`, any version with `always`), whatever its pages are."""
     try:
-        return os.fstat(fd).st_blksize > mmap.PAGESIZE
-    except OSError:
+        buf = ctypes.create_string_buffer(256)          # struct statfs: 120 bytes on 64-bit Linux
+        if ctypes.CDLL(None).fstatfs(fd, buf) != 0:
+            return False
+        # f_type is the first field, a native long (__fsword_t); its low 32 bits hold the magic.
+        return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF == HUGETLBFS_MAGIC
+    except (OSError, AttributeError):
         return False
 
 
@@ -148,8 +161,9 @@ def _huge_memfd(domain: str, nbytes: int, slab_bytes: int) -> tuple[int, int, in
     return fd, size, hps
 
 
-def _mapped_huge(mm: mmap.mmap) -> int:
-    """Bytes of this process's mapping `mm` of a shmem file that are mapped as huge pages (smaps)."""
+def _mapped_huge(mm: mmap.mmap) -> int | str:
+    """Bytes of this process's mapping `mm` of a shmem file that are mapped as huge pages (smaps), or
+    why that cannot be told."""
     anchor = ctypes.c_char.from_buffer(mm)
     start = f"{ctypes.addressof(anchor):x}-"
     del anchor                                # a live export would keep mm from closing
@@ -163,55 +177,64 @@ def _mapped_huge(mm: mmap.mmap) -> int:
                     mine = line.startswith(start)
                 elif mine and line.startswith("ShmemPmdMapped:"):
                     return int(line.split()[1]) << 10
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    except (OSError, ValueError, IndexError) as e:
+        return f"cannot read /proc/self/smaps ({e})"
+    return "/proc/self/smaps does not show the mapping's huge pages (ShmemPmdMapped)"
 
 
-def _thp_memfd(domain: str, nbytes: int, slab_bytes: int, policy: str, pmd: int) -> tuple[int, int, int] | str:
-    """(fd, size, huge page size) of a memfd of whole slabs and whole huge pages, populated through a
-    mapping advised MADV_HUGEPAGE, or why there can be none (`policy`, `pmd`: shmem_thp())."""
+def _thp_memfd(domain: str, nbytes: int, slab_bytes: int, policy: str, pmd: int,
+               where: Path = THP_SYSFS / "shmem_enabled") -> tuple[int, int, int, int] | str:
+    """(fd, size, huge page size, bytes in huge pages) of a memfd of whole slabs and whole huge pages,
+    populated through a mapping advised MADV_HUGEPAGE, or why there can be none (`policy`, `pmd`,
+    `where`: shmem_thp())."""
     if not pmd:
         return "this kernel has no transparent huge pages"
     if policy not in THP_USABLE:
-        return (f"the kernel's shmem policy is {policy or 'unknown'!r} ({THP_SYSFS / 'shmem_enabled'}; "
-                f"'advise' lets a process ask for them)")
+        return f"the kernel's shmem policy is {policy or 'unknown'!r} ({where}; 'advise' lets a process ask for them)"
     unit = math.lcm(slab_bytes, pmd)
     size = nbytes // unit * unit
     if size <= 0:
         return f"{nbytes} bytes is less than one unit of slab and huge page ({unit} bytes)"
-    fd = os.memfd_create(f"kvtierd:{domain}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        fd = os.memfd_create(f"kvtierd:{domain}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as e:
+        return f"cannot create a memfd ({e.strerror})"
+    step = "size"
     try:
         os.ftruncate(fd, size)
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         try:
+            step = "advise"
             mm.madvise(mmap.MADV_HUGEPAGE)
+            step = "populate"
             mm.madvise(MADV_POPULATE_WRITE)   # every page now, as posix_fallocate would: ENOMEM here, not later
             huge = _mapped_huge(mm)
         finally:
             mm.close()
     except OSError as e:
         os.close(fd)
-        return f"cannot populate {size} bytes of shared memory ({e.strerror})"
-    if not huge:
+        if e.errno == errno.EINVAL and step == "populate":
+            return "this kernel cannot populate a mapping (MADV_POPULATE_WRITE needs Linux 5.14 or later)"
+        return f"cannot {step} {size} bytes of shared memory ({e.strerror})"
+    if isinstance(huge, str) or not huge:
         os.close(fd)
-        return f"the kernel gave no {pmd >> 10} KiB pages (memory too fragmented, or shmem_enabled changed)"
+        return huge or f"the kernel gave no {pmd >> 10} KiB pages (memory too fragmented, or {where} changed)"
     level = logging.INFO if huge == size else logging.WARNING
     log.log(level, "host region of domain %r: %d of %d MiB in transparent huge pages of %d KiB%s", domain,
             huge >> 20, size >> 20, pmd >> 10, "" if huge == size else " (the kernel found no more; the rest "
             "are 4 KiB pages)")
-    return fd, size, pmd
+    return fd, size, pmd, huge
 
 
-def _memfd(domain: str, nbytes: int, slab_bytes: int, huge_pages: str) -> tuple[int, int, int]:
-    """(fd, size, huge page size or 0): a hugetlb memfd, or one in transparent huge pages, where asked
-    for and possible, else a plain one of whole slabs."""
+def _memfd(domain: str, nbytes: int, slab_bytes: int, huge_pages: str) -> tuple[int, int, int, int]:
+    """(fd, size, huge page size or 0, bytes in huge pages): a hugetlb memfd, or one in transparent huge
+    pages, where asked for and possible, else a plain one of whole slabs."""
     if huge_pages != "off":
         why = []
         if huge_pages in ("on", "try"):
             got = _huge_memfd(domain, nbytes, slab_bytes)
             if not isinstance(got, str):
-                return got
+                return (*got, got[1])
             why.append(f"no huge pages: {got}")
         if huge_pages in ("thp", "try"):
             got = _thp_memfd(domain, nbytes, slab_bytes, *shmem_thp())
@@ -226,7 +249,7 @@ def _memfd(domain: str, nbytes: int, slab_bytes: int, huge_pages: str) -> tuple[
         log.warning('%s; using 4 KiB pages (host.huge_pages = "try")', message)
     size = nbytes // slab_bytes * slab_bytes
     try:
-        return _new_memfd(domain, size), size, 0
+        return _new_memfd(domain, size), size, 0, 0
     except OSError as e:
         raise HostRegionError(
             f"cannot reserve {size} bytes of shared memory for the host tier of domain "
@@ -299,7 +322,7 @@ class HostRegion:
         if nbytes // slab_bytes <= 0:
             raise HostRegionError(f"host region of domain {domain!r}: {nbytes} bytes is less than one slab "
                                   f"({slab_bytes} bytes)")
-        fd, self.size, self.huge_page_bytes = _memfd(domain, nbytes, slab_bytes, huge_pages)
+        fd, self.size, self.huge_page_bytes, self.huge_bytes = _memfd(domain, nbytes, slab_bytes, huge_pages)
         try:
             # The inode's mode decides who may reopen an fd of it through /proc/PID/fd/N:
             # only the daemon's uid for writing; a client holding a read-only fd cannot
@@ -312,7 +335,10 @@ class HostRegion:
                             domain, e.strerror)
             self.mmap = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             if self.huge_page_bytes and not is_huge(fd):
-                self.mmap.madvise(mmap.MADV_HUGEPAGE)   # transparent ones: map them huge here too
+                try:
+                    self.mmap.madvise(mmap.MADV_HUGEPAGE)   # transparent ones: map them huge here too
+                except OSError:
+                    pass                                    # advice only: 4 KiB mappings still work
         except BaseException:
             os.close(fd)
             raise
