@@ -70,6 +70,7 @@ from kvtierd.protocol import (
     split_tail,
     unpack_body,
 )
+from kvtierd.tailstream import SCRATCH_BYTES, TailStream
 
 log = logging.getLogger("kvtierd.server")
 
@@ -82,6 +83,7 @@ RECLAIM_LAST_S = 1.0          # ... doubling up to this
 BLOB_OVERHEAD = 5             # msgpack bin32 header of one block in a GET reply
 REPLY_OVERHEAD = 64           # envelope of a reply: id, code, map keys
 LIMIT_LOG_INTERVAL_S = 1.0    # a limit hit again within this is counted, and summed into the next line
+STREAM_MIN_BLOCK = 128 << 10  # a PUT tail of blocks at least this big is received straight into its slots
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -95,6 +97,7 @@ class Connection(asyncio.BufferedProtocol):
         self.big_fill = 0
         self.big_len = 0                      # the length its header announced
         self.big_tail = False                 # ... and whether it has a tail
+        self.stream: TailStream | None = None  # a PUT tail being received straight into its slots
         self.sending: list = []               # pool buffers of reply tails the kernel may not have taken yet
         self.reclaim: asyncio.TimerHandle | None = None
         self.reclaim_delay = RECLAIM_FIRST_S
@@ -144,6 +147,9 @@ class Connection(asyncio.BufferedProtocol):
         if self.big is not None:
             pool.give(self.big)
             self.big = None
+        if self.stream is not None:            # its reservation goes with drop_owner below
+            self.stream.release()
+            self.stream = None
         while self.queue:                      # requests that will not run: their frames' buffers go back
             req_id, op, args, nbytes, held = self.queue.popleft()
             if held is not None:
@@ -167,8 +173,13 @@ class Connection(asyncio.BufferedProtocol):
         if self.closed:
             return
         self._run_queue()
-        if not self.paused_queue and not self.paused_write and not self.closed:
+        if self._may_read():
             self.transport.resume_reading()
+
+    def _may_read(self) -> bool:
+        """Nothing holds reading back: a full queue, unread replies, a tail whose slots are not known yet."""
+        return not (self.paused_queue or self.paused_write or self.closed
+                    or (self.stream is not None and not self.stream.ready))
 
     def send(self, data: bytes) -> None:
         if not self.closed:
@@ -240,6 +251,8 @@ class Connection(asyncio.BufferedProtocol):
     # ---------------------------------------------------------- framing
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self.stream is not None and self.stream.ready:
+            return self.stream.buffer()
         if self.big is not None:
             return memoryview(self.big)[self.big_fill:self.big_len]
         if self.end == len(self.buf):
@@ -258,6 +271,12 @@ class Connection(asyncio.BufferedProtocol):
         self.buf, self.start, self.end = buf, 0, tail
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.stream is not None:
+            if not self.stream.ready:            # came before the pause took hold: fed in once slots are known
+                self.end += nbytes
+            elif self.stream.advance(nbytes):
+                self._stream_done()
+            return
         if self.big is not None:
             self.big_fill += nbytes
             if self.big_fill == self.big_len:
@@ -306,10 +325,16 @@ class Connection(asyncio.BufferedProtocol):
                     return
                 continue
             if 4 + length > len(buf):
-                if self.hello and len(buf) < RECV_BUFFER and 4 + length <= RECV_BUFFER:
+                if self.hello and len(buf) < RECV_BUFFER and (4 + length <= RECV_BUFFER or tail):
                     self._grow_buf()
                     buf = self.buf
                     continue
+                if tail and self._may_stream():
+                    started = self._start_stream(length, have)
+                    if started is None:
+                        break              # its envelope is not all in yet: wait for it
+                    if started:
+                        return
                 # Too big for the shared buffer: receive the rest into a buffer of its own.
                 self.big = self.server.frame_pool.take(length, small_head=True)
                 self.big[:have] = buf[self.start + 4:self.end]
@@ -320,6 +345,102 @@ class Connection(asyncio.BufferedProtocol):
             break
         if self.start == self.end:
             self.start = self.end = 0
+
+    # ---------------------------------------------------------- PUT tails straight into the slots
+
+    def _may_stream(self) -> bool:
+        return (self.hello and not self.busy and not self.queue and not self.paused_write and not self.revoked
+                and not self.closed and not self.server.draining)
+
+    def _start_stream(self, length: int, have: int) -> bool | None:
+        """A large tail frame at self.start, of which `have` body bytes are in: if it is a valid PUT whose
+        blocks are big enough, reserve its slots and receive the tail into them (True). None: the
+        envelope is not all in yet. False: anything else (the frame is received whole and handled as
+        any other, errors included)."""
+        buf = self.buf
+        if have < 4:
+            return None
+        (env,) = HEADER.unpack_from(buf, self.start + 4)
+        if 8 + env > len(buf):
+            return False                  # the envelope alone does not fit the receive buffer
+        if have < 4 + env:
+            return None
+        try:
+            with memoryview(buf)[self.start + 8:self.start + 8 + env] as body:
+                req_id, op, args = parse_request(unpack_body(body))
+            if op is not Op.PUT or "tail" in args or "data" in args:
+                return False
+            a = parse_args(Op.PUT, args)
+            space = self.ns(a["ns"])
+        except Exception:
+            return False
+        keys, bs = a["keys"], space.block_size
+        total = length - 4 - env
+        if bs < STREAM_MIN_BLOCK or total != len(keys) * bs or not keys:
+            return False
+        self.last_active = time.monotonic()
+        self.server.busy_poll.arrived(time.perf_counter())
+        self.start += 8 + env
+        self.stream = TailStream(total, bs, self.server.stream_scratch, req_id, time.perf_counter())
+        self.busy = True
+        self.transport.pause_reading()    # the tail waits in the socket until its slots are known
+        task = asyncio.ensure_future(self._reserve_stream(space, keys))
+        self.server.inflight.add(task)
+        task.add_done_callback(self.server.inflight.discard)
+        return True
+
+    async def _reserve_stream(self, space: Any, keys: list) -> None:
+        stream = self.stream
+        store = self.server.store
+        try:
+            stream.res = await store.reserve(space, keys, self.id)
+        except Exception as e:           # the put fails; its bytes are still read (and dropped)
+            stream.error = e
+        if self.closed or self.stream is not stream:
+            store.drop_owner(self.id)    # the peer left while it waited
+            return
+        dests: list = [None] * len(keys)
+        if stream.res is not None:
+            for i, e in zip(stream.res.index, stream.res.entries):
+                dests[i] = store.view(e)
+        stream.start(dests)
+        with memoryview(self.buf)[self.start:self.end] as early:     # what came with the envelope
+            self.start += stream.feed(early)
+        if self.start == self.end:
+            self.start = self.end = 0
+        if stream.complete:
+            self._stream_done()
+        elif self._may_read():
+            self.transport.resume_reading()
+
+    def _stream_done(self) -> None:
+        """The whole tail is in: commit and answer, then go on with the frames behind it."""
+        stream, self.stream = self.stream, None
+        stream.release()
+        res, op = stream.res, Op.PUT
+        if not self.revoked:             # a fenced connection gets nothing more (fence())
+            if stream.error is not None:
+                if isinstance(stream.error, ProtocolError):
+                    self.fail(stream.req_id, op, stream.error, stream.t0)
+                else:
+                    self.crash(stream.req_id, op, stream.error, stream.t0)
+            else:
+                try:
+                    n = self.server.store.commit(res.rid, self.id)
+                except ProtocolError as e:
+                    self.fail(stream.req_id, op, e, stream.t0)
+                except Exception as e:
+                    self.crash(stream.req_id, op, e, stream.t0)
+                else:
+                    self.reply(stream.req_id, op, {"n": n, "full": res.full}, stream.t0)
+        self.busy = False
+        if self.closed:
+            return
+        self._run_queue()
+        if self.end > self.start and not self.closed:
+            self._parse()
+        if self._may_read():
+            self.transport.resume_reading()
 
     def _pause_for_queue(self) -> None:
         if not self.paused_queue:
@@ -555,6 +676,7 @@ class Server:
         self.encoder = Encoder()
         self.frame_pool = BufferPool(cfg.server.frame_cache_bytes, cfg.server.frame_cache_idle_s,
                                      on_keep=self._arm_frame_trim)
+        self.stream_scratch = memoryview(bytearray(SCRATCH_BYTES))   # bytes of PUT tail blocks not stored
         self._frame_trim: asyncio.TimerHandle | None = None
         self.busy_poll = BusyPoll(cfg.server.busy_poll_us / 1e6)
         self.inflight: set[asyncio.Future] = set()

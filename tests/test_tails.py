@@ -111,25 +111,31 @@ def test_a_get_with_raw_answers_found_flags_and_the_found_blocks_in_order(daemon
     assert raw.reply_with_tail() == ([6, 0, {"found": [False]}], b"")
 
 
-def test_pipelined_big_tail_puts_queue_with_their_bytes(daemon, raw):
+@pytest.mark.parametrize("bs,streamed", [(BS, True), (64 << 10, False)])
+def test_pipelined_big_tail_puts_queue_with_their_bytes(daemon, raw, bs, streamed):
     """Tail frames sent back to back without waiting (each bigger than the receive buffer): each one's
-    bytes stay its own while it waits behind the one before."""
-    ns_id = raw.open("pipelined", BS)
+    bytes stay its own while it waits behind the one before. Blocks of 128 KiB and more go from the
+    socket straight into their slots; smaller ones through a frame buffer of the pool."""
+    ns_id = raw.open("pipelined", bs)
+    per = (1280 << 10) // bs                                  # 1.25 MiB frames
     sent = {}
     frames = b""
     for rid in range(10, 16):
-        keys = [b"p%d-%d" % (rid, i) for i in range(5)]      # 1.25 MiB frames: pool buffers
-        blocks = blocks_for(keys)
+        keys = [b"p%d-%d" % (rid, i) for i in range(per)]
+        blocks = blocks_for(keys, bs)
         sent.update(zip(keys, blocks))
         frames += tail_frame([rid, int(Op.PUT), {"ns": ns_id, "keys": keys}], b"".join(blocks))
     raw.s.sendall(frames)
     replies = sorted(raw.reply() for _ in range(6))
-    assert replies == [[rid, 0, {"n": 5, "full": []}] for rid in range(10, 16)]
+    assert replies == [[rid, 0, {"n": per, "full": []}] for rid in range(10, 16)]
     with daemon.client() as c:
-        ns = c.namespace("pipelined", block_size=BS)
+        ns = c.namespace("pipelined", block_size=bs)
         keys = sorted(sent)
         assert ns.get_many(keys) == [sent[k] for k in keys]
-        assert c.stats()["frame_cache_bytes"] > 0        # their buffers were kept for the next frames
+        if streamed:                                      # no frame buffer was needed at all
+            assert c.stats()["frame_buffers_made"] == 0
+        else:                                             # their buffers were kept for the next frames
+            assert c.stats()["frame_cache_bytes"] > 0
 
 
 @pytest.mark.parametrize("case,code", [
@@ -315,10 +321,10 @@ def test_a_peer_that_does_not_read_its_replies_holds_at_most_a_few_of_them(daemo
 
 def test_the_frame_cache_lets_go_of_buffers_nobody_took_for_frame_cache_idle_s(start_daemon):
     d = start_daemon("--set", "server.frame_cache_idle_s=0.5")
-    keys = [b"i%d" % i for i in range(8)]
-    blocks = blocks_for(keys, 1 << 20)
+    keys = [b"i%d" % i for i in range(128)]
+    blocks = blocks_for(keys, 64 << 10)                # small blocks: received through a frame buffer
     with d.client() as c:
-        ns = c.namespace("idle", block_size=1 << 20)
+        ns = c.namespace("idle", block_size=64 << 10)
         ns.put_inline(keys, blocks)                    # an 8 MiB request tail in a new pool buffer
         assert c.stats()["frame_buffers_made"] == 1
 
@@ -335,13 +341,86 @@ def test_a_reload_that_shortens_frame_cache_idle_s_applies_at_once(start_daemon,
     conf = tmp_path / "kvtierd.toml"
     conf.write_text("[server]\nframe_cache_idle_s = 3600.0\n")
     d = start_daemon("--config", str(conf))
-    keys = [b"r%d" % i for i in range(8)]
+    keys = [b"r%d" % i for i in range(128)]
     with d.client() as c:
-        ns = c.namespace("reload", block_size=1 << 20)
-        ns.put_inline(keys, blocks_for(keys, 1 << 20))
+        ns = c.namespace("reload", block_size=64 << 10)
+        ns.put_inline(keys, blocks_for(keys, 64 << 10))
         wait_for(lambda: c.stats()["frame_cache_bytes"] >= 8 << 20, 10, "the receive buffer to be kept")
         conf.write_text("[server]\nframe_cache_idle_s = 0.2\n")
         d.proc.send_signal(signal.SIGHUP)              # not an hour later: the timer is re-armed
         d.wait_log("applied server.frame_cache_idle_s")
         wait_for(lambda: c.stats()["frame_buffers_let_go"] == 1, 10, "the buffer to be let go after the reload")
         assert c.stats()["frame_cache_bytes"] == 0
+
+
+# ------------------------------------------------- PUT tails received straight into their slots
+
+def test_a_streamed_put_skips_keys_already_stored_and_stores_the_rest(daemon, raw):
+    ns_id = raw.open("skip", BS)
+    keys = [b"s%d" % i for i in range(6)]
+    first = blocks_for(keys)
+    raw.s.sendall(tail_frame([3, int(Op.PUT), {"ns": ns_id, "keys": keys[::2]}], b"".join(first[::2])))
+    assert raw.reply() == [3, 0, {"n": 3, "full": []}]
+    again = blocks_for(keys)                                   # new bytes for every key
+    raw.s.sendall(tail_frame([4, int(Op.PUT), {"ns": ns_id, "keys": keys}], b"".join(again)))
+    assert raw.reply() == [4, 0, {"n": 3, "full": []}]        # only the three new ones were stored
+    raw.send_frame([5, int(Op.GET), {"ns": ns_id, "keys": keys, "raw": True}])
+    (rid, code, result), tail = raw.reply_with_tail()
+    assert result == {"found": [True] * 6}
+    expect = [first[i] if i % 2 == 0 else again[i] for i in range(6)]   # stored bytes never overwritten
+    assert tail == b"".join(expect)
+    with daemon.client() as c:
+        assert c.stats()["frame_buffers_made"] <= 1                # the GET reply's only
+
+
+def test_a_streamed_put_into_a_full_store_says_which_keys_found_no_room_and_the_connection_goes_on(start_daemon):
+    d = start_daemon("--host-bytes", "16MiB", "--set", "server.reservation_timeout_s=2")
+    raw = TailRaw(d.socket)
+    raw.hello()
+    ns_id = raw.open("full", 1 << 20)
+    keys = [b"f%d" % i for i in range(24)]                     # 24 MiB into a 16 MiB tier
+    blocks = blocks_for(keys, 1 << 20)
+    raw.s.sendall(tail_frame([6, int(Op.PUT), {"ns": ns_id, "keys": keys}], b"".join(blocks)))
+    rid, code, result = raw.reply()
+    assert (rid, code) == (6, 0) and result["full"] and result["n"] == 24 - len(result["full"])
+    raw.send_frame([7, int(Op.GET), {"ns": ns_id, "keys": keys, "raw": True}])
+    (_, code, got), tail = raw.reply_with_tail()
+    stored = [i for i, f in enumerate(got["found"]) if f]
+    assert code == 0 and set(stored).isdisjoint(result["full"])
+    assert tail == b"".join(blocks[i] for i in stored)          # the stored ones hold their own bytes
+    assert raw.call(8, Op.PING, {})[:2] == [8, 0]               # the framing held: the next frame is read
+
+
+def test_a_peer_that_leaves_in_the_middle_of_a_streamed_tail_leaves_nothing_reserved(daemon, raw):
+    ns_id = raw.open("half", BS)
+    keys = [b"h%d" % i for i in range(8)]
+    frame = tail_frame([9, int(Op.PUT), {"ns": ns_id, "keys": keys}], b"".join(blocks_for(keys)))
+    with daemon.client() as c:
+        used = c.stats()["domains"]["default"]["used_bytes"]
+        raw.s.sendall(frame[:len(frame) // 2])                 # the envelope and half the blocks
+        wait_for(lambda: c.stats()["domains"]["default"]["used_bytes"] > used, 10, "the slots to be reserved")
+        raw.s.close()
+        wait_for(lambda: c.stats()["domains"]["default"]["used_bytes"] == used, 10, "the slots to be freed")
+        ns = c.namespace("half", block_size=BS)
+        assert ns.lookup(keys) == 0
+    still_serving(daemon)
+
+
+def test_frames_behind_a_streamed_put_run_after_it_in_order(daemon, raw):
+    ns_id = raw.open("order", BS)
+    keys = [b"o%d" % i for i in range(6)]
+    blocks = blocks_for(keys)
+    get = msgpack.packb([12, int(Op.GET), {"ns": ns_id, "keys": keys, "raw": True}], use_bin_type=True)
+    raw.s.sendall(tail_frame([11, int(Op.PUT), {"ns": ns_id, "keys": keys}], b"".join(blocks))
+                  + struct.pack("<I", len(get)) + get)           # the GET sent before the PUT's reply
+    assert raw.reply() == [11, 0, {"n": 6, "full": []}]
+    (rid, code, result), tail = raw.reply_with_tail()
+    assert (rid, code, result) == (12, 0, {"found": [True] * 6}) and tail == b"".join(blocks)
+
+
+def test_a_big_put_on_a_namespace_not_open_is_refused_after_its_tail_and_the_connection_goes_on(daemon, raw):
+    keys = [b"n%d" % i for i in range(6)]
+    raw.s.sendall(tail_frame([13, int(Op.PUT), {"ns": 999, "keys": keys}], b"".join(blocks_for(keys))))
+    rid, code, message = raw.reply()
+    assert (rid, code) == (13, int(Code.NO_NAMESPACE)) and "999" in message
+    assert raw.call(14, Op.PING, {})[:2] == [14, 0]
