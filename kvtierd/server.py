@@ -384,14 +384,15 @@ class Connection(asyncio.BufferedProtocol):
         self.stream = TailStream(total, bs, self.server.stream_scratch, req_id, time.perf_counter())
         self.busy = True
         self.transport.pause_reading()    # the tail waits in the socket until its slots are known
-        task = asyncio.ensure_future(self._reserve_stream(space, keys))
+        task = asyncio.ensure_future(self._reserve_stream(self.stream, space, keys))
         self.server.inflight.add(task)
         task.add_done_callback(self.server.inflight.discard)
         return True
 
-    async def _reserve_stream(self, space: Any, keys: list) -> None:
-        stream = self.stream
+    async def _reserve_stream(self, stream: TailStream, space: Any, keys: list) -> None:
         store = self.server.store
+        if self.closed or self.stream is not stream:
+            return                       # the peer left before this task ran: reserve nothing
         try:
             stream.res = await store.reserve(space, keys, self.id)
         except Exception as e:           # the put fails; its bytes are still read (and dropped)
@@ -399,26 +400,44 @@ class Connection(asyncio.BufferedProtocol):
         if self.closed or self.stream is not stream:
             store.drop_owner(self.id)    # the peer left while it waited
             return
-        dests: list = [None] * len(keys)
+        try:
+            dests: list = [None] * len(keys)
+            if stream.res is not None:
+                for i, e in zip(stream.res.index, stream.res.entries):
+                    dests[i] = store.view(e)
+            stream.start(dests)
+            with memoryview(self.buf)[self.start:self.end] as early:     # what came with the envelope
+                self.start += stream.feed(early)
+            if self.start == self.end:
+                self.start = self.end = 0
+            if stream.complete:
+                self._stream_done()
+            elif self._may_read():
+                self.transport.resume_reading()
+        except Exception as e:           # the framing cannot be trusted any more: end the connection
+            log.error("put of uid=%d pid=%d: receiving its tail failed", self.uid, self.pid, exc_info=e)
+            self.server.count_error("internal")
+            if self.stream is stream:
+                self.stream = None
+                stream.release()
+            self._abort_stream(stream)
+            self.close_with(Code.INTERNAL, f"internal error receiving a put's blocks: {type(e).__name__}: {e}")
+
+    def _abort_stream(self, stream: TailStream) -> None:
         if stream.res is not None:
-            for i, e in zip(stream.res.index, stream.res.entries):
-                dests[i] = store.view(e)
-        stream.start(dests)
-        with memoryview(self.buf)[self.start:self.end] as early:     # what came with the envelope
-            self.start += stream.feed(early)
-        if self.start == self.end:
-            self.start = self.end = 0
-        if stream.complete:
-            self._stream_done()
-        elif self._may_read():
-            self.transport.resume_reading()
+            try:
+                self.server.store.abort(stream.res.rid, self.id)
+            except ProtocolError:
+                pass                     # already revoked (fenced until the peer closes) or gone
 
     def _stream_done(self) -> None:
         """The whole tail is in: commit and answer, then go on with the frames behind it."""
         stream, self.stream = self.stream, None
         stream.release()
         res, op = stream.res, Op.PUT
-        if not self.revoked:             # a fenced connection gets nothing more (fence())
+        if self.revoked:                 # a fenced connection gets nothing more (fence()); its put is off
+            self._abort_stream(stream)
+        else:
             if stream.error is not None:
                 if isinstance(stream.error, ProtocolError):
                     self.fail(stream.req_id, op, stream.error, stream.t0)
@@ -638,8 +657,8 @@ class Connection(asyncio.BufferedProtocol):
             self.execute(req_id, op, args, held)
         if self.paused_queue and not self.closed and not self._queue_full():
             self.paused_queue = False
-            self._parse()            # frames already received behind the full queue
-            if not self.paused_queue and not self.paused_write and not self.closed:
+            self._parse()            # frames already received behind the full queue (one may start a stream)
+            if self._may_read():
                 self.transport.resume_reading()
 
     def fail(self, req_id: int, op: Op, e: ProtocolError, t0: float) -> None:
@@ -648,9 +667,9 @@ class Connection(asyncio.BufferedProtocol):
         self.send(reply_error(req_id, e.code, e.message))
         self.server.observe(op, e.code.name.lower(), time.perf_counter() - t0)
 
-    def crash(self, req_id: int, op: Op, e: Exception, t0: float) -> None:
+    def crash(self, req_id: int, op: Op, e: BaseException, t0: float) -> None:
         self.server.count_error("internal")
-        log.exception("%s failed inside the daemon", op.name.lower())
+        log.error("%s failed inside the daemon", op.name.lower(), exc_info=e)
         self.send(reply_error(req_id, Code.INTERNAL, f"internal error: {type(e).__name__}: {e}"))
         self.server.observe(op, "internal", time.perf_counter() - t0)
 
