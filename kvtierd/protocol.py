@@ -173,16 +173,16 @@ class Encoder:
 
 
 class WithTail:
-    """A handler's result map and the raw bytes that go behind it in the reply's tail (GET with
-    `raw`: the blocks, copied out of the slots into `buf`, a buffer of the server's pool that goes
-    back to it once the kernel has taken the reply)."""
+    """A handler's result map and the raw bytes that go behind it in the reply's tail, as a list of
+    buffers (GET with `raw`: views of the blocks' slots). `held`: what keeps those bytes as they are
+    until the kernel has taken the reply, let go then (the server's lease on the blocks)."""
 
-    __slots__ = ("reply", "tail", "buf")
+    __slots__ = ("reply", "tail", "held")
 
-    def __init__(self, reply: dict, tail: memoryview, buf: Any = None):
+    def __init__(self, reply: dict, tail: list, held: Any = None):
         self.reply = reply
         self.tail = tail
-        self.buf = buf
+        self.held = held
 
 
 class Tail:

@@ -9,9 +9,11 @@ RECV_BUFFER. A frame bigger than that buffer is received into one of its own
 from the server's buffer pool (kvtierd.buffers): a kept one, warm, or a new
 mapping, whose pages are backed only as bytes arrive (a peer that sends only
 a header costs only what it sent). Block bytes in a frame's tail (PUT) are
-copied from that buffer straight into the slots, and a GET with `raw` copies
-the slots into a pool buffer sent as the reply's tail, which goes back to the
-pool once the kernel has taken it: no msgpack copies, no fresh memory. A
+copied from that buffer into the slots, or, for blocks of 128 KiB and more on
+a connection with nothing else in flight, received straight into the slots
+(kvtierd.tailstream). A GET with `raw` sends the slots themselves as the
+reply's tail, under a lease that ends once the kernel has taken them: no
+msgpack copies, no fresh memory. A
 frame longer than the limit cannot be skipped safely, so it gets an error
 reply and the connection is closed; every other bad request gets an error
 reply and the connection carries on.
@@ -86,6 +88,15 @@ LIMIT_LOG_INTERVAL_S = 1.0    # a limit hit again within this is counted, and su
 STREAM_MIN_BLOCK = 128 << 10  # a PUT tail of blocks at least this big is received straight into its slots
 
 
+class HeldLease:
+    """A lease the server took for a reply sent straight from the slots, ended once it is sent."""
+
+    __slots__ = ("lid",)
+
+    def __init__(self, lid: int):
+        self.lid = lid
+
+
 class Connection(asyncio.BufferedProtocol):
     def __init__(self, server: Server):
         self.server = server
@@ -98,7 +109,7 @@ class Connection(asyncio.BufferedProtocol):
         self.big_len = 0                      # the length its header announced
         self.big_tail = False                 # ... and whether it has a tail
         self.stream: TailStream | None = None  # a PUT tail being received straight into its slots
-        self.sending: list = []               # pool buffers of reply tails the kernel may not have taken yet
+        self.sending: list = []               # what reply tails the kernel may not have taken yet hold
         self.reclaim: asyncio.TimerHandle | None = None
         self.reclaim_delay = RECLAIM_FIRST_S
         self.hello = False
@@ -138,8 +149,8 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         pool = self.server.frame_pool
-        for buf in self.sending:               # nothing more is sent on a lost connection
-            pool.give(buf)
+        for held in self.sending:              # nothing more is sent on a lost connection
+            self._let_go(held)
         self.sending.clear()
         if self.reclaim is not None:
             self.reclaim.cancel()
@@ -483,6 +494,8 @@ class Connection(asyncio.BufferedProtocol):
                 self.server.frame_pool.give(buf)
 
     def _frame(self, body: memoryview, nbytes: int, tail: bool, buf: Any) -> bool:
+        if self.sending and not self.transport.get_write_buffer_size():
+            self._give_sent()            # a peer that read its reply and asks again: its lease ends first
         self.last_active = time.monotonic()
         self.server.busy_poll.arrived(time.perf_counter())
         if self.revoked:
@@ -557,11 +570,11 @@ class Connection(asyncio.BufferedProtocol):
         self.reply(req_id, op, result, t0)
         return False
 
-    def _sent(self, buf: Any) -> None:
-        """A reply tail in pool buffer `buf` was written: back to the pool once the transport has
-        handed every byte to the kernel (at once, usually for a small one; else looked at again,
-        backing off, until it has: a peer that does not read keeps it, and nothing more)."""
-        self.sending.append(buf)
+    def _sent(self, held: Any) -> None:
+        """A reply tail whose bytes `held` keeps (a lease on the slots it was sent from) was written:
+        let go once the transport has handed every byte to the kernel (at once, usually for a small
+        one; else looked at again, backing off, until it has: a peer that does not read keeps it)."""
+        self.sending.append(held)
         if self.closed:
             return      # a closing transport still flushes it; connection_lost gives it back
         if not self.transport.get_write_buffer_size():
@@ -581,20 +594,21 @@ class Connection(asyncio.BufferedProtocol):
         self._give_sent()
 
     def _give_sent(self) -> None:
-        pool = self.server.frame_pool
-        for buf in self.sending:
-            pool.give(buf)
+        for held in self.sending:
+            self._let_go(held)
         self.sending.clear()
         if self.reclaim is not None:
             self.reclaim.cancel()
             self.reclaim = None
 
-    def send_buffer(self, nbytes: int) -> Any:
-        """A pool buffer for a reply tail of `nbytes`. The tails sent before go back first if the
-        kernel has taken them: a client that reads its reply and asks again gets the same warm one."""
-        if self.sending and not self.transport.get_write_buffer_size():
-            self._give_sent()
-        return self.server.frame_pool.take(nbytes)
+    def _let_go(self, held: Any) -> None:
+        if type(held) is HeldLease:
+            try:
+                self.server.store.release(held.lid, self.id)
+            except ProtocolError:
+                pass         # revoked meanwhile (a peer that did not read for lease_timeout_s), or gone
+        elif held is not None:
+            self.server.frame_pool.give(held)
 
     def reply(self, req_id: int, op: Op, result: Any, t0: float) -> None:
         fds = None
@@ -603,7 +617,7 @@ class Connection(asyncio.BufferedProtocol):
         enc = self.server.encoder
         try:
             if type(result) is WithTail:            # GET with raw: the blocks go behind the envelope
-                parts = (enc.with_tail([req_id, 0, result.reply], len(result.tail)), result.tail)
+                parts = (enc.with_tail([req_id, 0, result.reply], sum(map(len, result.tail))), *result.tail)
             elif type(result) is Packed:            # GET: block bytes packed from the slots, sent as they are
                 parts = (enc.reply_head(req_id, len(result.body)), result.body)
             else:
@@ -616,15 +630,17 @@ class Connection(asyncio.BufferedProtocol):
             if fds is not None and not self.closed:
                 regions.send_with_fds(self.transport, parts[0], fds)
         except ProtocolError as e:
-            if type(result) is WithTail and result.buf is not None:
-                self.server.frame_pool.give(result.buf)
+            if type(result) is WithTail:
+                self._let_go(result.held)
             self.fail(req_id, op, e, t0)
             return
-        if fds is None:
-            for data in parts:
-                self.send(data)
-        if type(result) is WithTail and result.buf is not None:
-            self._sent(result.buf)
+        if fds is None and not self.closed:
+            if len(parts) == 1:
+                self.transport.write(parts[0])
+            else:
+                self.transport.writelines(parts)     # one writev, straight from the buffers
+        if type(result) is WithTail:
+            self._sent(result.held)
         self.server.observe(op, "ok", time.perf_counter() - t0)
         self.server.busy_poll.answered()
 
@@ -936,6 +952,7 @@ class Server:
         limit = self.cfg.server.max_frame_bytes
         per = space.block_size + BLOB_OVERHEAD
         lease = await self.store.acquire(space, keys, c.id, prefix=False)
+        handed = False
         try:
             if len(keys) * per + REPLY_OVERHEAD > limit:
                 # It might not fit: size the reply from the hits, before building it.
@@ -949,19 +966,11 @@ class Server:
                         f"{max(1, (limit - REPLY_OVERHEAD) // (per + 1))} keys per get_inline, or use get_many")
             view = self.store.view
             if raw:
-                # Copied from the slots, while the lease holds them, into a warm send buffer: the
-                # reply's tail. The lease ends here, not when the kernel has taken the bytes.
-                found = [e is not None for e in lease.entries]
-                bs = space.block_size
-                n = bs * sum(found)
-                buf = c.send_buffer(n) if n else None
-                out = memoryview(buf)[:n] if n else memoryview(b"")
-                at = 0
-                for e in lease.entries:
-                    if e is not None:
-                        out[at:at + bs] = view(e)
-                        at += bs
-                result: Any = WithTail({"found": found}, out, buf)
+                # Sent straight from the slots: the lease keeps them as they are until the kernel
+                # has taken the reply (Connection._sent), and ends then, not here.
+                result: Any = WithTail({"found": [e is not None for e in lease.entries]},
+                                       [view(e) for e in lease.entries if e is not None], HeldLease(lease.lid))
+                handed = True
             else:
                 # Packed from the slots while the lease holds them: one copy into the reply, not a bytes
                 # object per block and then the frame (and the frame again behind a header).
@@ -969,7 +978,8 @@ class Server:
                                                               for e in lease.entries]}))
             hits = [k for k, e in zip(keys, lease.entries) if e is not None]
         finally:
-            self.store.release(lease.lid, c.id)
+            if not handed:
+                self.store.release(lease.lid, c.id)
         if self._record_reads:
             asyncio.get_running_loop().call_soon(self._record_reads, space.name, hits)
         return result

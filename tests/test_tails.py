@@ -241,15 +241,31 @@ def test_idle_connections_do_not_keep_their_reply_buffers(start_daemon):
             c.close()
 
 
-def test_reply_buffers_go_back_to_the_frame_cache(daemon):
+def test_a_reply_tail_goes_straight_from_the_slots_and_its_lease_ends_once_sent(daemon):
     keys = [b"c%d" % i for i in range(8)]
     blocks = blocks_for(keys, 1 << 20)
     with daemon.client() as c:
         ns = c.namespace("cache", block_size=1 << 20)
         ns.put_many(keys, blocks)                      # shared memory: no frame buffer used
-        assert c.stats()["frame_cache_bytes"] == 0
-        assert ns.get_inline(keys) == blocks           # an 8 MiB reply tail from a pool buffer
-        wait_for(lambda: c.stats()["frame_cache_bytes"] >= 8 << 20, 10, "the send buffer to be kept")
+        assert ns.get_inline(keys) == blocks           # an 8 MiB reply tail, sent from the slots
+        assert c.stats()["frame_buffers_made"] == 0
+        wait_for(lambda: c.stats()["leases"] == 0, 10, "the lease to end once the kernel has the reply")
+        assert ns.delete(keys) == 8                    # nothing holds the blocks any more
+
+
+def test_a_peer_that_does_not_read_its_reply_keeps_only_its_blocks_leased(daemon, raw):
+    with daemon.client() as c:
+        ns = c.namespace("unread", block_size=1 << 20)
+        keys = [b"u%d" % i for i in range(16)]
+        blocks = blocks_for(keys, 1 << 20)
+        ns.put_many(keys, blocks)
+        ns_id = raw.open("unread", 1 << 20)
+        raw.send_frame([20, int(Op.GET), {"ns": ns_id, "keys": keys, "raw": True}])   # 16 MiB, unread
+        wait_for(lambda: c.stats()["leases"] == 1, 10, "the reply's lease, held while it is unsent")
+        assert ns.get_many(keys[:2]) == blocks[:2]     # others still read the leased blocks
+        (rid, code, result), tail = raw.reply_with_tail()   # read at last: the same bytes
+        assert (rid, code, result) == (20, 0, {"found": [True] * 16}) and tail == b"".join(blocks)
+        wait_for(lambda: c.stats()["leases"] == 0, 10, "the lease to end once the kernel has the reply")
 
 
 def test_a_cancelled_async_put_inline_never_stores_bytes_changed_after_it(daemon):
@@ -332,9 +348,9 @@ def test_the_frame_cache_lets_go_of_buffers_nobody_took_for_frame_cache_idle_s(s
             st = c.stats()
             return st["frame_buffers_let_go"] >= n and st["frame_cache_bytes"] == 0
         wait_for(lambda: let_go(1), 10, "the idle receive buffer to be let go")
-        assert ns.get_inline(keys) == blocks           # the next large frame maps a new one
+        ns.put_inline([b"j" + k for k in keys], blocks)   # the next large frame maps a new one
         assert c.stats()["frame_buffers_made"] == 2
-        wait_for(lambda: let_go(2), 10, "the idle send buffer to be let go too")
+        wait_for(lambda: let_go(2), 10, "that one to be let go too")
 
 
 def test_a_reload_that_shortens_frame_cache_idle_s_applies_at_once(start_daemon, tmp_path):
@@ -419,7 +435,7 @@ def test_frames_behind_a_streamed_put_run_after_it_in_order(daemon, raw):
     (rid, code, result), tail = raw.reply_with_tail()
     assert (rid, code, result) == (12, 0, {"found": [True] * 6}) and tail == b"".join(blocks)
     with daemon.client() as c:
-        assert c.stats()["frame_buffers_made"] == 1                # the GET reply's; the PUT streamed
+        assert c.stats()["frame_buffers_made"] == 0                # the PUT streamed, the GET from the slots
 
 
 def test_a_big_put_on_a_namespace_not_open_is_refused_after_its_tail_and_the_connection_goes_on(daemon, raw):
