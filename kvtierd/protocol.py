@@ -174,15 +174,15 @@ class Encoder:
 
 class WithTail:
     """A handler's result map and the raw bytes that go behind it in the reply's tail, as a list of
-    buffers (GET with `raw`: views of the blocks' slots). `held`: what keeps those bytes as they are
-    until the kernel has taken the reply, let go then (the server's lease on the blocks)."""
+    buffers (GET with `raw`: views of the blocks' slots), and the server's lease that keeps those
+    bytes as they are until the kernel has taken the reply (ended then)."""
 
-    __slots__ = ("reply", "tail", "held")
+    __slots__ = ("reply", "tail", "lease")
 
-    def __init__(self, reply: dict, tail: list, held: Any = None):
+    def __init__(self, reply: dict, tail: list, lease: int):
         self.reply = reply
         self.tail = tail
-        self.held = held
+        self.lease = lease
 
 
 class Tail:

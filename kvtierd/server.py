@@ -88,15 +88,6 @@ LIMIT_LOG_INTERVAL_S = 1.0    # a limit hit again within this is counted, and su
 STREAM_MIN_BLOCK = 128 << 10  # a PUT tail of blocks at least this big is received straight into its slots
 
 
-class HeldLease:
-    """A lease the server took for a reply sent straight from the slots, ended once it is sent."""
-
-    __slots__ = ("lid",)
-
-    def __init__(self, lid: int):
-        self.lid = lid
-
-
 class Connection(asyncio.BufferedProtocol):
     def __init__(self, server: Server):
         self.server = server
@@ -109,7 +100,7 @@ class Connection(asyncio.BufferedProtocol):
         self.big_len = 0                      # the length its header announced
         self.big_tail = False                 # ... and whether it has a tail
         self.stream: TailStream | None = None  # a PUT tail being received straight into its slots
-        self.sending: list = []               # what reply tails the kernel may not have taken yet hold
+        self.sending: list[int] = []          # leases of reply tails the kernel may not have taken yet
         self.reclaim: asyncio.TimerHandle | None = None
         self.reclaim_delay = RECLAIM_FIRST_S
         self.hello = False
@@ -149,9 +140,7 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         pool = self.server.frame_pool
-        for held in self.sending:              # nothing more is sent on a lost connection
-            self._let_go(held)
-        self.sending.clear()
+        self.sending.clear()                   # drop_owner below ends those leases
         if self.reclaim is not None:
             self.reclaim.cancel()
             self.reclaim = None
@@ -389,8 +378,7 @@ class Connection(asyncio.BufferedProtocol):
         total = length - 4 - env
         if bs < STREAM_MIN_BLOCK or total != len(keys) * bs or not keys:
             return False
-        self.last_active = time.monotonic()
-        self.server.busy_poll.arrived(time.perf_counter())
+        self._arrived()
         self.start += 8 + env
         self.stream = TailStream(total, bs, self.server.stream_scratch, req_id, time.perf_counter())
         self.busy = True
@@ -449,20 +437,16 @@ class Connection(asyncio.BufferedProtocol):
         if self.revoked:                 # a fenced connection gets nothing more (fence()); its put is off
             self._abort_stream(stream)
         else:
-            if stream.error is not None:
-                if isinstance(stream.error, ProtocolError):
-                    self.fail(stream.req_id, op, stream.error, stream.t0)
-                else:
-                    self.crash(stream.req_id, op, stream.error, stream.t0)
+            try:
+                if stream.error is not None:     # the reservation failed: answer why, now its bytes are read
+                    raise stream.error
+                n = self.server.store.commit(res.rid, self.id)
+            except ProtocolError as e:
+                self.fail(stream.req_id, op, e, stream.t0)
+            except Exception as e:
+                self.crash(stream.req_id, op, e, stream.t0)
             else:
-                try:
-                    n = self.server.store.commit(res.rid, self.id)
-                except ProtocolError as e:
-                    self.fail(stream.req_id, op, e, stream.t0)
-                except Exception as e:
-                    self.crash(stream.req_id, op, e, stream.t0)
-                else:
-                    self.reply(stream.req_id, op, {"n": n, "full": res.full}, stream.t0)
+                self.reply(stream.req_id, op, {"n": n, "full": res.full}, stream.t0)
         self.busy = False
         if self.closed:
             return
@@ -493,11 +477,15 @@ class Connection(asyncio.BufferedProtocol):
                 body.release()
                 self.server.frame_pool.give(buf)
 
-    def _frame(self, body: memoryview, nbytes: int, tail: bool, buf: Any) -> bool:
+    def _arrived(self) -> None:
+        """A request came in (a whole frame, or a streamed PUT's envelope)."""
         if self.sending and not self.transport.get_write_buffer_size():
             self._give_sent()            # a peer that read its reply and asks again: its lease ends first
         self.last_active = time.monotonic()
         self.server.busy_poll.arrived(time.perf_counter())
+
+    def _frame(self, body: memoryview, nbytes: int, tail: bool, buf: Any) -> bool:
+        self._arrived()
         if self.revoked:
             self.server.count_error("request_after_revocation")
             return False
@@ -570,11 +558,11 @@ class Connection(asyncio.BufferedProtocol):
         self.reply(req_id, op, result, t0)
         return False
 
-    def _sent(self, held: Any) -> None:
-        """A reply tail whose bytes `held` keeps (a lease on the slots it was sent from) was written:
-        let go once the transport has handed every byte to the kernel (at once, usually for a small
-        one; else looked at again, backing off, until it has: a peer that does not read keeps it)."""
-        self.sending.append(held)
+    def _sent(self, lid: int) -> None:
+        """A reply tail sent from the slots of lease `lid` was written: the lease ends once the
+        transport has handed every byte to the kernel (at once, usually for a small one; else looked
+        at again, backing off, until it has: a peer that does not read keeps it)."""
+        self.sending.append(lid)
         if self.closed:
             return      # a closing transport still flushes it; connection_lost gives it back
         if not self.transport.get_write_buffer_size():
@@ -594,21 +582,18 @@ class Connection(asyncio.BufferedProtocol):
         self._give_sent()
 
     def _give_sent(self) -> None:
-        for held in self.sending:
-            self._let_go(held)
+        for lid in self.sending:
+            self._end_lease(lid)
         self.sending.clear()
         if self.reclaim is not None:
             self.reclaim.cancel()
             self.reclaim = None
 
-    def _let_go(self, held: Any) -> None:
-        if type(held) is HeldLease:
-            try:
-                self.server.store.release(held.lid, self.id)
-            except ProtocolError:
-                pass         # revoked meanwhile (a peer that did not read for lease_timeout_s), or gone
-        elif held is not None:
-            self.server.frame_pool.give(held)
+    def _end_lease(self, lid: int) -> None:
+        try:
+            self.server.store.release(lid, self.id)
+        except ProtocolError:
+            pass             # revoked meanwhile (a peer that did not read for lease_timeout_s), or gone
 
     def reply(self, req_id: int, op: Op, result: Any, t0: float) -> None:
         fds = None
@@ -631,7 +616,7 @@ class Connection(asyncio.BufferedProtocol):
                 regions.send_with_fds(self.transport, parts[0], fds)
         except ProtocolError as e:
             if type(result) is WithTail:
-                self._let_go(result.held)
+                self._end_lease(result.lease)
             self.fail(req_id, op, e, t0)
             return
         if fds is None and not self.closed:
@@ -640,7 +625,7 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 self.transport.writelines(parts)     # one writev, straight from the buffers
         if type(result) is WithTail:
-            self._sent(result.held)
+            self._sent(result.lease)
         self.server.observe(op, "ok", time.perf_counter() - t0)
         self.server.busy_poll.answered()
 
@@ -969,7 +954,7 @@ class Server:
                 # Sent straight from the slots: the lease keeps them as they are until the kernel
                 # has taken the reply (Connection._sent), and ends then, not here.
                 result: Any = WithTail({"found": [e is not None for e in lease.entries]},
-                                       [view(e) for e in lease.entries if e is not None], HeldLease(lease.lid))
+                                       [view(e) for e in lease.entries if e is not None], lease.lid)
                 handed = True
             else:
                 # Packed from the slots while the lease holds them: one copy into the reply, not a bytes
