@@ -85,7 +85,7 @@ class Daemon:
         """One host region per access domain: the default one (host.bytes) and each of
         access.domains. memfds, so nothing to find or remove after a crash; files that
         daemons before memfd regions left in host.shm_dir are removed once."""
-        from kvtierd.tiers.host import HostRegion, remove_legacy_regions
+        from kvtierd.tiers.host import HostRegion, is_huge, remove_legacy_regions
         for p in remove_legacy_regions(self.cfg.host.shm_dir):
             log.info("removed %s, a shared-memory region file left by an earlier kvtierd version", p)
         slab, huge = self.cfg.host.slab_bytes, self.cfg.host.huge_pages
@@ -99,8 +99,9 @@ class Daemon:
             raise
         for name, r in regions.items():
             if r.huge_page_bytes:
-                log.info("host region of domain %r: %d of %d MiB in huge pages of %d KiB", name,
-                         r.huge_bytes >> 20, r.size >> 20, r.huge_page_bytes >> 10)
+                log.info("host region of domain %r: %d of %d MiB in %s huge pages of %d KiB", name,
+                         r.huge_bytes >> 20, r.size >> 20, "hugetlb" if is_huge(r.fd) else "transparent",
+                         r.huge_page_bytes >> 10)
         if len(regions) > 1:
             log.info("access domains: %s", ", ".join(f"{n} ({r.size >> 20} MiB)" for n, r in regions.items()))
         return regions

@@ -125,12 +125,22 @@ def is_huge(fd: int) -> bool:
         return False
 
 
-def _new_memfd(domain: str, size: int, flags: int = 0) -> int:
-    """A sealable memfd of `size` bytes whose pages are all reserved (posix_fallocate): memory that
-    cannot be had fails here (OSError), not as a SIGBUS in a client later."""
+def _sized_memfd(domain: str, size: int, flags: int = 0) -> int:
+    """A sealable memfd of `size` bytes, none of them backed yet."""
     fd = os.memfd_create(f"kvtierd:{domain}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | flags)
     try:
         os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _new_memfd(domain: str, size: int, flags: int = 0) -> int:
+    """A sealable memfd of `size` bytes whose pages are all reserved (posix_fallocate): memory that
+    cannot be had fails here (OSError), not as a SIGBUS in a client later."""
+    fd = _sized_memfd(domain, size, flags)
+    try:
         os.posix_fallocate(fd, 0, size)
     except BaseException:
         os.close(fd)
@@ -138,16 +148,22 @@ def _new_memfd(domain: str, size: int, flags: int = 0) -> int:
     return fd
 
 
-def _huge_memfd(domain: str, nbytes: int, slab_bytes: int) -> tuple[int, int, int] | str:
-    """(fd, size, huge page size) of a hugetlb region of whole slabs and whole huge pages, or why
-    there can be none."""
+def _whole_pages(nbytes: int, slab_bytes: int, page: int) -> int | str:
+    """The most bytes up to `nbytes` that are whole slabs and whole pages of `page`, or why none are."""
+    unit = math.lcm(slab_bytes, page)
+    size = nbytes // unit * unit
+    return size if size > 0 else f"{nbytes} bytes is less than one unit of slab and huge page ({unit} bytes)"
+
+
+def _huge_memfd(domain: str, nbytes: int, slab_bytes: int) -> tuple[int, int, int, int] | str:
+    """(fd, size, huge page size, bytes in huge pages: all) of a hugetlb region of whole slabs and
+    whole huge pages, or why there can be none."""
     hps, free = huge_page_pool()
     if not hps or not hasattr(os, "MFD_HUGETLB"):
         return "this kernel has no hugetlb pages"
-    unit = math.lcm(slab_bytes, hps)
-    size = nbytes // unit * unit
-    if size <= 0:
-        return f"{nbytes} bytes is less than one unit of slab and huge page ({unit} bytes)"
+    size = _whole_pages(nbytes, slab_bytes, hps)
+    if isinstance(size, str):
+        return size
     need = size // hps
     if free < need:
         return f"{need} huge pages of {hps >> 10} KiB are needed, {free} are free (raise vm.nr_hugepages)"
@@ -158,7 +174,7 @@ def _huge_memfd(domain: str, nbytes: int, slab_bytes: int) -> tuple[int, int, in
     if size < nbytes // slab_bytes * slab_bytes:
         log.info("host region of domain %r: %d bytes (whole slabs of whole huge pages) of the %d asked for",
                  domain, size, nbytes)
-    return fd, size, hps
+    return fd, size, hps, size
 
 
 def _mapped_huge(mm: mmap.mmap) -> int | str:
@@ -191,17 +207,15 @@ def _thp_memfd(domain: str, nbytes: int, slab_bytes: int, policy: str, pmd: int,
         return "this kernel has no transparent huge pages"
     if policy not in THP_USABLE:
         return f"the kernel's shmem policy is {policy or 'unknown'!r} ({where}; 'advise' lets a process ask for them)"
-    unit = math.lcm(slab_bytes, pmd)
-    size = nbytes // unit * unit
-    if size <= 0:
-        return f"{nbytes} bytes is less than one unit of slab and huge page ({unit} bytes)"
+    size = _whole_pages(nbytes, slab_bytes, pmd)
+    if isinstance(size, str):
+        return size
     try:
-        fd = os.memfd_create(f"kvtierd:{domain}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = _sized_memfd(domain, size)
     except OSError as e:
-        return f"cannot create a memfd ({e.strerror})"
-    step = "size"
+        return f"cannot create a memfd of {size} bytes ({e.strerror})"
+    step = "map"
     try:
-        os.ftruncate(fd, size)
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         try:
             step = "advise"
@@ -219,10 +233,9 @@ def _thp_memfd(domain: str, nbytes: int, slab_bytes: int, policy: str, pmd: int,
     if isinstance(huge, str) or not huge:
         os.close(fd)
         return huge or f"the kernel gave no {pmd >> 10} KiB pages (memory too fragmented, or {where} changed)"
-    level = logging.INFO if huge == size else logging.WARNING
-    log.log(level, "host region of domain %r: %d of %d MiB in transparent huge pages of %d KiB%s", domain,
-            huge >> 20, size >> 20, pmd >> 10, "" if huge == size else " (the kernel found no more; the rest "
-            "are 4 KiB pages)")
+    if huge < size:                           # the daemon logs every region's figure; this says why
+        log.warning("host region of domain %r: the kernel found %d of %d MiB in %d KiB pages; the rest are "
+                    "4 KiB pages", domain, huge >> 20, size >> 20, pmd >> 10)
     return fd, size, pmd, huge
 
 
@@ -234,7 +247,7 @@ def _memfd(domain: str, nbytes: int, slab_bytes: int, huge_pages: str) -> tuple[
         if huge_pages in ("on", "try"):
             got = _huge_memfd(domain, nbytes, slab_bytes)
             if not isinstance(got, str):
-                return (*got, got[1])
+                return got
             why.append(f"no huge pages: {got}")
         if huge_pages in ("thp", "try"):
             got = _thp_memfd(domain, nbytes, slab_bytes, *shmem_thp())
