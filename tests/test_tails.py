@@ -12,7 +12,7 @@ import msgpack
 import pytest
 from test_bad_input import Raw, still_serving
 from test_fencing import wait_for
-from test_limits import _vm_rss
+from test_limits import _private_rss
 
 from kvtierd import AsyncClient
 from kvtierd.protocol import TAIL, Code, Op
@@ -230,12 +230,12 @@ def test_idle_connections_do_not_keep_their_reply_buffers(start_daemon):
     blocks = blocks_for(keys, 1 << 20)
     with d.client() as c:
         c.namespace("reclaim", block_size=1 << 20).put_many(keys, blocks)
-    base = _vm_rss(d.proc.pid)
+    base = _private_rss(d.proc.pid)
     clients = [d.client() for _ in range(4)]
     try:
         for c in clients:
             assert c.namespace("reclaim", block_size=1 << 20).get_inline(keys) == blocks   # 16 MiB replies
-        wait_for(lambda: _vm_rss(d.proc.pid) < base + (24 << 20), 10, "the reply buffers to be unmapped")
+        wait_for(lambda: _private_rss(d.proc.pid) < base + (24 << 20), 10, "the reply buffers to be unmapped")
     finally:
         for c in clients:
             c.close()
@@ -314,7 +314,7 @@ def test_a_peer_that_does_not_read_its_replies_holds_at_most_a_few_of_them(daemo
     with daemon.client() as c:
         c.namespace("unread", block_size=1 << 20).put_many(keys, blocks)
     ns_id = raw.open("unread", 1 << 20)
-    base = _vm_rss(daemon.proc.pid)
+    base = _private_rss(daemon.proc.pid)
     raw.s.sendall(b"".join(struct.pack("<I", len(b)) + b for b in (
         msgpack.packb([100 + i, int(Op.GET), {"ns": ns_id, "keys": keys, "raw": True}]) for i in range(20))))
     def served() -> int:
@@ -327,7 +327,7 @@ def test_a_peer_that_does_not_read_its_replies_holds_at_most_a_few_of_them(daemo
         while time.monotonic() < deadline:
             assert served() <= 3 * (8 << 20), "gets ran on while their replies were not read"
             time.sleep(0.05)
-    grown = _vm_rss(daemon.proc.pid) - base
+    grown = _private_rss(daemon.proc.pid) - base
     assert grown < 48 << 20, f"daemon RSS grew by {grown >> 20} MiB for 20 unread 8 MiB replies"
     for i in range(20):
         (rid, code, result), tail = raw.reply_with_tail()
