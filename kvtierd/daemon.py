@@ -46,6 +46,7 @@ class Daemon:
         self.lock_fd: int | None = None
         self.sock_path = Path(cfg.server.socket)
         self.owns_socket = False
+        self.populator = None          # kvtierd.tiers.populate.Populator while host.populate runs
 
     # ------------------------------------------------------------ start
 
@@ -148,6 +149,10 @@ class Daemon:
         if disk is not None:
             await disk.start()          # recovery goes on in the background
         await store.start()
+        if cfg.host.populate:
+            from kvtierd.tiers.populate import Populator
+            self.populator = Populator(store.regions.values())
+            self.populator.start()
         self.metrics_port = None
         if cfg.metrics.address:
             self.metrics_port = await self.metrics.start_http(cfg.metrics.address)   # logs the address
@@ -286,6 +291,8 @@ class Daemon:
         self.unix_server.close()
         await self.server.drain(self.cfg.server.drain_timeout_s)
         self.server.busy_poll.close()
+        if self.populator is not None:
+            await asyncio.to_thread(self.populator.stop)   # before the regions it writes are closed
         await self.store.close(flush=self.cfg.disk.flush_on_shutdown)
         await self.metrics.stop_http()
         if self.owns_socket:

@@ -168,6 +168,7 @@ class StatsCollector:
         yield from self._tier_families(s.get("tiers"), _num(s, "misses"))
         yield from self._move_families(s.get("moves"), s.get("evictions"))
         yield from self._namespace_families(s.get("namespaces"))
+        yield from _domain_families(s.get("domains"))
         yield from self._session_families(s)
         yield from self._disk_families(s.get("disk"), (s.get("tiers") or {}).get("disk")
                                        if isinstance(s.get("tiers"), Mapping) else None)
@@ -406,6 +407,27 @@ _REMOTE_SCALARS = (
     ("budget_used_bytes", "kvtierd_remote_budget_used", "Bytes this daemon wrote to the remote whose TTL has not "
      "ended (against remote.bytes).", GaugeMetricFamily, "bytes"),
 )
+
+
+def _domain_families(domains: Any) -> Iterable[Metric]:
+    """Each access domain's host region: how much of it is in huge pages, and how much a new
+    daemon has initialised so far (host.populate)."""
+    if not isinstance(domains, Mapping):
+        return
+    huge = GaugeMetricFamily("kvtierd_host_huge_bytes", "Bytes of the domain's host region in huge pages.",
+                             labels=["domain"])
+    populated = GaugeMetricFamily("kvtierd_host_populated_bytes", "Bytes of the domain's host region whose "
+                                  "pages are initialised (host.populate); a first write to any other page "
+                                  "takes a page fault per 4 KiB.", labels=["domain"])
+    for name, d in sorted(domains.items(), key=lambda kv: str(kv[0])):
+        if not isinstance(name, str) or not isinstance(d, Mapping):
+            continue
+        for fam, key in ((huge, "huge_bytes"), (populated, "populated_bytes")):
+            v = _num(d, key)
+            if v is not None:
+                fam.add_metric([name], v)
+    yield huge
+    yield populated
 
 
 def _remote_families(r: Any) -> Iterable[Metric]:

@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvtierd.hotkeys import BUCKETS, HotKeys
 from kvtierd.metrics import LATENCY_BUCKETS, Metrics
 
-ALLOWED_LABELS = {"tier", "op", "namespace", "reason", "code", "src", "dst", "kind", "result", "generation", "le"}
+ALLOWED_LABELS = {"tier", "op", "namespace", "reason", "code", "src", "dst", "kind", "result", "generation", "domain",
+                  "le"}
 
 
 def full_stats() -> dict:
@@ -27,6 +28,8 @@ def full_stats() -> dict:
                   {"src": "host", "dst": "disk", "kind": "flush", "blocks": 3, "bytes": 3 << 16},
                   {"src": "disk", "dst": "host", "kind": "promote", "blocks": 4, "bytes": 4 << 16}],
         "evictions": {"host": 0, "disk": 7},
+        "domains": {"default": {"capacity_bytes": 1 << 30, "huge_bytes": 0, "populated_bytes": 256 << 20},
+                    "batch": {"capacity_bytes": 1 << 28, "huge_bytes": 1 << 28, "populated_bytes": 1 << 28}},
         "namespaces": [{"name": "llama", "block_size": 65536, "blocks": 300, "hits": 120, "misses": 25,
                         "tokens_per_block": 16, "tokens_served": 1920, "bytes_served": 7 << 16,
                         "bytes_stored": 9 << 16, "acquire_misses": 2}],
@@ -64,6 +67,8 @@ def test_store_stats_become_metrics_with_the_documented_names():
     assert v[("kvtierd_namespace_acquire_misses_total", (("namespace", "llama"),))] == 2
     assert v[("kvtierd_quarantined_slots", ())] == 2
     assert v[("kvtierd_host_corrupt_blocks_total", ())] == 1
+    assert v[("kvtierd_host_populated_bytes", (("domain", "default"),))] == 256 << 20
+    assert v[("kvtierd_host_huge_bytes", (("domain", "batch"),))] == 1 << 28
     assert v[("kvtierd_block_moves_total", (("dst", "disk"), ("kind", "demote"), ("src", "host")))] == 10
     assert v[("kvtierd_block_moves_total", (("dst", "host"), ("kind", "promote"), ("src", "disk")))] == 4
     # bytes are summed over kinds for one src->dst pair

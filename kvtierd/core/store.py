@@ -670,7 +670,8 @@ class Store:
             "tiers": tiers,
             "domains": {d: {"capacity_bytes": t.slots.capacity_bytes, "used_bytes": t.slots.used_bytes,
                             "blocks": t.blocks, "huge_page_bytes": getattr(t.region, "huge_page_bytes", 0),
-                            "huge_bytes": getattr(t.region, "huge_bytes", 0)}
+                            "huge_bytes": getattr(t.region, "huge_bytes", 0),
+                            "populated_bytes": getattr(t.region, "populated_bytes", 0)}
                         for d, t in self.hosts.items()},
             "misses": c.misses,
             "moves": [{"src": s, "dst": d, "kind": k, "blocks": m.blocks, "bytes": m.bytes}

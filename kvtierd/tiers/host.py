@@ -356,6 +356,9 @@ class HostRegion:
             os.close(fd)
             raise
         self.fd = fd                 # kept open: sent to admitted clients of this domain
+        # Pages initialised so far (kvtierd.tiers.populate): posix_fallocate zeroes hugetlb pages and a
+        # transparent-huge-page region is populated when made; a plain one's pages wait for a first touch.
+        self.populated_bytes = self.size if self.huge_page_bytes else 0
         self.view = memoryview(self.mmap)
         self.slots = SlabAllocator(self.size, slab_bytes)
 
