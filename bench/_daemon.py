@@ -50,11 +50,10 @@ def start_kvtierd(tmp: Path, host_bytes: int, *extra: str) -> tuple[subprocess.P
 
 def prime_host_tier(sock: str, host_bytes: int, block: int = 4 << 20) -> None:
     """Writes the whole host tier once, then drops what it wrote: the state of a daemon
-    that has been running a while. A page of a fresh region is not yet initialised
-    (posix_fallocate leaves shmem pages to be zeroed on first touch), which makes the
-    kernel fault it in alone, without its neighbours: the first writer of every page
-    pays a fault per 4 KiB once in the daemon's life. Benchmarks of steady-state clients
-    prime the region so that one-off cost is not counted against the first case."""
+    that has been running a while (slabs carved, every page written; the daemon's own
+    host.populate initialises the pages too, but in the background, racing the first
+    case). Benchmarks of steady-state clients prime the region so that no one-off cost
+    is counted against the first case; bench/fresh.py measures that cost."""
     with Client(sock) as c:
         ns = c.namespace("bench/prime", block_size=block)
         data = bytes(block)
