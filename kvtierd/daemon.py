@@ -187,6 +187,8 @@ class Daemon:
         pin = await asyncio.to_thread(pinning.pin_buffer, store.host_region.mmap, device=device)
         log.info("host region pinned for DMA in %.2f s (%d chunks of %d MiB)", time.monotonic() - t0,
                  -(-pin.length // pin.chunk_bytes), pin.chunk_bytes >> 20)
+        # Registering faulted every page in, writable: nothing is left for host.populate to do there.
+        store.host_region.populated_bytes = store.host_region.size
         if not cfg.hbm.bytes:
             store.host_pin = pin
             return

@@ -29,6 +29,9 @@ def worker(d, *args):
 def test_two_workers_share_blocks_through_the_hbm_pool(start_daemon):
     d = start_daemon("--hbm-bytes", "64MiB", *SMALL_SLABS)
     d.wait_log("HBM tier")
+    with d.client() as c:                  # pinning faulted the region in: host.populate skips it
+        assert c.stats()["domains"]["default"]["populated_bytes"] == 64 << 20
+    assert "'default' populated" not in d.log()
     out = worker(d, "store", "cuda", "1", "hbm")
     assert out["stored"] == 32 and out["tiers"] == ["hbm"] * 32
     assert worker(d, "load", "cuda", "1") == {"loaded": 32, "equal": True}
