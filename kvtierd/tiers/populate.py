@@ -3,9 +3,9 @@
 posix_fallocate reserves a plain memfd's pages but leaves each one to be zeroed on its first
 touch, and the kernel's fault-around skips a page in that state. So until every page has been
 written once, the first writer of each (a client's put, the daemon's own copy of an inline put
-or of a disk promotion) takes a page fault per 4 KiB: 256 per MiB, a put at a third of its
-speed, for as long as it takes a new daemon's traffic to touch the whole region. One
-MADV_POPULATE_WRITE over the daemon's mapping zeroes and maps every page; after it, a client
+or of a disk promotion) takes a page fault per 4 KiB: 256 per MiB, a put at under half its
+speed (bench/fresh.py), for as long as it takes a new daemon's traffic to touch the whole
+region. One MADV_POPULATE_WRITE over the daemon's mapping zeroes and maps every page; after it, a client
 that has just mapped the region maps 16 pages per fault (fault-around) like on a region that
 has been in use a while. It does not change any byte already written: a put that lands while
 the thread works is kept.
@@ -30,7 +30,7 @@ from typing import Iterable, Protocol
 log = logging.getLogger("kvtierd.host")
 
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-CHUNK_BYTES = 32 << 20      # ~3-10 ms of kernel work: how soon a stopping daemon gets the thread back
+CHUNK_BYTES = 32 << 20      # 5-15 ms of kernel work (2-core VM): how soon a stopping daemon has it back
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
