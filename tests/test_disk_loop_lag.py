@@ -14,6 +14,10 @@ they grew past 44k and 87k entries held it for 4-12 ms, before the keydir was sh
 its p99, where over the whole run's thousands of ticks they would vanish. One recovery's p99
 would be its second-worst tick, one scheduling hiccup of the shared machine; the phase runs
 HINT_RUNS recoveries in a row, so its p99 is taken over a few hundred ticks.
+
+The control only subtracts what both loops saw alike. When the VM stalls for a while (the
+control's own p99 at several ms), the tier's loop, which also competes with the tier's threads for
+the 2 cores, stalls longer: such a run, if over the limit, is made again (NOISY, ATTEMPTS).
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ PLEN = 512
 REC = record_size(PLEN)
 TICK = 0.002
 HINT_RUNS = 3
+# A control p99 this high means the machine itself stalled the control's loop (idle: ~0.2 ms) and the
+# tier's loop with it, by more than the tier adds: such a run says nothing either way, so a run over
+# the limit beside a noisy control is made again, ATTEMPTS runs at most. A quiet control decides.
+NOISY = 0.002
+ATTEMPTS = 3
 
 
 CONTROL = r"""
@@ -96,7 +105,8 @@ async def _until(cond, timeout: float, what: str) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_loop_lag_stays_under_5ms_while_recovery_compaction_and_eviction_run(tmp_path):
+def _measure(tmp_path) -> tuple[dict, float, int]:
+    """One run of every phase beside the control process: (phases, control p99, control ticks)."""
     _populate(tmp_path)
     assert len(list((tmp_path / "disk").glob("*.hint"))) > 10
 
@@ -157,8 +167,16 @@ def test_loop_lag_stays_under_5ms_while_recovery_compaction_and_eviction_run(tmp
         out, _ = control.communicate("", timeout=30)
     finally:
         control.kill()
-    control_p99, control_ticks = float(out.split()[0]), int(out.split()[1])
-    print(f"loop lag p99 by phase (s): {phases}; control process p99 {control_p99:.4f} s")
-    assert phases["ticks"] > 100 and phases["hint recovery ticks"] > 60 and control_ticks > 100
+    return phases, float(out.split()[0]), int(out.split()[1])
+
+
+def test_loop_lag_stays_under_5ms_while_recovery_compaction_and_eviction_run(tmp_path):
+    for attempt in range(1, ATTEMPTS + 1):
+        phases, control_p99, control_ticks = _measure(tmp_path / f"run{attempt}")
+        print(f"loop lag p99 by phase (s): {phases}; control process p99 {control_p99:.4f} s")
+        assert phases["ticks"] > 100 and phases["hint recovery ticks"] > 60 and control_ticks > 100
+        over = phases["hint recovery"] - control_p99 >= 0.005 or phases["all"] - control_p99 >= 0.005
+        if not over or control_p99 < NOISY or attempt == ATTEMPTS:
+            break
     assert phases["hint recovery"] - control_p99 < 0.005, (phases, control_p99)
     assert phases["all"] - control_p99 < 0.005, (phases, control_p99)
