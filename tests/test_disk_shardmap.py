@@ -91,3 +91,46 @@ def test_no_dict_in_the_keydir_grows_with_the_number_of_keys():
             largest = max(largest, len(obj))
         todo.extend(gc.get_referents(obj))
     assert 0 < largest <= n // 16, largest
+
+
+class _WriterBetween(dict):
+    """One shard's key -> generation map that runs `writer` once, right after a reader's first
+    step (which generation holds the key) and before its second (that generation's entry): the
+    interleaving of an event-loop lookup (no lock) with a maintenance-thread write."""
+
+    def __init__(self, src: dict, writer):
+        super().__init__(src)
+        self.writer = writer
+
+    def get(self, k, default=None):
+        g = super().get(k, default)
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer()
+        return g
+
+
+def _staged(writer_of):
+    """An index whose key k sits in an old generation, its shard map wrapped so that the writer
+    `writer_of(index, k)` runs between a get()'s two steps."""
+    lru = LruIndex(shards=1, generation=2)
+    k = ("ns", b"k")
+    lru.add(k, "v1")
+    lru.add(("ns", b"x"), 0)
+    lru.add(("ns", b"y"), 0)                 # a second generation: k's is no longer the newest
+    lru._w[0] = _WriterBetween(lru._w[0], lambda: writer_of(lru, k))
+    return lru, k
+
+
+def test_a_lookup_with_no_lock_finds_a_key_a_writer_moves_meanwhile():
+    lru, k = _staged(lambda lru, k: lru.touch(k))                 # the key moves to the newest generation
+    assert lru.get(k) == "v1"
+    lru, k = _staged(lambda lru, k: lru.add(k, "v2"))             # rewritten: moved, with a new value
+    assert lru.get(k) == "v2"
+
+
+def test_a_lookup_with_no_lock_misses_a_key_a_writer_removes_meanwhile():
+    lru, k = _staged(lambda lru, k: lru.remove(k))
+    assert lru.get(k, "absent") == "absent"
+    lru, k = _staged(lambda lru, k: lru.remove_if(k, "v1"))
+    assert lru.get(k) is None

@@ -16,6 +16,15 @@ key at the end of the newest generation (a new one is opened when it is
 full), so the concatenation of the generations is the LRU order; first()
 is the oldest generation's first entry. An emptied generation is dropped.
 Every operation is O(1).
+
+Writers are serialised by the caller (the segment store's lock), but get()
+is also called with no lock, from the event loop (SegmentStore.contains and
+block_size, once per key of a lookup): a read is two steps (key -> its
+generation, then the generation's entry), and a writer can run between them.
+So a writer that moves a key puts it in its new generation and points the
+key there before it takes it out of the old one, and get() that finds its
+generation no longer holding the key reads where the key went. A key that
+stays present is always found; a removed one reads as absent.
 """
 
 from __future__ import annotations
@@ -106,6 +115,9 @@ class ShardedDict:
         return chain.from_iterable(d.items() for d in self._s)
 
 
+_GONE = object()
+
+
 class _Gen(OrderedDict):
     """One LRU generation; gid is its place among the generations."""
 
@@ -139,8 +151,16 @@ class LruIndex:
         return g
 
     def get(self, k, default=None):
-        g = self._w[hash(k) & self._mask].get(k)
-        return default if g is None else g[k]
+        w = self._w[hash(k) & self._mask]
+        while True:
+            g = w.get(k)
+            if g is None:
+                return default
+            v = g.get(k, _GONE)
+            if v is not _GONE:
+                return v
+            # A writer moved or removed k between the two reads (see the module docstring): w says
+            # where it went, or that it is gone.
 
     def __contains__(self, k) -> bool:
         return k in self._w[hash(k) & self._mask]
@@ -155,18 +175,22 @@ class LruIndex:
         """Set k to v as the most recently used; returns the value k had, or None."""
         w = self._w[hash(k) & self._mask]
         old = w.get(k)
-        prev = None
-        if old is not None:
-            prev = old.pop(k)
-            if not old and old is not self._newest:
-                del self._gens[old.gid]
-        else:
-            self._n += 1
         g = self._newest
+        if old is g:
+            prev = g[k]
+            g[k] = v                    # in place, then to the end: present all along
+            g.move_to_end(k)
+            return prev
         if len(g) >= self._gen_size:
             g = self._open()
         g[k] = v
-        w[k] = g
+        w[k] = g                        # readers go to the new generation before the old one loses k
+        if old is None:
+            self._n += 1
+            return None
+        prev = old.pop(k)
+        if not old:
+            del self._gens[old.gid]     # not the newest: that is g
         return prev
 
     def set(self, k, v: Any) -> None:
@@ -181,13 +205,13 @@ class LruIndex:
         if g is t:
             g.move_to_end(k)
             return
-        v = g.pop(k)
-        if not g:
-            del self._gens[g.gid]
         if len(t) >= self._gen_size:
             t = self._open()
-        t[k] = v
-        w[k] = t
+        t[k] = g[k]
+        w[k] = t                        # readers go to the new generation before the old one loses k
+        del g[k]
+        if not g:
+            del self._gens[g.gid]
 
     def remove_if(self, k, v) -> bool:
         """Remove k if its value is v; True when it was."""
