@@ -134,3 +134,43 @@ def test_a_lookup_with_no_lock_misses_a_key_a_writer_removes_meanwhile():
     assert lru.get(k, "absent") == "absent"
     lru, k = _staged(lambda lru, k: lru.remove_if(k, "v1"))
     assert lru.get(k) is None
+
+
+def test_lookups_with_no_lock_beside_a_busy_writer_always_find_the_keys_that_stay():
+    """Unstaged: the GIL switched between threads every microsecond, a reader against a writer that
+    adds, touches and removes. (Before writers kept the key findable, the reader hit a KeyError
+    within a few hundred reads.)"""
+    import sys
+    import threading
+
+    lru = LruIndex(shards=4, generation=8)
+    keys = [("ns", bytes([i])) for i in range(64)]
+    stay = keys[:8]                          # never removed: every read must find them
+    for k in keys:
+        lru.add(k, 1)
+    done = threading.Event()
+
+    def writer() -> None:
+        rnd = random.Random(1)
+        while not done.is_set():
+            k, op = rnd.choice(keys), rnd.random()
+            if op < 0.4:
+                lru.add(k, rnd.randrange(5))
+            elif op < 0.7 and k in lru:
+                lru.touch(k)
+            elif k not in stay and k in lru:
+                lru.remove(k)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        rnd = random.Random(2)
+        for _ in range(20_000):
+            assert lru.get(rnd.choice(stay)) is not None
+            lru.get(rnd.choice(keys))
+    finally:
+        done.set()
+        t.join()
+        sys.setswitchinterval(interval)
