@@ -1,8 +1,11 @@
 """The key directory: (namespace, key) -> newest record, in LRU order, with the tombstones.
 
-Not locked itself: every call is made under the segment store's lock
+Not locked itself: every change is made under the segment store's lock
 (SegmentStore.lock), which the event loop also takes, so every method here
-is O(1) or O(its argument) -- never O(keys). Recovery, compaction, fsck and
+is O(1) or O(its argument) -- never O(keys). get() alone is also called with
+no lock, by the event loop once per key of a lookup (SegmentStore.contains,
+block_size): it reads plain dicts and the LRU index, which keeps a key that
+a writer moves findable all along (shardmap.py). Recovery, compaction, fsck and
 the store all change the index through this API only.
 
 Deleting a namespace is O(1): its per-namespace map is detached and the

@@ -359,6 +359,7 @@ class SegmentStore(Capacity):
 
     # ------------------------------------------------------------ lookups
 
+    # contains and block_size take no lock: KeyDir.get is safe beside a writer (keydir.py).
     def contains(self, ns: str, key: bytes) -> bool:
         return self.kd.get(ns, key) is not None
 
