@@ -288,6 +288,8 @@ class FrameFuzzer:
         r, sent = self.plain(Op.GET, valid, {"ns": self.ns_id(), "keys": self.keys()})
         if r[1] == 0:
             ns, keys = sent["ns"], sent["keys"]
+            if ns not in self.spaces:           # a scratch namespace a junk id happened to name: not checked
+                return
             name, size = self.spaces[ns]
             for k, b in self.aligned(keys, r[2]["blocks"], name, size):
                 if b is not None:
@@ -302,6 +304,9 @@ class FrameFuzzer:
         if r[1] != 0:
             return
         ns, keys = sent["ns"], sent["keys"]
+        if ns not in self.spaces:               # a scratch namespace (op_drop's, kept by a refused drop)
+            self.call(Op.RELEASE, {"lid": r[2]["lid"]})
+            return
         name, size = self.spaces[ns]
         blocks = [self.mm[off:off + size] if off >= 0 else None for off in r[2]["offsets"]]
         for (k, b), off, tier in zip(self.aligned(keys, blocks, name, size), r[2]["offsets"], r[2]["tiers"]):
@@ -338,12 +343,13 @@ class FrameFuzzer:
             return
         res = r[2]
         ns, keys = sent["ns"], sent["keys"]
-        name, size = self.spaces[ns]
-        if len(set(keys)) != len(keys):
-            # Whether `index` counts positions before or after duplicates are dropped is the daemon's
-            # choice: write nothing, commit nothing.
+        if ns not in self.spaces or len(set(keys)) != len(keys):
+            # A scratch namespace (op_drop's, kept by a refused drop): nothing of it is checked. With
+            # duplicate keys, whether `index` counts positions before or after duplicates are dropped is
+            # the daemon's choice. Either way: write nothing, commit nothing.
             self.call(Op.ABORT, {"rid": res["rid"]})
             return
+        name, size = self.spaces[ns]
         # Write every reserved slot at once, as a client would before committing.
         for i, off in zip(res["index"], res["offsets"]):
             self.mm[off:off + size] = content(name, keys[i], size)
