@@ -67,6 +67,22 @@ def wait_for(condition, timeout: float, interval: float = 0.05):
         time.sleep(interval)
 
 
+def left_behind(d: DaemonProcess) -> list[str]:
+    """What a run must not leave in a daemon that is still up: leases or reservations (once the
+    run's connections are gone), internal errors counted, a traceback in its log."""
+    problems = []
+    with d.client() as c:
+        s = wait_for(lambda: (lambda s: s if s["leases"] + s["reservations"] == 0 else None)(c.stats()), 10)
+        s = s or c.stats()
+    if s["leases"] or s["reservations"]:
+        problems.append(f"{s['leases']} leases and {s['reservations']} reservations left")
+    if s["errors"].get("internal", 0):
+        problems.append(f"{s['errors']['internal']} internal errors counted")
+    if "Traceback" in d.log():
+        problems.append(f"traceback in the daemon log {d.log_path}")
+    return problems
+
+
 def raw_stats(path: str, timeout: float = 10.0) -> dict:
     """The daemon's stats over a bare socket: no shared-memory mapping, so it works whatever
     happened to the region file."""

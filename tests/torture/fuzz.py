@@ -16,7 +16,7 @@ import collections
 import sys
 import time
 
-from _common import daemon, verdict, wait_for
+from _common import daemon, left_behind, verdict
 from fuzz_frames import FrameFuzzer, Violation, verify_stored
 
 
@@ -56,13 +56,8 @@ def main() -> int:
                     checked = verify_stored(c)
                 except Violation as e:
                     problems.append(str(e))
-                s = wait_for(lambda: (lambda s: s if s["leases"] + s["reservations"] == 0 else None)(c.stats()), 10)
-                s = s or c.stats()
-                if s["leases"] or s["reservations"]:
-                    problems.append(f"{s['leases']} leases and {s['reservations']} reservations left")
-                if s["errors"].get("internal", 0):
-                    problems.append(f"{s['errors']['internal']} internal errors counted")
-        if "Traceback" in d.log():
+            problems += left_behind(d)
+        elif "Traceback" in d.log():
             problems.append(f"traceback in the daemon log {d.log_path}")
     finally:
         d.stop()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import random
 import socket
 import struct
@@ -28,7 +27,8 @@ import sys
 import time
 
 import msgpack
-from _common import daemon, verdict, wait_for
+from _common import daemon, left_behind, verdict
+from fuzz_frames import content as ns_content
 
 from kvtierd.protocol import PROTOCOL_VERSION, TAIL, Code, Op
 
@@ -36,9 +36,9 @@ BS = 256 << 10            # streamed: at least STREAM_MIN_BLOCK (128 KiB)
 SMALL = 4096
 
 
-def content(key: bytes, size: int = BS) -> bytes:
-    seed = hashlib.blake2b(key, digest_size=32).digest()
-    return (seed * (size // 32 + 1))[:size]
+def content(key: bytes) -> bytes:
+    """A big block's bytes, derived from its key (as tests/fuzz_frames.py derives its blocks)."""
+    return ns_content("big", key, BS)
 
 
 def frame(msg) -> bytes:
@@ -222,7 +222,6 @@ def main() -> int:
     d = daemon(["--host-bytes", "48MiB", "--set", "host.slab_bytes=4MiB", "--disk-bytes", "256MiB",
                 "--set", "disk.segment_bytes=16MiB"])
     t0 = time.monotonic()
-    run = None
     try:
         run = Run(d.socket, a.seed)
         for i in range(a.frames):
@@ -237,25 +236,15 @@ def main() -> int:
             if len(run.problems) > 20:
                 break
         run.c.close()
-        with d.client() as c:
-            s = wait_for(lambda: (lambda s: s if s["leases"] + s["reservations"] == 0 else None)(c.stats()), 10)
-            s = s or c.stats()
-            if s["leases"] or s["reservations"]:
-                run.problems.append(f"{s['leases']} leases and {s['reservations']} reservations left")
-            if s["errors"].get("internal", 0):
-                run.problems.append(f"{s['errors']['internal']} internal errors counted")
-        if "Traceback" in d.log():
-            run.problems.append(f"traceback in the daemon log {d.log_path}")
+        if d.proc.poll() is None:
+            run.problems += left_behind(d)
     finally:
         d.stop()
-    problems = run.problems if run is not None else ["no run"]
-    for p in problems:
+    for p in run.problems:
         print("problem:", p)
-    codes = dict(run.codes) if run is not None else {}
-    return verdict("tail-fuzz", not problems,
-                   f"{a.frames} steps in {time.monotonic() - t0:.0f} s, replies {codes}, "
-                   f"{run.cuts if run else 0} peers cut mid-frame, {run.checked if run else 0} blocks served "
-                   f"and checked; log {d.log_path}")
+    return verdict("tail-fuzz", not run.problems,
+                   f"{a.frames} steps in {time.monotonic() - t0:.0f} s, replies {dict(run.codes)}, "
+                   f"{run.cuts} peers cut mid-frame, {run.checked} blocks served and checked; log {d.log_path}")
 
 
 if __name__ == "__main__":
