@@ -21,15 +21,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import mmap
 import os
 import threading
 import time
-from typing import Iterable, Protocol
+from typing import Iterable
+
+from kvtierd.tiers.host import MADV_POPULATE_WRITE, HostRegion
 
 log = logging.getLogger("kvtierd.host")
 
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 CHUNK_BYTES = 32 << 20      # 5-15 ms of kernel work (2-core VM): how soon a stopping daemon has it back
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -37,16 +37,7 @@ _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _libc.madvise.restype = ctypes.c_int
 
 
-class _Region(Protocol):
-    """What populating needs of a HostRegion (kvtierd.tiers.host): its domain, its daemon-side
-    writable mapping and size, and the counter this module advances."""
-    domain: str
-    mmap: mmap.mmap
-    size: int
-    populated_bytes: int
-
-
-def populate(region: _Region, stop: threading.Event, chunk: int = CHUNK_BYTES) -> None:
+def populate(region: HostRegion, stop: threading.Event, chunk: int = CHUNK_BYTES) -> None:
     """Populates `region` from `region.populated_bytes` to its end, a chunk at a time, advancing
     `region.populated_bytes` after each, until done or `stop` is set. Raises OSError from madvise
     (EINVAL: a kernel before 5.14, which has no MADV_POPULATE_WRITE)."""
@@ -68,7 +59,7 @@ def populate(region: _Region, stop: threading.Event, chunk: int = CHUNK_BYTES) -
         del anchor
 
 
-def populate_all(regions: Iterable[_Region], stop: threading.Event, chunk: int = CHUNK_BYTES) -> None:
+def populate_all(regions: Iterable[HostRegion], stop: threading.Event, chunk: int = CHUNK_BYTES) -> None:
     """The thread's body: each region in turn, one log line for each that needed it. A failure
     is logged and leaves that region as it is (its pages are still reserved; first writers then
     fault per page, as before): it never stops the daemon."""
@@ -97,7 +88,7 @@ class Populator:
     """The daemon's one populating thread (host.populate): started after the regions are made,
     stopped before they are closed."""
 
-    def __init__(self, regions: Iterable[_Region], chunk: int = CHUNK_BYTES):
+    def __init__(self, regions: Iterable[HostRegion], chunk: int = CHUNK_BYTES):
         self._regions = list(regions)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=populate_all, args=(self._regions, self._stop, chunk),
